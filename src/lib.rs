@@ -1,0 +1,12 @@
+#![forbid(unsafe_code)]
+//! istio-csr-rs: an Istio certificate authority agent. See README.md and docs/.
+
+pub mod pki;
+
+pub mod proto {
+    //! The Istio CA wire protocol (`proto/istio/v1/auth/ca.proto`).
+    #![allow(clippy::all, missing_docs)]
+    pub mod istio_v1_auth {
+        tonic::include_proto!("istio.v1.auth");
+    }
+}

@@ -1,0 +1,191 @@
+//! Private keys: loading any common PEM layout into a signing key, generating fresh keys.
+//!
+//! ring (our only crypto provider) loads PKCS#8 alone, but istiod's `cacerts` and Kubernetes TLS
+//! Secrets commonly hold PKCS#1 (`RSA PRIVATE KEY`) or SEC1 (`EC PRIVATE KEY`) keys, so those are
+//! re-wrapped as PKCS#8 here without touching the key material.
+
+use rcgen::KeyPair;
+use rustls_pki_types::PrivateKeyDer;
+use rustls_pki_types::pem::PemObject;
+
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("no private key PEM block found (encrypted keys are not supported)")]
+    Missing,
+    #[error("malformed private key: {0}")]
+    Malformed(String),
+    #[error("unsupported private key (RSA, ECDSA P-256 or P-384 only)")]
+    Unsupported,
+}
+
+/// DER OIDs (full TLV) used in PKCS#8 AlgorithmIdentifiers.
+const OID_RSA_ENCRYPTION: &[u8] = &[
+    0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x01,
+];
+const OID_EC_PUBLIC_KEY: &[u8] = &[0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01];
+const DER_NULL: &[u8] = &[0x05, 0x00];
+
+/// Loads a PEM private key (PKCS#8, PKCS#1 or SEC1) as a signing key pair.
+pub fn load_private_key_pem(pem: &[u8]) -> Result<KeyPair, KeyError> {
+    let key = PrivateKeyDer::from_pem_slice(pem).map_err(|e| match e {
+        rustls_pki_types::pem::Error::NoItemsFound => KeyError::Missing,
+        other => KeyError::Malformed(other.to_string()),
+    })?;
+    let pkcs8 = match &key {
+        PrivateKeyDer::Pkcs8(k) => k.secret_pkcs8_der().to_vec(),
+        PrivateKeyDer::Pkcs1(k) => rsa_pkcs1_to_pkcs8(k.secret_pkcs1_der()),
+        PrivateKeyDer::Sec1(k) => sec1_to_pkcs8(k.secret_sec1_der())?,
+        _ => return Err(KeyError::Unsupported),
+    };
+    KeyPair::try_from(pkcs8.as_slice()).map_err(|_| KeyError::Unsupported)
+}
+
+/// Generates a fresh ECDSA P-256 key: the default for serving certificates and CAs we create.
+pub fn generate_ecdsa_p256() -> Result<KeyPair, KeyError> {
+    KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+        .map_err(|e| KeyError::Malformed(e.to_string()))
+}
+
+/// Generates a fresh RSA key (ring cannot generate RSA keys; RustCrypto's `rsa` does, and ring
+/// signs with it once it is PKCS#8).
+pub fn generate_rsa(bits: usize) -> Result<KeyPair, KeyError> {
+    use rsa::pkcs8::EncodePrivateKey;
+    let key = rsa::RsaPrivateKey::new(&mut rand_core::OsRng, bits)
+        .map_err(|e| KeyError::Malformed(e.to_string()))?;
+    let der = key
+        .to_pkcs8_der()
+        .map_err(|e| KeyError::Malformed(e.to_string()))?;
+    KeyPair::try_from(der.as_bytes()).map_err(|_| KeyError::Unsupported)
+}
+
+fn rsa_pkcs1_to_pkcs8(pkcs1: &[u8]) -> Vec<u8> {
+    let algorithm = der_tlv(0x30, &[OID_RSA_ENCRYPTION, DER_NULL].concat());
+    pkcs8_wrap(&algorithm, pkcs1)
+}
+
+fn sec1_to_pkcs8(sec1: &[u8]) -> Result<Vec<u8>, KeyError> {
+    let curve_oid = sec1_curve_oid(sec1)
+        .ok_or_else(|| KeyError::Malformed("EC key does not name its curve".into()))?;
+    let algorithm = der_tlv(0x30, &[OID_EC_PUBLIC_KEY, curve_oid].concat());
+    Ok(pkcs8_wrap(&algorithm, sec1))
+}
+
+/// PrivateKeyInfo ::= SEQUENCE { version 0, algorithm, privateKey OCTET STRING }
+fn pkcs8_wrap(algorithm: &[u8], private_key: &[u8]) -> Vec<u8> {
+    let version = [0x02, 0x01, 0x00];
+    let key = der_tlv(0x04, private_key);
+    der_tlv(0x30, &[&version[..], algorithm, &key].concat())
+}
+
+/// Finds the named curve (full OID TLV) in an ECPrivateKey:
+/// SEQUENCE { version, privateKey OCTET STRING, [0] parameters OPTIONAL, [1] publicKey OPTIONAL }
+fn sec1_curve_oid(sec1: &[u8]) -> Option<&[u8]> {
+    let (tag, body, _) = der_read(sec1)?;
+    if tag != 0x30 {
+        return None;
+    }
+    let mut rest = body;
+    while !rest.is_empty() {
+        let (tag, value, next) = der_read(rest)?;
+        if tag == 0xa0 {
+            let (oid_tag, _, after) = der_read(value)?;
+            let oid_len = value.len() - after.len();
+            return (oid_tag == 0x06).then(|| &value[..oid_len]);
+        }
+        rest = next;
+    }
+    None
+}
+
+/// Reads one DER TLV: (tag, contents, remaining input). Definite lengths only.
+fn der_read(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let (&tag, rest) = input.split_first()?;
+    let (&first, rest) = rest.split_first()?;
+    let (len, rest) = if first < 0x80 {
+        (usize::from(first), rest)
+    } else {
+        let n = usize::from(first & 0x7f);
+        if n == 0 || n > 4 || rest.len() < n {
+            return None;
+        }
+        let len = rest[..n]
+            .iter()
+            .fold(0usize, |acc, b| (acc << 8) | usize::from(*b));
+        (len, &rest[n..])
+    };
+    if rest.len() < len {
+        return None;
+    }
+    Some((tag, &rest[..len], &rest[len..]))
+}
+
+fn der_tlv(tag: u8, contents: &[u8]) -> Vec<u8> {
+    let len = contents.len();
+    let mut out = Vec::with_capacity(len + 6);
+    out.push(tag);
+    if len < 0x80 {
+        out.push(len as u8);
+    } else {
+        let bytes = len.to_be_bytes();
+        let skip = bytes.iter().take_while(|b| **b == 0).count();
+        out.push(0x80 | (bytes.len() - skip) as u8);
+        out.extend_from_slice(&bytes[skip..]);
+    }
+    out.extend_from_slice(contents);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::process::Command;
+
+    /// Generates a key with the openssl CLI in a given layout, for cross-checking our loader.
+    fn openssl_key(args: &[&str]) -> Option<Vec<u8>> {
+        let out = Command::new("openssl").args(args).output().ok()?;
+        out.status.success().then_some(out.stdout)
+    }
+
+    #[test]
+    fn loads_pkcs8_ecdsa_keys() {
+        let key = generate_ecdsa_p256().unwrap();
+        let loaded = load_private_key_pem(key.serialize_pem().as_bytes()).unwrap();
+        assert_eq!(loaded.public_key_raw(), key.public_key_raw());
+    }
+
+    #[test]
+    fn loads_sec1_ec_keys_from_openssl() {
+        for curve in ["prime256v1", "secp384r1"] {
+            let pem = openssl_key(&["ecparam", "-name", curve, "-genkey", "-noout"])
+                .expect("openssl must be installed");
+            assert!(String::from_utf8_lossy(&pem).contains("BEGIN EC PRIVATE KEY"));
+            load_private_key_pem(&pem).unwrap_or_else(|e| panic!("{curve}: {e}"));
+        }
+    }
+
+    #[test]
+    fn loads_pkcs1_rsa_keys_from_openssl() {
+        let pem = openssl_key(&["genrsa", "-traditional", "2048"])
+            .or_else(|| openssl_key(&["genrsa", "2048"]))
+            .expect("openssl must be installed");
+        assert!(String::from_utf8_lossy(&pem).contains("BEGIN RSA PRIVATE KEY"));
+        let key = load_private_key_pem(&pem).unwrap();
+        assert_eq!(key.algorithm(), &rcgen::PKCS_RSA_SHA256);
+    }
+
+    #[test]
+    fn refuses_garbage_and_missing_keys() {
+        assert!(matches!(load_private_key_pem(b"nothing"), Err(KeyError::Missing)));
+        let bogus = "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n";
+        assert!(load_private_key_pem(bogus.as_bytes()).is_err());
+    }
+
+    #[test]
+    fn der_lengths_round_trip() {
+        for len in [0usize, 1, 127, 128, 255, 256, 70_000] {
+            let tlv = der_tlv(0x04, &vec![7u8; len]);
+            let (tag, body, rest) = der_read(&tlv).unwrap();
+            assert_eq!((tag, body.len(), rest.len()), (0x04, len, 0));
+        }
+    }
+}

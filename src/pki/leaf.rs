@@ -1,0 +1,160 @@
+//! Certificates the built-in CA issues: workload leaves and its own serving certificate.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use rcgen::{
+    CertificateParams, DistinguishedName, ExtendedKeyUsagePurpose, IsCa, KeyUsagePurpose,
+    PublicKeyData, SanType, SerialNumber, SigningKey,
+};
+use rustls_pki_types::CertificateDer;
+use time::OffsetDateTime;
+
+/// Backdating notBefore absorbs clock skew between this replica and the workloads: a leaf must
+/// not be "not yet valid" on a node whose clock is a little behind.
+pub const NOT_BEFORE_SKEW: Duration = Duration::from_secs(60);
+/// RFC 5280 allows at most 20 octets; 16 random bytes is what Go's and istiod's CAs use.
+const SERIAL_BYTES: usize = 16;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum LeafError {
+    #[error("the signing CA certificate has expired")]
+    CaExpired,
+    #[error("invalid SAN: {0}")]
+    InvalidSan(String),
+    #[error("signing failed: {0}")]
+    Signing(String),
+}
+
+/// The validity window of a new leaf: from `now - skew` to `now + lifetime`, never past the CA.
+pub fn validity(
+    now: OffsetDateTime,
+    lifetime: Duration,
+    ca_not_after: OffsetDateTime,
+) -> Result<(OffsetDateTime, OffsetDateTime), LeafError> {
+    if ca_not_after <= now {
+        return Err(LeafError::CaExpired);
+    }
+    let not_after = (now + lifetime).min(ca_not_after);
+    Ok((now - NOT_BEFORE_SKEW, not_after))
+}
+
+/// A random, positive serial number of at most 20 octets.
+pub fn random_serial() -> SerialNumber {
+    let mut bytes = [0u8; SERIAL_BYTES];
+    // A failing system RNG is not recoverable; ring only fails on broken platforms.
+    if ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes).is_err() {
+        panic!("system random number generator failed");
+    }
+    // Clear the sign bit (positive) and set the next one (no leading zero octet to trim).
+    bytes[0] = (bytes[0] & 0x7f) | 0x40;
+    SerialNumber::from_slice(&bytes)
+}
+
+/// Issues a workload certificate: empty subject, the URI SANs (critical because the subject is
+/// empty), digitalSignature + keyEncipherment, serverAuth + clientAuth.
+pub fn sign_workload(
+    uris: &[String],
+    public_key: &impl PublicKeyData,
+    window: (OffsetDateTime, OffsetDateTime),
+    issuer: &rcgen::Issuer<'_, impl SigningKey>,
+) -> Result<CertificateDer<'static>, LeafError> {
+    let sans = uris
+        .iter()
+        .map(|u| {
+            u.as_str()
+                .try_into()
+                .map(SanType::URI)
+                .map_err(|_| LeafError::InvalidSan(u.clone()))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    sign_tls_leaf(sans, public_key, window, issuer)
+}
+
+/// Issues a serving certificate for DNS names and IP addresses.
+pub fn sign_serving(
+    dns_names: &[String],
+    ips: &[IpAddr],
+    public_key: &impl PublicKeyData,
+    window: (OffsetDateTime, OffsetDateTime),
+    issuer: &rcgen::Issuer<'_, impl SigningKey>,
+) -> Result<CertificateDer<'static>, LeafError> {
+    let mut sans = Vec::with_capacity(dns_names.len() + ips.len());
+    for name in dns_names {
+        let ia5 = name
+            .as_str()
+            .try_into()
+            .map_err(|_| LeafError::InvalidSan(name.clone()))?;
+        sans.push(SanType::DnsName(ia5));
+    }
+    sans.extend(ips.iter().copied().map(SanType::IpAddress));
+    sign_tls_leaf(sans, public_key, window, issuer)
+}
+
+fn sign_tls_leaf(
+    sans: Vec<SanType>,
+    public_key: &impl PublicKeyData,
+    (not_before, not_after): (OffsetDateTime, OffsetDateTime),
+    issuer: &rcgen::Issuer<'_, impl SigningKey>,
+) -> Result<CertificateDer<'static>, LeafError> {
+    let mut params = CertificateParams::default();
+    params.distinguished_name = DistinguishedName::new();
+    params.subject_alt_names = sans;
+    params.not_before = not_before;
+    params.not_after = not_after;
+    params.serial_number = Some(random_serial());
+    params.is_ca = IsCa::NoCa;
+    params.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    params.use_authority_key_identifier_extension = true;
+    let cert = params
+        .signed_by(public_key, issuer)
+        .map_err(|e| LeafError::Signing(e.to_string()))?;
+    Ok(cert.der().clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(secs: i64) -> OffsetDateTime {
+        OffsetDateTime::from_unix_timestamp(secs).unwrap()
+    }
+
+    #[test]
+    fn validity_backdates_and_keeps_the_lifetime() {
+        let (nb, na) = validity(at(1_000_000), Duration::from_secs(3600), at(9_000_000)).unwrap();
+        assert_eq!(nb, at(1_000_000 - 60));
+        assert_eq!(na, at(1_003_600));
+    }
+
+    #[test]
+    fn validity_never_outlives_the_ca() {
+        let (_, na) = validity(at(1_000_000), Duration::from_secs(3600), at(1_000_100)).unwrap();
+        assert_eq!(na, at(1_000_100));
+    }
+
+    #[test]
+    fn validity_refuses_an_expired_ca() {
+        assert_eq!(
+            validity(at(1_000_000), Duration::from_secs(1), at(1_000_000)),
+            Err(LeafError::CaExpired)
+        );
+    }
+
+    #[test]
+    fn serials_are_positive_and_sixteen_octets() {
+        for _ in 0..64 {
+            let serial = random_serial().to_bytes();
+            assert_eq!(serial.len(), 16);
+            assert_eq!(serial[0] & 0xc0, 0x40);
+        }
+        assert_ne!(random_serial().to_bytes(), random_serial().to_bytes());
+    }
+}

@@ -1,0 +1,11 @@
+//! Pure PKI logic: no I/O, no clocks read here (callers pass `now`).
+
+pub mod chain;
+pub mod csr;
+pub mod identity;
+pub mod keys;
+pub mod leaf;
+pub mod pem;
+
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
