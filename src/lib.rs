@@ -1,7 +1,15 @@
 #![forbid(unsafe_code)]
 //! istio-csr-rs: an Istio certificate authority agent. See README.md and docs/.
 
+pub mod admin;
+pub mod app;
+pub mod client;
+pub mod cluster;
+pub mod config;
+pub mod fswatch;
 pub mod pki;
+pub mod signer;
+pub mod standalone;
 
 pub mod proto {
     //! The Istio CA wire protocol (`proto/istio/v1/auth/ca.proto`).

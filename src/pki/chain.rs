@@ -197,8 +197,8 @@ pub fn verify_path(
 }
 
 fn check_leaf(leaf: &CertificateDer<'_>, expected: &Expected<'_>) -> Result<(), ChainError> {
-    let (_, cert) = X509Certificate::from_der(leaf)
-        .map_err(|e| ChainError::Malformed(e.to_string()))?;
+    let (_, cert) =
+        X509Certificate::from_der(leaf).map_err(|e| ChainError::Malformed(e.to_string()))?;
     if cert.public_key().raw != expected.spki_der {
         return Err(ChainError::KeyMismatch);
     }
@@ -268,7 +268,13 @@ mod tests {
         let roots = RootBundle::from_certs(vec![root.cert.clone()]).unwrap();
         let (leaf, _) = root.leaf(ID);
         let ids = ids();
-        let chain = verify(&[leaf.clone()], &roots, now(), &expected(&ids, &leaf)).unwrap();
+        let chain = verify(
+            std::slice::from_ref(&leaf),
+            &roots,
+            now(),
+            &expected(&ids, &leaf),
+        )
+        .unwrap();
         assert!(chain.intermediates().is_empty());
         let response = chain.to_response(&roots);
         assert_eq!(response.len(), 2);
@@ -294,7 +300,10 @@ mod tests {
         ];
         let ids = ids();
         let chain = verify(&issued, &roots, now(), &expected(&ids, &leaf)).unwrap();
-        assert_eq!(chain.intermediates(), &[mid2.cert.clone(), mid1.cert.clone()]);
+        assert_eq!(
+            chain.intermediates(),
+            &[mid2.cert.clone(), mid1.cert.clone()]
+        );
         let response = chain.to_response(&roots);
         assert_eq!(response.len(), 4, "leaf, two intermediates, root bundle");
         for element in &response[..3] {
@@ -312,7 +321,13 @@ mod tests {
         let ids = ids();
         for ca in [&old, &new] {
             let (leaf, _) = ca.leaf(ID);
-            let chain = verify(&[leaf.clone()], &roots, now(), &expected(&ids, &leaf)).unwrap();
+            let chain = verify(
+                std::slice::from_ref(&leaf),
+                &roots,
+                now(),
+                &expected(&ids, &leaf),
+            )
+            .unwrap();
             let last = chain.to_response(&roots).pop().unwrap();
             assert_eq!(last.matches("BEGIN CERTIFICATE").count(), 2);
         }
@@ -325,8 +340,13 @@ mod tests {
         let roots = RootBundle::from_certs(vec![pinned.cert.clone()]).unwrap();
         let (leaf, _) = rogue.leaf(ID);
         let ids = ids();
-        let err = verify(&[leaf.clone(), rogue.cert.clone()], &roots, now(), &expected(&ids, &leaf))
-            .unwrap_err();
+        let err = verify(
+            &[leaf.clone(), rogue.cert.clone()],
+            &roots,
+            now(),
+            &expected(&ids, &leaf),
+        )
+        .unwrap_err();
         assert!(matches!(err, ChainError::Untrusted(_)), "{err:?}");
     }
 
@@ -338,7 +358,12 @@ mod tests {
         let (leaf, _) = mid.leaf(ID);
         let ids = ids();
         assert!(matches!(
-            verify(&[leaf.clone()], &roots, now(), &expected(&ids, &leaf)),
+            verify(
+                std::slice::from_ref(&leaf),
+                &roots,
+                now(),
+                &expected(&ids, &leaf)
+            ),
             Err(ChainError::Untrusted(_))
         ));
     }
@@ -350,7 +375,12 @@ mod tests {
         let (leaf, _) = root.leaf("spiffe://cluster.local/ns/other/sa/other");
         let ids = ids();
         assert_eq!(
-            verify(&[leaf.clone()], &roots, now(), &expected(&ids, &leaf)),
+            verify(
+                std::slice::from_ref(&leaf),
+                &roots,
+                now(),
+                &expected(&ids, &leaf)
+            ),
             Err(ChainError::IdentityMismatch)
         );
         let (leaf, _) = root.leaf(ID);
@@ -366,12 +396,16 @@ mod tests {
         let root = TestCa::root("root", KeyAlg::EcdsaP256);
         let roots = RootBundle::from_certs(vec![root.cert.clone()]).unwrap();
         let (leaf, _) = root.leaf(ID);
-        let later = UnixTime::since_unix_epoch(std::time::Duration::from_secs(
-            now().as_secs() + 2 * 3600,
-        ));
+        let later =
+            UnixTime::since_unix_epoch(std::time::Duration::from_secs(now().as_secs() + 2 * 3600));
         let ids = ids();
         assert!(matches!(
-            verify(&[leaf.clone()], &roots, later, &expected(&ids, &leaf)),
+            verify(
+                std::slice::from_ref(&leaf),
+                &roots,
+                later,
+                &expected(&ids, &leaf)
+            ),
             Err(ChainError::Untrusted(_))
         ));
     }

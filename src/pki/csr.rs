@@ -12,10 +12,10 @@ use x509_parser::cri_attributes::ParsedCriAttribute;
 use x509_parser::extensions::{GeneralName, ParsedExtension};
 use x509_parser::oid_registry::{
     OID_EC_P256, OID_KEY_TYPE_EC_PUBLIC_KEY, OID_NIST_EC_P384, OID_PKCS1_RSAENCRYPTION,
-    OID_PKCS1_RSASSAPSS, OID_PKCS1_SHA256WITHRSA, OID_PKCS1_SHA384WITHRSA,
-    OID_PKCS1_SHA512WITHRSA, OID_PKCS9_EXTENSION_REQUEST, OID_SIG_ECDSA_WITH_SHA256,
-    OID_SIG_ECDSA_WITH_SHA384, OID_X509_COMMON_NAME, OID_X509_EXT_EXTENDED_KEY_USAGE,
-    OID_X509_EXT_KEY_USAGE, OID_X509_EXT_SUBJECT_ALT_NAME,
+    OID_PKCS1_RSASSAPSS, OID_PKCS1_SHA256WITHRSA, OID_PKCS1_SHA384WITHRSA, OID_PKCS1_SHA512WITHRSA,
+    OID_PKCS9_EXTENSION_REQUEST, OID_SIG_ECDSA_WITH_SHA256, OID_SIG_ECDSA_WITH_SHA384,
+    OID_X509_COMMON_NAME, OID_X509_EXT_EXTENDED_KEY_USAGE, OID_X509_EXT_KEY_USAGE,
+    OID_X509_EXT_SUBJECT_ALT_NAME,
 };
 use x509_parser::prelude::FromDer;
 use x509_parser::public_key::PublicKey;
@@ -133,15 +133,14 @@ pub fn parse_and_check(pem: &str) -> Result<CheckedCsr, CsrError> {
 
 /// Applies every rule to a DER CSR.
 pub fn check_der(der: &[u8]) -> Result<CheckedCsr, CsrError> {
-    let (rest, csr) = X509CertificationRequest::from_der(der)
-        .map_err(|e| CsrError::Malformed(e.to_string()))?;
+    let (rest, csr) =
+        X509CertificationRequest::from_der(der).map_err(|e| CsrError::Malformed(e.to_string()))?;
     if !rest.is_empty() {
         return Err(CsrError::Malformed("trailing data after the CSR".into()));
     }
     check_signature_algorithm(&csr)?;
     let public_key = check_public_key(&csr)?;
-    csr.verify_signature()
-        .map_err(|_| CsrError::BadSignature)?;
+    csr.verify_signature().map_err(|_| CsrError::BadSignature)?;
     check_subject(&csr)?;
     let uris = check_attributes_and_extensions(&csr)?;
     Ok(CheckedCsr {
@@ -227,7 +226,9 @@ fn check_attributes_and_extensions(
             return Err(CsrError::ForbiddenAttribute(attribute.oid.to_id_string()));
         }
         if std::mem::replace(&mut seen_extension_request, true) {
-            return Err(CsrError::Malformed("more than one extension request".into()));
+            return Err(CsrError::Malformed(
+                "more than one extension request".into(),
+            ));
         }
         let ParsedCriAttribute::ExtensionRequest(request) = attribute.parsed_attribute() else {
             return Err(CsrError::Malformed("unparsable extension request".into()));
@@ -327,14 +328,20 @@ mod tests {
             KeyAlg::Rsa2048,
             KeyAlg::Rsa3072,
         ] {
-            let csr = check(CsrBuilder::new(alg).uri(ID)).unwrap_or_else(|e| panic!("{alg:?}: {e}"));
+            let csr =
+                check(CsrBuilder::new(alg).uri(ID)).unwrap_or_else(|e| panic!("{alg:?}: {e}"));
             assert_eq!(csr.uris, vec![ID.to_owned()]);
         }
     }
 
     #[test]
     fn reports_key_types() {
-        let key_type = |alg| check(CsrBuilder::new(alg).uri(ID)).unwrap().public_key.key_type;
+        let key_type = |alg| {
+            check(CsrBuilder::new(alg).uri(ID))
+                .unwrap()
+                .public_key
+                .key_type
+        };
         assert_eq!(key_type(KeyAlg::EcdsaP256), KeyType::EcdsaP256);
         assert_eq!(key_type(KeyAlg::EcdsaP384), KeyType::EcdsaP384);
         assert_eq!(key_type(KeyAlg::Rsa2048), KeyType::Rsa { bits: 2048 });
@@ -361,19 +368,37 @@ mod tests {
     fn refuses_policy_violations() {
         let p256 = || CsrBuilder::new(KeyAlg::EcdsaP256);
         let cases: Vec<(&str, CsrBuilder, CsrError)> = vec![
-            ("dns san", p256().uri(ID).dns("foo.example.com"), CsrError::ForbiddenSan("DNS")),
+            (
+                "dns san",
+                p256().uri(ID).dns("foo.example.com"),
+                CsrError::ForbiddenSan("DNS"),
+            ),
             (
                 "ip san",
                 p256().uri(ID).ip(IpAddr::V4(Ipv4Addr::LOCALHOST)),
                 CsrError::ForbiddenSan("IP"),
             ),
-            ("email san", p256().uri(ID).email("a@b.c"), CsrError::ForbiddenSan("email")),
-            ("common name", p256().uri(ID).common_name("x"), CsrError::CommonName),
+            (
+                "email san",
+                p256().uri(ID).email("a@b.c"),
+                CsrError::ForbiddenSan("email"),
+            ),
+            (
+                "common name",
+                p256().uri(ID).common_name("x"),
+                CsrError::CommonName,
+            ),
             ("no san", p256(), CsrError::NoUriSan),
-            ("duplicate uri", p256().uri(ID).uri(ID), CsrError::DuplicateUriSan),
+            (
+                "duplicate uri",
+                p256().uri(ID).uri(ID),
+                CsrError::DuplicateUriSan,
+            ),
             (
                 "cert sign usage",
-                p256().uri(ID).key_usages(vec![Ku::DigitalSignature, Ku::KeyCertSign]),
+                p256()
+                    .uri(ID)
+                    .key_usages(vec![Ku::DigitalSignature, Ku::KeyCertSign]),
                 CsrError::ForbiddenKeyUsage,
             ),
             (
@@ -383,7 +408,9 @@ mod tests {
             ),
             (
                 "code signing eku",
-                p256().uri(ID).extended_key_usages(vec![Eku::ServerAuth, Eku::CodeSigning]),
+                p256()
+                    .uri(ID)
+                    .extended_key_usages(vec![Eku::ServerAuth, Eku::CodeSigning]),
                 CsrError::ForbiddenExtendedKeyUsage,
             ),
             (
@@ -398,7 +425,9 @@ mod tests {
             ),
             (
                 "unknown extension",
-                p256().uri(ID).custom_extension(&[1, 2, 3, 4], vec![0x05, 0x00]),
+                p256()
+                    .uri(ID)
+                    .custom_extension(&[1, 2, 3, 4], vec![0x05, 0x00]),
                 CsrError::ForbiddenExtension("1.2.3.4".into()),
             ),
         ];
@@ -431,8 +460,12 @@ mod tests {
         );
         let cert_block = pem.replace("CERTIFICATE REQUEST", "CERTIFICATE");
         assert_eq!(parse_and_check(&cert_block), Err(CsrError::NotOnePemBlock));
-        let garbage = "-----BEGIN CERTIFICATE REQUEST-----\nMIIBAAAA\n-----END CERTIFICATE REQUEST-----\n";
-        assert!(matches!(parse_and_check(garbage), Err(CsrError::Malformed(_))));
+        let garbage =
+            "-----BEGIN CERTIFICATE REQUEST-----\nMIIBAAAA\n-----END CERTIFICATE REQUEST-----\n";
+        assert!(matches!(
+            parse_and_check(garbage),
+            Err(CsrError::Malformed(_))
+        ));
     }
 
     #[test]
@@ -473,13 +506,20 @@ mod tests {
             .args(req_args)
             .output()
             .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8(out.stdout).unwrap()
     }
 
     #[test]
     fn accepts_openssl_csrs_as_pilot_agent_sends_them() {
-        let pem = openssl_csr(&["ecparam", "-name", "prime256v1", "-genkey", "-noout"], &[]);
+        let pem = openssl_csr(
+            &["ecparam", "-name", "prime256v1", "-genkey", "-noout"],
+            &[],
+        );
         assert_eq!(parse_and_check(&pem).unwrap().uris, vec![ID.to_owned()]);
     }
 
@@ -506,7 +546,9 @@ mod tests {
 
     #[test]
     fn refuses_attributes_other_than_the_extension_request() {
-        let csr = CsrBuilder::new(KeyAlg::EcdsaP256).uri(ID).challenge_password();
+        let csr = CsrBuilder::new(KeyAlg::EcdsaP256)
+            .uri(ID)
+            .challenge_password();
         assert_eq!(
             check(csr),
             Err(CsrError::ForbiddenAttribute("1.2.840.113549.1.9.7".into()))

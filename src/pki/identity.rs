@@ -159,27 +159,63 @@ mod tests {
             ("SPIFFE://cluster.local/ns/a/sa/b", IdentityError::Scheme),
             ("spiffe://cluster.local", IdentityError::Path),
             ("spiffe:///ns/a/sa/b", IdentityError::TrustDomain),
-            ("spiffe://Cluster.Local/ns/a/sa/b", IdentityError::TrustDomain),
+            (
+                "spiffe://Cluster.Local/ns/a/sa/b",
+                IdentityError::TrustDomain,
+            ),
             ("spiffe://td:8080/ns/a/sa/b", IdentityError::TrustDomain),
             ("spiffe://user@td/ns/a/sa/b", IdentityError::TrustDomain),
             ("spiffe://cluster.local/ns/a/sa", IdentityError::Path),
-            ("spiffe://cluster.local/ns/a/sa/", IdentityError::ServiceAccount),
+            (
+                "spiffe://cluster.local/ns/a/sa/",
+                IdentityError::ServiceAccount,
+            ),
             ("spiffe://cluster.local/ns//sa/b", IdentityError::Namespace),
             ("spiffe://cluster.local/ns/a/sa/b/", IdentityError::Path),
-            ("spiffe://cluster.local/ns/a/sa/b/extra", IdentityError::Path),
+            (
+                "spiffe://cluster.local/ns/a/sa/b/extra",
+                IdentityError::Path,
+            ),
             ("spiffe://cluster.local/sa/b/ns/a", IdentityError::Path),
             ("spiffe://cluster.local//ns/a/sa/b", IdentityError::Path),
-            ("spiffe://cluster.local/ns/a%2Fb/sa/c", IdentityError::Namespace),
-            ("spiffe://cluster.local/ns/a/sa/b%2Fc", IdentityError::ServiceAccount),
-            ("spiffe://cluster.local/ns/../sa/b", IdentityError::Namespace),
+            (
+                "spiffe://cluster.local/ns/a%2Fb/sa/c",
+                IdentityError::Namespace,
+            ),
+            (
+                "spiffe://cluster.local/ns/a/sa/b%2Fc",
+                IdentityError::ServiceAccount,
+            ),
+            (
+                "spiffe://cluster.local/ns/../sa/b",
+                IdentityError::Namespace,
+            ),
             ("spiffe://cluster.local/ns/./sa/b", IdentityError::Namespace),
-            ("spiffe://cluster.local/ns/a/sa/..", IdentityError::ServiceAccount),
-            ("spiffe://cluster.local/ns/a/sa/.", IdentityError::ServiceAccount),
+            (
+                "spiffe://cluster.local/ns/a/sa/..",
+                IdentityError::ServiceAccount,
+            ),
+            (
+                "spiffe://cluster.local/ns/a/sa/.",
+                IdentityError::ServiceAccount,
+            ),
             ("spiffe://cluster.local/ns/A/sa/b", IdentityError::Namespace),
-            ("spiffe://cluster.local/ns/a/sa/b?x=y", IdentityError::ServiceAccount),
-            ("spiffe://cluster.local/ns/a/sa/b#frag", IdentityError::ServiceAccount),
-            ("spiffe://cluster.local/ns/-a/sa/b", IdentityError::Namespace),
-            ("spiffe://cluster.local/ns/a.b/sa/c", IdentityError::Namespace),
+            (
+                "spiffe://cluster.local/ns/a/sa/b?x=y",
+                IdentityError::ServiceAccount,
+            ),
+            (
+                "spiffe://cluster.local/ns/a/sa/b#frag",
+                IdentityError::ServiceAccount,
+            ),
+            (
+                "spiffe://cluster.local/ns/-a/sa/b",
+                IdentityError::Namespace,
+            ),
+            (
+                "spiffe://cluster.local/ns/a.b/sa/c",
+                IdentityError::Namespace,
+            ),
         ];
         for (input, want) in cases {
             assert_eq!(input.parse::<SpiffeId>(), Err(want), "input {input:?}");

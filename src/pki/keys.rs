@@ -175,7 +175,10 @@ mod tests {
 
     #[test]
     fn refuses_garbage_and_missing_keys() {
-        assert!(matches!(load_private_key_pem(b"nothing"), Err(KeyError::Missing)));
+        assert!(matches!(
+            load_private_key_pem(b"nothing"),
+            Err(KeyError::Missing)
+        ));
         let bogus = "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n";
         assert!(load_private_key_pem(bogus.as_bytes()).is_err());
     }

@@ -106,7 +106,9 @@ fn ca_params(name: &str, lifetime: Duration) -> CertificateParams {
     let mut params = CertificateParams::default();
     params.distinguished_name = DistinguishedName::new();
     params.distinguished_name.push(DnType::CommonName, name);
-    params.distinguished_name.push(DnType::OrganizationName, "istio-csr-rs tests");
+    params
+        .distinguished_name
+        .push(DnType::OrganizationName, "istio-csr-rs tests");
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     params.key_usages = vec![
         KeyUsagePurpose::KeyCertSign,

@@ -1,0 +1,507 @@
+//! Wiring: resolve the configuration, build the parts, run them, shut down gracefully.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
+
+use crate::admin::{self, Readiness};
+use crate::cluster::ClusterRegistry;
+use crate::config::{LogFormat, ServeArgs};
+use crate::fswatch::{self, FileWatch};
+use crate::pki::chain::RootBundle;
+use crate::pki::identity;
+use crate::proto::istio_v1_auth::istio_certificate_service_server::IstioCertificateServiceServer;
+use crate::signer::Signer;
+use crate::signer::authn::Authenticator;
+use crate::signer::authn::client_cert::ClientCertAuthenticator;
+use crate::signer::authn::static_tokens::StaticTokens;
+use crate::signer::issuer::Issuer;
+use crate::signer::issuer::local_ca::LocalCa;
+use crate::signer::service::{CaService, Settings};
+use crate::signer::serving::{ServingCerts, ServingNames};
+use crate::signer::tls::{self, MeshClientVerifier, ServingCertResolver};
+use crate::standalone::DataDir;
+
+/// Istio CSRs are about 1 KiB; 64 KiB CSR + metadata fit well under this. Bigger is hostile.
+const MAX_GRPC_MESSAGE_BYTES: usize = 128 * 1024;
+const DEFAULT_SERVING_ADDRESS: &str = "0.0.0.0:6443";
+const STANDALONE_SERVING_ADDRESS: &str = "127.0.0.1:6443";
+const DEFAULT_ADMIN_ADDRESS: &str = "0.0.0.0:9402";
+const STANDALONE_ADMIN_ADDRESS: &str = "127.0.0.1:9402";
+const DEFAULT_SERVING_DNS_NAME: &str = "cert-manager-istio-csr.cert-manager.svc";
+
+/// The effective configuration, after standalone defaults are applied.
+struct Plan {
+    serving_address: SocketAddr,
+    admin_address: SocketAddr,
+    local_ca_dir: PathBuf,
+    token_auth_file: Option<PathBuf>,
+    serving_names: Vec<String>,
+    standalone: Option<DataDir>,
+}
+
+impl Plan {
+    fn resolve(args: &ServeArgs) -> anyhow::Result<Self> {
+        identity::validate_trust_domain(&args.server.trust_domain).context("--trust-domain")?;
+        for account in &args.server.ca_trusted_node_accounts {
+            let valid = account.split_once('/').is_some_and(|(ns, sa)| {
+                identity::is_dns1123_label(ns) && identity::is_dns1123_subdomain(sa)
+            });
+            if !valid {
+                bail!("--ca-trusted-node-accounts: {account:?} is not namespace/serviceaccount");
+            }
+        }
+        if args.server.max_inflight == 0 {
+            bail!("--max-inflight must be at least 1");
+        }
+        if args.server.max_client_certificate_duration < Duration::from_secs(60) {
+            bail!("--max-client-certificate-duration must be at least 1m");
+        }
+        let standalone = args.standalone.standalone;
+        let address = |given: Option<SocketAddr>, default: &str, standalone_default: &str| {
+            given.map_or_else(
+                || {
+                    if standalone {
+                        standalone_default
+                    } else {
+                        default
+                    }
+                    .parse()
+                },
+                Ok,
+            )
+        };
+        let serving_address = address(
+            args.server.serving_address,
+            DEFAULT_SERVING_ADDRESS,
+            STANDALONE_SERVING_ADDRESS,
+        )?;
+        let admin_address = address(
+            args.admin.admin_address,
+            DEFAULT_ADMIN_ADDRESS,
+            STANDALONE_ADMIN_ADDRESS,
+        )?;
+        let mut serving_names = args.serving_tls.serving_certificate_dns_names.clone();
+        if standalone {
+            let data = DataDir::new(&args.standalone.data_dir);
+            if serving_names.is_empty() {
+                serving_names = vec!["localhost".into(), "127.0.0.1".into(), "::1".into()];
+            }
+            return Ok(Self {
+                serving_address,
+                admin_address,
+                local_ca_dir: args.issuance.local_ca_dir.clone().unwrap_or(data.ca_dir()),
+                token_auth_file: Some(
+                    args.server
+                        .token_auth_file
+                        .clone()
+                        .unwrap_or(data.tokens_csv()),
+                ),
+                serving_names,
+                standalone: Some(data),
+            });
+        }
+        match args.issuance.signer {
+            Signer::LocalCa => {}
+            other => bail!(
+                "--signer {} needs Kubernetes support, which this build does not have yet; \
+                 use --signer local-ca or --standalone",
+                other.label()
+            ),
+        }
+        let local_ca_dir = args
+            .issuance
+            .local_ca_dir
+            .clone()
+            .context("--signer local-ca needs --local-ca-dir")?;
+        if args.server.token_auth_file.is_none() && !args.server.enable_client_cert_authenticator {
+            bail!(
+                "no way to authenticate callers: pass --token-auth-file or \
+                 --enable-client-cert-authenticator"
+            );
+        }
+        if serving_names.is_empty() {
+            serving_names = vec![DEFAULT_SERVING_DNS_NAME.into()];
+        }
+        Ok(Self {
+            serving_address,
+            admin_address,
+            local_ca_dir,
+            token_auth_file: args.server.token_auth_file.clone(),
+            serving_names,
+            standalone: None,
+        })
+    }
+}
+
+pub fn init_logging(format: LogFormat, filter: &str) -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter).context("--log-level")?;
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi)
+        .with_writer(std::io::stderr);
+    let result = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+    result.map_err(|e| anyhow::anyhow!("logging: {e}"))
+}
+
+/// Replaces the issuer with one that wraps it.
+pub type IssuerWrapper = Box<dyn FnOnce(Arc<dyn Issuer>) -> Arc<dyn Issuer> + Send>;
+
+/// Test seams: lets tests wrap the real issuer (e.g. to hold requests in flight).
+#[derive(Default)]
+pub struct Hooks {
+    pub wrap_issuer: Option<IssuerWrapper>,
+}
+
+/// A started server.
+pub struct Running {
+    pub grpc_address: SocketAddr,
+    pub admin_address: SocketAddr,
+    stop: CancellationToken,
+    done: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Running {
+    /// Starts a graceful shutdown, as SIGTERM does.
+    pub fn shutdown(&self) {
+        self.stop.cancel();
+    }
+
+    /// Waits until the server has stopped: `Ok` after a clean shutdown.
+    pub async fn wait(self) -> anyhow::Result<()> {
+        self.done.await?
+    }
+}
+
+/// `istio-csr-rs serve`: runs until SIGTERM or SIGINT, then drains and exits.
+pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    init_logging(args.log.log_format, &args.log.log_level)?;
+    let standalone = args
+        .standalone
+        .standalone
+        .then(|| DataDir::new(&args.standalone.data_dir));
+    let running = start(args, Hooks::default()).await?;
+    if let Some(data) = &standalone {
+        print_try_it(data, running.grpc_address);
+    }
+    let stop = running.stop.clone();
+    tokio::spawn(async move {
+        if let Ok(mut sigterm) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        {
+            tokio::select! {
+                _ = sigterm.recv() => tracing::info!("SIGTERM: shutting down"),
+                _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
+            }
+            stop.cancel();
+        }
+    });
+    running.wait().await
+}
+
+/// Builds every part, binds the listeners and returns once the server accepts requests.
+pub async fn start(args: ServeArgs, hooks: Hooks) -> anyhow::Result<Running> {
+    let plan = Plan::resolve(&args)?;
+    if let Some(data) = &plan.standalone {
+        data.bootstrap()
+            .with_context(|| format!("preparing {}", data.root.display()))?;
+    }
+    let shutdown = CancellationToken::new();
+    let mut tasks = Vec::new();
+
+    // Trust roots: the pinned file when given, else the built-in CA's own roots.
+    let pinned = match &args.issuance.root_ca_file {
+        Some(path) => {
+            let (rx, task) = watch_root_file(path.clone())?;
+            tasks.push(spawn_named("root-file", task));
+            Some(rx)
+        }
+        None => None,
+    };
+    let mut ca = LocalCa::load(&plan.local_ca_dir, pinned.clone())
+        .with_context(|| format!("loading the CA in {}", plan.local_ca_dir.display()))?;
+    let roots = match pinned {
+        Some(rx) => rx,
+        None => ca.publish_roots(),
+    };
+    let ca = Arc::new(ca);
+    tasks.push(spawn_named("ca-reload", ca.clone().watch()?));
+    let mut issuer: Arc<dyn Issuer> = ca.clone();
+    if let Some(wrap) = hooks.wrap_issuer {
+        issuer = wrap(issuer);
+    }
+
+    let mut authenticators: Vec<Arc<dyn Authenticator>> = Vec::new();
+    if let Some(path) = &plan.token_auth_file {
+        let tokens = StaticTokens::load(path, &args.server.trust_domain)?;
+        tasks.push(spawn_named("token-reload", tokens.clone().watch()?));
+        authenticators.push(tokens);
+    }
+    let client_verifier = if args.server.enable_client_cert_authenticator {
+        authenticators.push(Arc::new(ClientCertAuthenticator::new(roots.clone())));
+        let verifier = MeshClientVerifier::new(&roots.borrow())?;
+        let follow = verifier.clone().follow(roots.clone());
+        tasks.push(spawn_named("client-roots", async move {
+            follow.await;
+            Ok(())
+        }));
+        Some(verifier)
+    } else {
+        None
+    };
+
+    let resolver = Arc::new(ServingCertResolver::default());
+    let serving = Arc::new(ServingCerts::new(
+        ca.clone(),
+        ServingNames::from_names(&plan.serving_names),
+        args.serving_tls.serving_certificate_duration,
+        resolver.clone(),
+    ));
+    tasks.push(spawn_named("serving-cert", serving.start()?));
+
+    let readiness = Arc::new(Readiness {
+        serving_cert: resolver.clone(),
+        issuer: issuer.clone(),
+        grpc_listening: false.into(),
+        shutting_down: false.into(),
+    });
+    let admin_listener = TcpListener::bind(plan.admin_address)
+        .await
+        .with_context(|| format!("binding the admin address {}", plan.admin_address))?;
+    let admin_address = admin_listener.local_addr()?;
+    let admin_router = admin::router(readiness.clone());
+    // The admin API outlives the gRPC drain: probes must see "not ready", not a closed port.
+    let admin_shutdown = CancellationToken::new();
+    let admin_stop = admin_shutdown.clone();
+    tasks.push(spawn_named("admin", async move {
+        axum::serve(admin_listener, admin_router)
+            .with_graceful_shutdown(admin_shutdown.cancelled_owned())
+            .await?;
+        Ok(())
+    }));
+
+    let service = CaService::new(
+        Settings {
+            max_lifetime: args.server.max_client_certificate_duration,
+            trusted_node_accounts: args.server.ca_trusted_node_accounts.clone(),
+            max_inflight: args.server.max_inflight,
+        },
+        ClusterRegistry::new(args.server.cluster_id.clone()),
+        authenticators,
+        issuer,
+        roots,
+    );
+    let tls_config = Arc::new(tls::server_config(resolver, client_verifier)?);
+    let listener = TcpListener::bind(plan.serving_address)
+        .await
+        .with_context(|| format!("binding the gRPC address {}", plan.serving_address))?;
+    let grpc_address = listener.local_addr()?;
+    let (conn_tx, conn_rx) = mpsc::channel(128);
+    tasks.push(spawn_named("accept", {
+        let shutdown = shutdown.clone();
+        async move {
+            tls::accept_loop(listener, tls_config, conn_tx, shutdown).await;
+            Ok(())
+        }
+    }));
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<IstioCertificateServiceServer<CaService>>()
+        .await;
+    let grpc = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(
+            IstioCertificateServiceServer::new(service)
+                .max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_GRPC_MESSAGE_BYTES),
+        )
+        .serve_with_incoming_shutdown(
+            ReceiverStream::new(conn_rx),
+            shutdown.clone().cancelled_owned(),
+        );
+    let grpc = tokio::spawn(grpc);
+    readiness.grpc_listening.store(true, Ordering::Release);
+    tracing::info!(grpc = %grpc_address, admin = %admin_address, "serving");
+
+    let stop = CancellationToken::new();
+    let stop_requested = stop.clone();
+    let done = tokio::spawn(async move {
+        let result = run_until_stopped(
+            stop_requested,
+            tasks,
+            readiness,
+            health,
+            shutdown,
+            grpc,
+            args.server.shutdown_grace,
+        )
+        .await;
+        admin_stop.cancel();
+        result
+    });
+    Ok(Running {
+        grpc_address,
+        admin_address,
+        stop,
+        done,
+    })
+}
+
+/// Serves until asked to stop (or a critical task dies), then: readiness off, health
+/// NOT_SERVING, no new connections, in-flight requests finish within the grace period.
+async fn run_until_stopped(
+    stop: CancellationToken,
+    mut tasks: Vec<CriticalTask>,
+    readiness: Arc<Readiness>,
+    health: tonic_health::server::HealthReporter,
+    shutdown: CancellationToken,
+    grpc: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+    grace: Duration,
+) -> anyhow::Result<()> {
+    let stop = wait_for_stop(&stop, &mut tasks).await;
+    readiness.shutting_down.store(true, Ordering::Release);
+    health
+        .set_not_serving::<IstioCertificateServiceServer<CaService>>()
+        .await;
+    shutdown.cancel();
+    match tokio::time::timeout(grace, grpc).await {
+        Ok(Ok(Ok(()))) => tracing::info!("in-flight requests finished; exiting"),
+        Ok(Ok(Err(error))) => tracing::error!(%error, "gRPC server failed"),
+        Ok(Err(error)) => tracing::error!(%error, "gRPC server task failed"),
+        Err(_) => tracing::warn!(
+            ?grace,
+            "shutdown grace period over; abandoning in-flight requests"
+        ),
+    }
+    stop
+}
+
+/// A long-running task that must not end while the process serves.
+struct CriticalTask {
+    name: &'static str,
+    handle: AbortOnDropHandle<anyhow::Result<()>>,
+}
+
+/// Waits for a stop request (a clean stop) or for a critical task to end (an error).
+async fn wait_for_stop(stop: &CancellationToken, tasks: &mut [CriticalTask]) -> anyhow::Result<()> {
+    let any_task = futures_select_all(tasks);
+    tokio::select! {
+        _ = stop.cancelled() => Ok(()),
+        (name, result) = any_task => {
+            let error = match result {
+                Ok(Ok(())) => anyhow::anyhow!("task {name} stopped"),
+                Ok(Err(e)) => e.context(format!("task {name} failed")),
+                Err(e) => anyhow::anyhow!("task {name} panicked: {e}"),
+            };
+            tracing::error!(error = %format!("{error:#}"), "critical task ended; shutting down");
+            Err(error)
+        }
+    }
+}
+
+/// The first of the named tasks to finish.
+async fn futures_select_all(
+    tasks: &mut [CriticalTask],
+) -> (
+    &'static str,
+    Result<anyhow::Result<()>, tokio::task::JoinError>,
+) {
+    if tasks.is_empty() {
+        return std::future::pending().await;
+    }
+    std::future::poll_fn(|cx| {
+        for task in tasks.iter_mut() {
+            if let std::task::Poll::Ready(result) = std::pin::Pin::new(&mut task.handle).poll(cx) {
+                return std::task::Poll::Ready((task.name, result));
+            }
+        }
+        std::task::Poll::Pending
+    })
+    .await
+}
+
+fn spawn_named(
+    name: &'static str,
+    task: impl Future<Output = anyhow::Result<()>> + Send + 'static,
+) -> CriticalTask {
+    let span = tracing::info_span!("task", name);
+    let handle = AbortOnDropHandle::new(tokio::spawn(tracing::Instrument::instrument(task, span)));
+    CriticalTask { name, handle }
+}
+
+/// Loads the pinned root file and follows its changes. A broken update keeps the previous roots.
+fn watch_root_file(
+    path: PathBuf,
+) -> anyhow::Result<(
+    watch::Receiver<Arc<RootBundle>>,
+    impl Future<Output = anyhow::Result<()>>,
+)> {
+    let load = |path: &PathBuf| -> anyhow::Result<RootBundle> {
+        let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        RootBundle::from_pem(&bytes).with_context(|| format!("parsing {}", path.display()))
+    };
+    let initial = load(&path)?;
+    tracing::info!(path = %path.display(), roots = initial.certs().len(), "pinned root bundle loaded");
+    let (tx, rx) = watch::channel(Arc::new(initial));
+    let task = async move {
+        let paths = [path.clone()];
+        let mut files = FileWatch::new(&paths, fswatch::DEFAULT_RESYNC)?;
+        loop {
+            files.changed().await;
+            match load(&path) {
+                Ok(bundle) => {
+                    let changed = tx.send_if_modified(|current| {
+                        let differs = current.certs() != bundle.certs();
+                        if differs {
+                            *current = Arc::new(bundle);
+                        }
+                        differs
+                    });
+                    if changed {
+                        tracing::info!(path = %path.display(), "pinned root bundle changed");
+                    }
+                }
+                Err(error) => {
+                    tracing::error!(error = %format!("{error:#}"), "pinned roots not reloaded; keeping the previous roots")
+                }
+            }
+        }
+    };
+    Ok((rx, task))
+}
+
+fn print_try_it(data: &DataDir, grpc: SocketAddr) {
+    let host = if grpc.ip().is_unspecified() {
+        "127.0.0.1".to_owned()
+    } else {
+        grpc.ip().to_string()
+    };
+    let address = SocketAddr::new(host.parse().unwrap_or(grpc.ip()), grpc.port());
+    let exe = std::env::current_exe()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| "istio-csr-rs".into());
+    let dir = data.root.display();
+    println!(
+        "\nistio-csr-rs (standalone) is serving Istio's CA API on {address}.\n\
+         Request a certificate for spiffe://<trust-domain>/ns/default/sa/default with:\n\n  \
+         {exe} request --address {address} --root-cert {dir}/root-cert.pem \
+         --token-file {dir}/token --out-dir {dir}/workload\n\n\
+         then check it with:\n\n  \
+         openssl verify -CAfile {dir}/root-cert.pem -untrusted {dir}/workload/cert-chain.pem \
+         {dir}/workload/cert-chain.pem\n"
+    );
+}

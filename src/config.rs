@@ -1,0 +1,208 @@
+//! Command-line flags. Names follow cert-manager's istio-csr so users can move over; every `serve`
+//! flag also reads `ISTIO_CSR_<FLAG>` from the environment.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::signer::Signer;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "istio-csr-rs",
+    version,
+    about = "Certificate authority agent for Istio meshes"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the certificate authority (gRPC signer and admin API).
+    Serve(Box<ServeArgs>),
+    /// Request one certificate from a running server, as a workload would.
+    Request(crate::client::request::RequestArgs),
+    /// Drive CreateCertificate with concurrent load and report latency and CPU per request.
+    Bench(crate::client::bench::BenchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub server: ServerArgs,
+    #[command(flatten)]
+    pub issuance: IssuanceArgs,
+    #[command(flatten)]
+    pub serving_tls: ServingTlsArgs,
+    #[command(flatten)]
+    pub standalone: StandaloneArgs,
+    #[command(flatten)]
+    pub admin: AdminArgs,
+    #[command(flatten)]
+    pub log: LogArgs,
+}
+
+#[derive(Debug, Args)]
+#[command(next_help_heading = "Signer")]
+pub struct ServerArgs {
+    /// gRPC listen address [default: 0.0.0.0:6443; 127.0.0.1:6443 with --standalone].
+    #[arg(long, env = "ISTIO_CSR_SERVING_ADDRESS")]
+    pub serving_address: Option<SocketAddr>,
+
+    /// Trust domain of the SPIFFE identities issued.
+    #[arg(long, env = "ISTIO_CSR_TRUST_DOMAIN", default_value = "cluster.local")]
+    pub trust_domain: String,
+
+    /// ID of the local cluster: the `clusterid` request header must be empty or equal to it.
+    #[arg(long, env = "ISTIO_CSR_CLUSTER_ID", default_value = "Kubernetes")]
+    pub cluster_id: String,
+
+    /// Longest certificate lifetime handed out; longer requests are shortened to it.
+    #[arg(long, env = "ISTIO_CSR_MAX_CLIENT_CERTIFICATE_DURATION", default_value = "1h",
+          value_parser = humantime::parse_duration)]
+    pub max_client_certificate_duration: Duration,
+
+    /// Authenticate callers by a client certificate chaining to the mesh roots.
+    #[arg(long, env = "ISTIO_CSR_ENABLE_CLIENT_CERT_AUTHENTICATOR")]
+    pub enable_client_cert_authenticator: bool,
+
+    /// Service accounts (`namespace/name`, comma-separated) allowed to impersonate workloads on
+    /// their node (ztunnel). Without any, every impersonation is refused.
+    #[arg(
+        long,
+        env = "ISTIO_CSR_CA_TRUSTED_NODE_ACCOUNTS",
+        value_delimiter = ','
+    )]
+    pub ca_trusted_node_accounts: Vec<String>,
+
+    /// Static bearer tokens: CSV lines `token,namespace,serviceaccount`, reloaded on change.
+    #[arg(long, env = "ISTIO_CSR_TOKEN_AUTH_FILE")]
+    pub token_auth_file: Option<PathBuf>,
+
+    /// CreateCertificate calls handled at once; beyond it callers get ResourceExhausted and retry.
+    #[arg(long, env = "ISTIO_CSR_MAX_INFLIGHT", default_value_t = 1024)]
+    pub max_inflight: usize,
+
+    /// How long in-flight requests may take to finish after SIGTERM.
+    #[arg(long, env = "ISTIO_CSR_SHUTDOWN_GRACE", default_value = "10s",
+          value_parser = humantime::parse_duration)]
+    pub shutdown_grace: Duration,
+}
+
+#[derive(Debug, Args)]
+#[command(next_help_heading = "Issuance")]
+pub struct IssuanceArgs {
+    /// Which signer issues certificates.
+    #[arg(long, env = "ISTIO_CSR_SIGNER", value_enum, default_value_t = Signer::CertManager)]
+    pub signer: Signer,
+
+    /// Directory of the built-in CA: istiod's `cacerts` layout (ca-cert.pem, ca-key.pem,
+    /// cert-chain.pem, root-cert.pem) or a kubernetes.io/tls one (tls.crt, tls.key, ca.crt).
+    #[arg(long, env = "ISTIO_CSR_LOCAL_CA_DIR")]
+    pub local_ca_dir: Option<PathBuf>,
+
+    /// Pinned root bundle (one or more PEM roots): every issued chain must verify against it.
+    #[arg(long, env = "ISTIO_CSR_ROOT_CA_FILE")]
+    pub root_ca_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+#[command(next_help_heading = "Serving TLS")]
+pub struct ServingTlsArgs {
+    /// DNS names of the gRPC serving certificate [default: cert-manager-istio-csr.cert-manager.svc;
+    /// localhost and 127.0.0.1 with --standalone].
+    #[arg(
+        long,
+        env = "ISTIO_CSR_SERVING_CERTIFICATE_DNS_NAMES",
+        value_delimiter = ','
+    )]
+    pub serving_certificate_dns_names: Vec<String>,
+
+    /// Lifetime of the serving certificate; it is renewed at two thirds of it.
+    #[arg(long, env = "ISTIO_CSR_SERVING_CERTIFICATE_DURATION", default_value = "1h",
+          value_parser = humantime::parse_duration)]
+    pub serving_certificate_duration: Duration,
+}
+
+#[derive(Debug, Args)]
+#[command(next_help_heading = "Standalone")]
+pub struct StandaloneArgs {
+    /// Run with no Kubernetes at all: built-in CA and static tokens kept in --data-dir.
+    #[arg(long, env = "ISTIO_CSR_STANDALONE")]
+    pub standalone: bool,
+
+    /// Where standalone mode keeps its CA, tokens and root bundle (created on first start).
+    #[arg(long, env = "ISTIO_CSR_DATA_DIR", default_value = "./istio-csr-data")]
+    pub data_dir: PathBuf,
+}
+
+#[derive(Debug, Args)]
+#[command(next_help_heading = "Admin")]
+pub struct AdminArgs {
+    /// Admin HTTP listener (/livez, /readyz) [default: 0.0.0.0:9402; 127.0.0.1:9402 with
+    /// --standalone].
+    #[arg(long, env = "ISTIO_CSR_ADMIN_ADDRESS")]
+    pub admin_address: Option<SocketAddr>,
+}
+
+#[derive(Debug, Args)]
+#[command(next_help_heading = "Logging")]
+pub struct LogArgs {
+    #[arg(long, env = "ISTIO_CSR_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// Filter in tracing's env-filter syntax, e.g. `info` or `info,istio_csr_rs=debug`.
+    #[arg(long, env = "ISTIO_CSR_LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn flags_are_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn every_serve_flag_reads_an_environment_variable() {
+        let cli = Cli::command();
+        let serve = cli.find_subcommand("serve").unwrap();
+        for arg in serve.get_arguments() {
+            let id = arg.get_id().as_str();
+            if id == "help" || id == "version" {
+                continue;
+            }
+            let env = arg.get_env().unwrap_or_else(|| panic!("--{id} has no env"));
+            let want = format!("ISTIO_CSR_{}", id.to_uppercase());
+            assert_eq!(env.to_str().unwrap(), want, "--{id}");
+        }
+    }
+
+    #[test]
+    fn defaults_match_istio_csr() {
+        let cli = Cli::try_parse_from(["istio-csr-rs", "serve"]).unwrap();
+        let Command::Serve(args) = cli.command else {
+            panic!("not serve")
+        };
+        assert_eq!(args.server.trust_domain, "cluster.local");
+        assert_eq!(args.server.cluster_id, "Kubernetes");
+        assert_eq!(
+            args.server.max_client_certificate_duration,
+            Duration::from_secs(3600)
+        );
+        assert_eq!(args.issuance.signer, Signer::CertManager);
+    }
+}

@@ -1,0 +1,29 @@
+//! The gRPC signer: authentication, authorisation, issuer selection and the issuers.
+
+pub mod authn;
+pub mod error;
+pub mod issuer;
+pub mod service;
+pub mod serving;
+pub mod tls;
+
+/// Which backend signs workload certificates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Signer {
+    /// cert-manager CertificateRequests.
+    CertManager,
+    /// The Kubernetes CertificateSigningRequest API.
+    KubeCsr,
+    /// The built-in CA (`--local-ca-dir`).
+    LocalCa,
+}
+
+impl Signer {
+    pub fn label(self) -> &'static str {
+        match self {
+            Signer::CertManager => "cert-manager",
+            Signer::KubeCsr => "kube-csr",
+            Signer::LocalCa => "local-ca",
+        }
+    }
+}

@@ -1,0 +1,333 @@
+//! `istio.v1.auth.IstioCertificateService/CreateCertificate`: the pipeline of reference.md.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use prost_types::value::Kind;
+use rustls_pki_types::UnixTime;
+use tokio::sync::{Semaphore, watch};
+use tonic::{Request, Response, Status};
+
+use super::authn::{self, Authenticator, Caller, Credentials};
+use super::error::{SignError, to_status};
+use super::issuer::{IssueRequest, Issued, Issuer};
+use crate::cluster::ClusterRegistry;
+use crate::pki::chain::{self, Expected, RootBundle};
+use crate::pki::csr;
+use crate::pki::identity::SpiffeId;
+use crate::proto::istio_v1_auth::istio_certificate_service_server::IstioCertificateService;
+use crate::proto::istio_v1_auth::{IstioCertificateRequest, IstioCertificateResponse};
+
+/// pilot-agent's metadata key naming a signer (Kubernetes CSR API signer names).
+const META_CERT_SIGNER: &str = "CertSigner";
+/// ztunnel's metadata key naming the workload it requests a certificate for.
+const META_IMPERSONATED_IDENTITY: &str = "ImpersonatedIdentity";
+
+pub struct Settings {
+    pub max_lifetime: Duration,
+    /// `namespace/name` of service accounts allowed to impersonate (ztunnel).
+    pub trusted_node_accounts: Vec<String>,
+    pub max_inflight: usize,
+}
+
+pub struct CaService {
+    settings: Settings,
+    clusters: ClusterRegistry,
+    authenticators: Vec<Arc<dyn Authenticator>>,
+    issuer: Arc<dyn Issuer>,
+    roots: watch::Receiver<Arc<RootBundle>>,
+    inflight: Arc<Semaphore>,
+}
+
+impl CaService {
+    pub fn new(
+        settings: Settings,
+        clusters: ClusterRegistry,
+        authenticators: Vec<Arc<dyn Authenticator>>,
+        issuer: Arc<dyn Issuer>,
+        roots: watch::Receiver<Arc<RootBundle>>,
+    ) -> Self {
+        let inflight = Arc::new(Semaphore::new(settings.max_inflight));
+        Self {
+            settings,
+            clusters,
+            authenticators,
+            issuer,
+            roots,
+            inflight,
+        }
+    }
+
+    async fn sign(
+        &self,
+        request: &Request<IstioCertificateRequest>,
+        caller_out: &mut Option<Caller>,
+    ) -> Result<IstioCertificateResponse, SignError> {
+        let metadata = request.metadata();
+        let cluster_id = match metadata.get("clusterid") {
+            Some(v) => v
+                .to_str()
+                .map_err(|_| authn::AuthnError::UnknownCluster("<non-ascii>".into()))?,
+            None => "",
+        };
+        let cluster = self
+            .clusters
+            .resolve(cluster_id)
+            .map_err(|e| authn::AuthnError::UnknownCluster(e.0))?;
+        let bearer = authn::parse_bearer(metadata.get("authorization").map(|v| v.as_bytes()))?;
+        let peer_certs = request.peer_certs();
+        let credentials = Credentials {
+            bearer,
+            peer_certs: peer_certs.as_deref().map(Vec::as_slice),
+            cluster: &cluster,
+        };
+        let caller = authn::authenticate(&self.authenticators, &credentials).await?;
+        let caller = caller_out.insert(caller);
+
+        let body = request.get_ref();
+        let options = RequestOptions::from_metadata(body.metadata.as_ref())?;
+        let allowed = match options.impersonated_identity {
+            Some(identity) => vec![self.check_impersonation(caller, identity)?],
+            None => caller.identities.clone(),
+        };
+
+        let csr = csr::parse_and_check(&body.csr)?;
+        if !same_identities(&csr.uris, &allowed) {
+            return Err(SignError::IdentityMismatch {
+                requested: csr.uris.clone(),
+                allowed,
+            });
+        }
+
+        let lifetime = clamp_lifetime(body.validity_duration, self.settings.max_lifetime);
+        let issued = self
+            .issuer
+            .issue(IssueRequest {
+                csr: &csr,
+                identities: &csr.uris,
+                lifetime,
+                cert_signer: options.cert_signer,
+            })
+            .await?;
+        // Read the roots after signing so a rotation during the wait is honoured.
+        let roots = self.roots.borrow().clone();
+        let verified = match issued {
+            Issued::InProcess(chain) => chain,
+            Issued::External(certs) => chain::verify(
+                &certs,
+                &roots,
+                UnixTime::now(),
+                &Expected {
+                    uris: &csr.uris,
+                    spki_der: &csr.public_key.spki_der,
+                },
+            )?,
+        };
+        Ok(IstioCertificateResponse {
+            cert_chain: verified.to_response(&roots),
+        })
+    }
+
+    /// protocol.md "Impersonation": the caller must be a trusted node account and the identity
+    /// well-formed. The pod-on-node check needs the Kubernetes API, so without it every
+    /// impersonation is refused.
+    fn check_impersonation(&self, caller: &Caller, identity: &str) -> Result<String, SignError> {
+        let account = caller
+            .service_account
+            .as_ref()
+            .map(|sa| format!("{}/{}", sa.namespace, sa.name))
+            .ok_or_else(|| SignError::Impersonation("caller has no service account".into()))?;
+        if !self.settings.trusted_node_accounts.contains(&account) {
+            return Err(SignError::Impersonation(format!(
+                "{account} is not a trusted node account"
+            )));
+        }
+        let identity: SpiffeId = identity
+            .parse()
+            .map_err(|e| SignError::Impersonation(format!("requested identity: {e}")))?;
+        Err(SignError::Impersonation(format!(
+            "cannot verify that {identity} runs on the caller's node without Kubernetes"
+        )))
+    }
+}
+
+/// The request's metadata Struct, read strictly: known keys must be strings.
+struct RequestOptions<'a> {
+    cert_signer: Option<&'a str>,
+    impersonated_identity: Option<&'a str>,
+}
+
+impl<'a> RequestOptions<'a> {
+    fn from_metadata(metadata: Option<&'a prost_types::Struct>) -> Result<Self, SignError> {
+        let string = |key: &str| -> Result<Option<&'a str>, SignError> {
+            let Some(value) = metadata.and_then(|m| m.fields.get(key)) else {
+                return Ok(None);
+            };
+            match &value.kind {
+                // pilot-agent always sends CertSigner, empty when unset: "" means absent.
+                Some(Kind::StringValue(s)) if s.is_empty() => Ok(None),
+                Some(Kind::StringValue(s)) => Ok(Some(s.as_str())),
+                Some(Kind::NullValue(_)) | None => Ok(None),
+                Some(_) => Err(SignError::InvalidRequest(format!(
+                    "metadata {key} must be a string"
+                ))),
+            }
+        };
+        Ok(Self {
+            cert_signer: string(META_CERT_SIGNER)?,
+            impersonated_identity: string(META_IMPERSONATED_IDENTITY)?,
+        })
+    }
+}
+
+/// The CSR must ask for exactly the allowed identities: no more, no fewer.
+fn same_identities(requested: &[String], allowed: &[String]) -> bool {
+    requested.len() == allowed.len() && requested.iter().all(|r| allowed.contains(r))
+}
+
+/// protocol.md: shorten to the maximum; zero or negative asks for the maximum.
+pub fn clamp_lifetime(requested_secs: i64, max: Duration) -> Duration {
+    match u64::try_from(requested_secs) {
+        Ok(secs) if secs > 0 => Duration::from_secs(secs).min(max),
+        _ => max,
+    }
+}
+
+#[tonic::async_trait]
+impl IstioCertificateService for CaService {
+    async fn create_certificate(
+        &self,
+        request: Request<IstioCertificateRequest>,
+    ) -> Result<Response<IstioCertificateResponse>, Status> {
+        let started = Instant::now();
+        let mut caller = None;
+        let result = match self.inflight.try_acquire() {
+            Ok(_permit) => self.sign(&request, &mut caller).await,
+            Err(_) => Err(SignError::Overloaded),
+        };
+        let identity = caller
+            .as_ref()
+            .and_then(|c| c.identities.first())
+            .map_or("-", String::as_str);
+        let cluster = request
+            .metadata()
+            .get("clusterid")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        let elapsed_ms = (started.elapsed().as_secs_f64() * 1e5).round() / 100.0;
+        match result {
+            Ok(response) => {
+                tracing::debug!(
+                    identity,
+                    cluster,
+                    code = "OK",
+                    elapsed_ms,
+                    "certificate issued"
+                );
+                Ok(Response::new(response))
+            }
+            Err(error) => {
+                let status = to_status(&error);
+                tracing::info!(
+                    identity,
+                    cluster,
+                    code = ?status.code(),
+                    elapsed_ms,
+                    %error,
+                    "certificate request refused"
+                );
+                Err(status)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clamps_lifetimes_to_the_maximum() {
+        let max = Duration::from_secs(3600);
+        assert_eq!(clamp_lifetime(86_400, max), max);
+        assert_eq!(clamp_lifetime(600, max), Duration::from_secs(600));
+        assert_eq!(clamp_lifetime(3600, max), max);
+        assert_eq!(clamp_lifetime(0, max), max);
+        assert_eq!(clamp_lifetime(-5, max), max);
+        assert_eq!(clamp_lifetime(i64::MIN, max), max);
+        assert_eq!(clamp_lifetime(i64::MAX, max), max);
+    }
+
+    #[test]
+    fn identities_must_match_exactly() {
+        let a = "spiffe://td/ns/a/sa/a".to_owned();
+        let b = "spiffe://td/ns/b/sa/b".to_owned();
+        assert!(same_identities(
+            std::slice::from_ref(&a),
+            std::slice::from_ref(&a)
+        ));
+        assert!(same_identities(
+            &[b.clone(), a.clone()],
+            &[a.clone(), b.clone()]
+        ));
+        assert!(!same_identities(
+            std::slice::from_ref(&a),
+            std::slice::from_ref(&b)
+        ));
+        assert!(!same_identities(
+            &[a.clone(), b.clone()],
+            std::slice::from_ref(&a)
+        ));
+        assert!(!same_identities(
+            std::slice::from_ref(&a),
+            &[a.clone(), b.clone()]
+        ));
+    }
+
+    fn metadata(pairs: &[(&str, Kind)]) -> prost_types::Struct {
+        prost_types::Struct {
+            fields: pairs
+                .iter()
+                .map(|(k, v)| {
+                    (
+                        (*k).to_owned(),
+                        prost_types::Value {
+                            kind: Some(v.clone()),
+                        },
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn reads_metadata_like_pilot_agent_and_ztunnel_send_it() {
+        let empty = metadata(&[(META_CERT_SIGNER, Kind::StringValue(String::new()))]);
+        let opts = RequestOptions::from_metadata(Some(&empty)).unwrap();
+        assert_eq!(opts.cert_signer, None);
+        let named = metadata(&[(META_CERT_SIGNER, Kind::StringValue("clusterissuer".into()))]);
+        let opts = RequestOptions::from_metadata(Some(&named)).unwrap();
+        assert_eq!(opts.cert_signer, Some("clusterissuer"));
+        let ztunnel = metadata(&[(
+            META_IMPERSONATED_IDENTITY,
+            Kind::StringValue("spiffe://td/ns/a/sa/b".into()),
+        )]);
+        let opts = RequestOptions::from_metadata(Some(&ztunnel)).unwrap();
+        assert_eq!(opts.impersonated_identity, Some("spiffe://td/ns/a/sa/b"));
+        assert!(
+            RequestOptions::from_metadata(None)
+                .unwrap()
+                .cert_signer
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn refuses_non_string_metadata_values() {
+        let hostile = metadata(&[(META_CERT_SIGNER, Kind::NumberValue(1.0))]);
+        assert!(matches!(
+            RequestOptions::from_metadata(Some(&hostile)),
+            Err(SignError::InvalidRequest(_))
+        ));
+    }
+}

@@ -1,0 +1,158 @@
+//! This replica's own serving certificate: obtained before the gRPC port opens, renewed at two
+//! thirds of its life, swapped into the TLS acceptor without dropping open connections.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rcgen::KeyPair;
+use rustls_pki_types::CertificateDer;
+use time::OffsetDateTime;
+
+use super::issuer::local_ca::LocalCa;
+use super::tls::ServingCertResolver;
+use crate::pki::keys;
+
+/// Retry delays after a failed renewal: start small, never hammer the issuer.
+const RETRY_MIN: Duration = Duration::from_secs(1);
+const RETRY_MAX: Duration = Duration::from_secs(60);
+
+/// Names the serving certificate is valid for.
+#[derive(Clone, Debug)]
+pub struct ServingNames {
+    pub dns: Vec<String>,
+    pub ips: Vec<IpAddr>,
+}
+
+impl ServingNames {
+    /// Splits configured names into DNS names and IP addresses.
+    pub fn from_names(names: &[String]) -> Self {
+        let (ips, dns): (Vec<_>, Vec<_>) = names
+            .iter()
+            .map(|n| (n.parse::<IpAddr>().ok(), n))
+            .partition(|(ip, _)| ip.is_some());
+        Self {
+            dns: dns.into_iter().map(|(_, n)| n.clone()).collect(),
+            ips: ips.into_iter().filter_map(|(ip, _)| ip).collect(),
+        }
+    }
+}
+
+/// Issues serving certificates from the built-in CA.
+pub struct ServingCerts {
+    ca: Arc<LocalCa>,
+    names: ServingNames,
+    lifetime: Duration,
+    resolver: Arc<ServingCertResolver>,
+}
+
+/// One installed certificate's validity.
+struct Installed {
+    not_before: OffsetDateTime,
+    not_after: OffsetDateTime,
+}
+
+impl ServingCerts {
+    pub fn new(
+        ca: Arc<LocalCa>,
+        names: ServingNames,
+        lifetime: Duration,
+        resolver: Arc<ServingCertResolver>,
+    ) -> Self {
+        Self {
+            ca,
+            names,
+            lifetime,
+            resolver,
+        }
+    }
+
+    fn renew(&self) -> anyhow::Result<Installed> {
+        let key = keys::generate_ecdsa_p256()?;
+        let now = OffsetDateTime::now_utc();
+        let chain = self.ca.current().sign_serving(
+            &self.names.dns,
+            &self.names.ips,
+            &key,
+            self.lifetime,
+            now,
+        )?;
+        let mut certs: Vec<CertificateDer<'static>> = vec![chain.leaf().clone()];
+        certs.extend(chain.intermediates().iter().cloned());
+        install(&self.resolver, certs, &key)?;
+        let not_after = OffsetDateTime::from_unix_timestamp(self.resolver.not_after_unix())?;
+        tracing::info!(%not_after, "serving certificate installed");
+        Ok(Installed {
+            not_before: now,
+            not_after,
+        })
+    }
+
+    /// Obtains the first certificate; the listener must not open before this succeeds.
+    /// Then renews at two thirds of each certificate's life, with backoff on failure, for as
+    /// long as the returned task runs.
+    pub fn start(self: Arc<Self>) -> anyhow::Result<impl Future<Output = anyhow::Result<()>>> {
+        let first = self.renew()?;
+        Ok(self.renew_forever(first))
+    }
+
+    async fn renew_forever(self: Arc<Self>, first: Installed) -> anyhow::Result<()> {
+        let Installed {
+            mut not_before,
+            mut not_after,
+        } = first;
+        loop {
+            let life: time::Duration = not_after - not_before;
+            let renew_at: OffsetDateTime = not_before + life * 2 / 3;
+            let remaining: time::Duration = renew_at - OffsetDateTime::now_utc();
+            let wait = Duration::try_from(remaining).unwrap_or(Duration::ZERO);
+            tokio::time::sleep(wait).await;
+            let mut delay = RETRY_MIN;
+            let installed = loop {
+                match self.renew() {
+                    Ok(installed) => break installed,
+                    Err(error) => {
+                        tracing::error!(%error, retry_in = ?delay, "serving certificate renewal failed");
+                        tokio::time::sleep(jitter(delay)).await;
+                        delay = (delay * 2).min(RETRY_MAX);
+                    }
+                }
+            };
+            not_before = installed.not_before;
+            not_after = installed.not_after;
+        }
+    }
+}
+
+fn install(
+    resolver: &ServingCertResolver,
+    certs: Vec<CertificateDer<'static>>,
+    key: &KeyPair,
+) -> anyhow::Result<()> {
+    resolver.install(certs, key)?;
+    Ok(())
+}
+
+/// Up to 20% random extra delay, so replicas do not retry in lockstep.
+fn jitter(delay: Duration) -> Duration {
+    let mut byte = [0u8; 1];
+    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut byte);
+    delay + delay.mul_f64(f64::from(byte[0]) / 255.0 * 0.2)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_dns_names_and_ip_addresses() {
+        let names = ServingNames::from_names(&[
+            "localhost".into(),
+            "127.0.0.1".into(),
+            "::1".into(),
+            "istio-csr.cert-manager.svc".into(),
+        ]);
+        assert_eq!(names.dns, vec!["localhost", "istio-csr.cert-manager.svc"]);
+        assert_eq!(names.ips.len(), 2);
+    }
+}

@@ -1,0 +1,233 @@
+//! Standalone mode: everything a signer needs, with no Kubernetes. On first start the data
+//! directory gets a root CA in istiod's `cacerts` layout, a static token for `default/default`
+//! and the root bundle clients trust. Existing material is never overwritten.
+
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyUsagePurpose};
+use time::{Duration, OffsetDateTime};
+
+use crate::pki::{keys, pem};
+
+/// A standalone root is for trying things out and for small meshes: ten years, like istiod's
+/// self-signed root.
+const ROOT_LIFETIME: Duration = Duration::days(3650);
+const TOKEN_BYTES: usize = 32;
+
+/// The files standalone mode uses, all under the data directory.
+#[derive(Clone, Debug)]
+pub struct DataDir {
+    pub root: PathBuf,
+}
+
+impl DataDir {
+    pub fn new(root: &Path) -> Self {
+        Self {
+            root: root.to_path_buf(),
+        }
+    }
+
+    pub fn ca_dir(&self) -> PathBuf {
+        self.root.join("ca")
+    }
+
+    pub fn tokens_csv(&self) -> PathBuf {
+        self.root.join("tokens.csv")
+    }
+
+    /// The default workload's token alone, for `istio-csr-rs request --token-file`.
+    pub fn token_file(&self) -> PathBuf {
+        self.root.join("token")
+    }
+
+    pub fn root_cert(&self) -> PathBuf {
+        self.root.join("root-cert.pem")
+    }
+
+    /// Creates whatever is missing. A half-made CA (certificate without key, or the reverse)
+    /// is an error: guessing would risk replacing a CA that workloads already trust.
+    pub fn bootstrap(&self) -> anyhow::Result<()> {
+        create_private_dir(&self.root)?;
+        let ca = self.ca_dir();
+        create_private_dir(&ca)?;
+        let (cert, key) = (ca.join("ca-cert.pem"), ca.join("ca-key.pem"));
+        match (cert.exists(), key.exists()) {
+            (true, true) => {}
+            (false, false) => self.create_root_ca(&ca)?,
+            _ => bail!(
+                "{} holds only one of ca-cert.pem and ca-key.pem; restore the other or remove both",
+                ca.display()
+            ),
+        }
+        if !self.root_cert().exists() {
+            let roots = std::fs::read(ca.join("root-cert.pem"))
+                .with_context(|| format!("reading {}", ca.join("root-cert.pem").display()))?;
+            write_new(&self.root_cert(), &roots, 0o644)?;
+        }
+        if !self.tokens_csv().exists() {
+            let token = random_token()?;
+            write_new(&self.token_file(), format!("{token}\n").as_bytes(), 0o600)?;
+            write_new(
+                &self.tokens_csv(),
+                format!("# token,namespace,serviceaccount\n{token},default,default\n").as_bytes(),
+                0o600,
+            )?;
+        }
+        Ok(())
+    }
+
+    fn create_root_ca(&self, ca: &Path) -> anyhow::Result<()> {
+        let key = keys::generate_ecdsa_p256()?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(DnType::OrganizationName, "istio-csr-rs standalone");
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "istio-csr-rs standalone root CA");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - Duration::hours(1);
+        params.not_after = now + ROOT_LIFETIME;
+        params.serial_number = Some(crate::pki::leaf::random_serial());
+        let cert = params.self_signed(&key)?;
+        let cert_pem = pem::encode_certificate(cert.der());
+        // Key first: a crash between the writes leaves "key without cert", which bootstrap
+        // reports instead of silently minting a second CA.
+        write_new(
+            &ca.join("ca-key.pem"),
+            key.serialize_pem().as_bytes(),
+            0o600,
+        )?;
+        write_new(&ca.join("ca-cert.pem"), cert_pem.as_bytes(), 0o644)?;
+        // istiod's self-signed layout: the chain is the root itself.
+        write_new(&ca.join("cert-chain.pem"), cert_pem.as_bytes(), 0o644)?;
+        write_new(&ca.join("root-cert.pem"), cert_pem.as_bytes(), 0o644)?;
+        tracing::info!(dir = %ca.display(), "created a standalone root CA");
+        Ok(())
+    }
+}
+
+fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
+    if !dir.exists() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
+}
+
+/// Writes a file that must not exist yet, atomically: a temporary file in the same directory
+/// with the final mode from the start, synced, then hard-linked into place (which fails rather
+/// than replacing a file that appeared meanwhile).
+pub fn write_new(path: &Path, contents: &[u8], mode: u32) -> anyhow::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .context("file name")?;
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let result = (|| -> anyhow::Result<()> {
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&tmp)
+            .with_context(|| format!("creating {}", tmp.display()))?;
+        file.write_all(contents)?;
+        file.sync_all()?;
+        std::fs::hard_link(&tmp, path).with_context(|| format!("creating {}", path.display()))?;
+        Ok(())
+    })();
+    let _ = std::fs::remove_file(&tmp);
+    result
+}
+
+fn random_token() -> anyhow::Result<String> {
+    let mut bytes = [0u8; TOKEN_BYTES];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
+        .map_err(|_| anyhow::anyhow!("system random number generator failed"))?;
+    Ok(hex::encode(bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn first_start_creates_a_ca_tokens_and_the_bundle_with_private_keys() {
+        let tmp = tempfile::tempdir().unwrap();
+        let data = DataDir::new(&tmp.path().join("data"));
+        data.bootstrap().unwrap();
+        for file in [
+            "ca-cert.pem",
+            "ca-key.pem",
+            "cert-chain.pem",
+            "root-cert.pem",
+        ] {
+            assert!(data.ca_dir().join(file).exists(), "{file}");
+        }
+        let mode = |p: PathBuf| std::fs::metadata(p).unwrap().mode() & 0o777;
+        assert_eq!(mode(data.ca_dir().join("ca-key.pem")), 0o600);
+        assert_eq!(mode(data.tokens_csv()), 0o600);
+        assert_eq!(mode(data.token_file()), 0o600);
+        let token = std::fs::read_to_string(data.token_file()).unwrap();
+        let csv = std::fs::read_to_string(data.tokens_csv()).unwrap();
+        assert!(csv.contains(&format!("{},default,default", token.trim())));
+        assert_eq!(token.trim().len(), 64);
+    }
+
+    #[test]
+    fn later_starts_never_overwrite_existing_material() {
+        let tmp = tempfile::tempdir().unwrap();
+        let data = DataDir::new(tmp.path());
+        data.bootstrap().unwrap();
+        let before: Vec<Vec<u8>> = [
+            data.ca_dir().join("ca-key.pem"),
+            data.tokens_csv(),
+            data.root_cert(),
+        ]
+        .iter()
+        .map(|p| std::fs::read(p).unwrap())
+        .collect();
+        data.bootstrap().unwrap();
+        let after: Vec<Vec<u8>> = [
+            data.ca_dir().join("ca-key.pem"),
+            data.tokens_csv(),
+            data.root_cert(),
+        ]
+        .iter()
+        .map(|p| std::fs::read(p).unwrap())
+        .collect();
+        assert_eq!(before, after);
+    }
+
+    #[test]
+    fn a_half_made_ca_is_reported_not_replaced() {
+        let tmp = tempfile::tempdir().unwrap();
+        let data = DataDir::new(tmp.path());
+        data.bootstrap().unwrap();
+        std::fs::remove_file(data.ca_dir().join("ca-cert.pem")).unwrap();
+        let err = data.bootstrap().unwrap_err().to_string();
+        assert!(err.contains("only one of"), "{err}");
+        assert!(data.ca_dir().join("ca-key.pem").exists());
+    }
+
+    #[test]
+    fn write_new_refuses_to_replace_a_file() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("f");
+        write_new(&path, b"one", 0o600).unwrap();
+        assert!(write_new(&path, b"two", 0o600).is_err());
+        assert_eq!(std::fs::read(&path).unwrap(), b"one");
+    }
+}

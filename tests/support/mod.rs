@@ -1,0 +1,225 @@
+//! Shared harness for the gRPC tier: a real server (the production `app::start` wiring) on
+//! 127.0.0.1:0 over TLS, and a real tonic client.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use clap::Parser;
+use istio_csr_rs::app::{self, Hooks, Running};
+use istio_csr_rs::client::{Target, build_csr, metadata};
+use istio_csr_rs::config::{Cli, Command, ServeArgs};
+use istio_csr_rs::proto::istio_v1_auth::IstioCertificateRequest;
+use istio_csr_rs::proto::istio_v1_auth::istio_certificate_service_client::IstioCertificateServiceClient;
+use istio_csr_rs::signer::issuer::{IssueError, IssueRequest, Issued, Issuer};
+use rcgen::KeyPair;
+use tokio::sync::Semaphore;
+use tonic::transport::Channel;
+
+pub const DEFAULT_ID: &str = "spiffe://cluster.local/ns/default/sa/default";
+
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    // RUST_LOG=debug shows the server's logs in failing tests.
+    if let Ok(filter) = std::env::var("RUST_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_test_writer()
+            .try_init();
+    }
+}
+
+/// `serve --standalone` arguments on ephemeral loopback ports, plus `extra`.
+pub fn standalone_args(data_dir: &Path, extra: &[&str]) -> ServeArgs {
+    let mut argv = vec![
+        "istio-csr-rs",
+        "serve",
+        "--standalone",
+        "--data-dir",
+        data_dir.to_str().unwrap(),
+        "--serving-address",
+        "127.0.0.1:0",
+        "--admin-address",
+        "127.0.0.1:0",
+    ];
+    argv.extend_from_slice(extra);
+    match Cli::try_parse_from(argv).unwrap().command {
+        Command::Serve(args) => *args,
+        _ => unreachable!(),
+    }
+}
+
+/// A standalone server in a fresh data directory.
+pub struct Server {
+    pub running: Running,
+    pub data_dir: PathBuf,
+    _tmp: tempfile::TempDir,
+}
+
+impl Server {
+    pub async fn start(extra: &[&str]) -> Self {
+        Self::start_with(extra, Hooks::default(), |_| {}).await
+    }
+
+    /// `prepare` runs on the data directory before the server starts (e.g. to place a CA).
+    pub async fn start_with(extra: &[&str], hooks: Hooks, prepare: impl FnOnce(&Path)) -> Self {
+        install_crypto_provider();
+        let tmp = tempfile::tempdir().unwrap();
+        let data_dir = tmp.path().join("data");
+        prepare(&data_dir);
+        let running = app::start(standalone_args(&data_dir, extra), hooks)
+            .await
+            .unwrap();
+        Self {
+            running,
+            data_dir,
+            _tmp: tmp,
+        }
+    }
+
+    pub fn target(&self) -> Target {
+        Target {
+            address: self.running.grpc_address.to_string(),
+            server_name: Some("localhost".into()),
+            root_cert: self.data_dir.join("root-cert.pem"),
+            token_file: Some(self.data_dir.join("token")),
+            cluster_id: "Kubernetes".into(),
+            timeout: Duration::from_secs(20),
+        }
+    }
+
+    pub fn token(&self) -> String {
+        std::fs::read_to_string(self.data_dir.join("token"))
+            .unwrap()
+            .trim()
+            .to_owned()
+    }
+
+    pub async fn client(&self) -> IstioCertificateServiceClient<Channel> {
+        self.target().connect().await.unwrap()
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.running.admin_address)
+    }
+}
+
+/// A request as pilot-agent sends it: token, clusterid, CertSigner "".
+pub fn pilot_agent_request(
+    target: &Target,
+    token: Option<&str>,
+    csr: String,
+    ttl_secs: i64,
+) -> tonic::Request<IstioCertificateRequest> {
+    target
+        .request(
+            token,
+            IstioCertificateRequest {
+                csr,
+                validity_duration: ttl_secs,
+                metadata: Some(metadata(None, None)),
+            },
+        )
+        .unwrap()
+}
+
+pub fn p256_csr(identity: &str) -> (String, KeyPair) {
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    (build_csr(identity, &key).unwrap(), key)
+}
+
+/// Plain HTTP GET against the admin listener: (status, body).
+pub async fn http_get(url: &str) -> (u16, String) {
+    let url = url.strip_prefix("http://").unwrap();
+    let (host, path) = url.split_once('/').unwrap();
+    let mut stream = tokio::net::TcpStream::connect(host).await.unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let request = format!("GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let status = response[9..12].parse().unwrap();
+    let body = response
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_owned();
+    (status, body)
+}
+
+/// Wraps an issuer and holds every request until released: lets tests keep requests in flight
+/// without sleeping.
+pub struct GatedIssuer {
+    inner: Arc<dyn Issuer>,
+    pub entered: Semaphore,
+    pub release: Semaphore,
+}
+
+impl GatedIssuer {
+    pub fn hooks() -> (Hooks, Arc<tokio::sync::OnceCell<Arc<GatedIssuer>>>) {
+        let cell = Arc::new(tokio::sync::OnceCell::new());
+        let out = cell.clone();
+        let hooks = Hooks {
+            wrap_issuer: Some(Box::new(move |inner| {
+                let gated = Arc::new(GatedIssuer {
+                    inner,
+                    entered: Semaphore::new(0),
+                    release: Semaphore::new(0),
+                });
+                let _ = cell.set(gated.clone());
+                gated
+            })),
+        };
+        (hooks, out)
+    }
+
+    /// Waits until `n` requests are inside the issuer.
+    pub async fn wait_entered(&self, n: u32) {
+        tokio::time::timeout(Duration::from_secs(20), self.entered.acquire_many(n))
+            .await
+            .expect("requests did not reach the issuer")
+            .unwrap()
+            .forget();
+    }
+}
+
+#[async_trait]
+impl Issuer for GatedIssuer {
+    fn label(&self) -> &'static str {
+        "gated"
+    }
+
+    fn ready(&self) -> bool {
+        self.inner.ready()
+    }
+
+    async fn issue(&self, request: IssueRequest<'_>) -> Result<Issued, IssueError> {
+        self.entered.add_permits(1);
+        self.release
+            .acquire()
+            .await
+            .map_err(|_| IssueError::Internal("gate closed".into()))?
+            .forget();
+        self.inner.issue(request).await
+    }
+}
+
+/// Polls `check` until it returns true or `timeout` passes: for effects that happen on a
+/// background event (file watches), where there is nothing to await directly.
+pub async fn eventually<F, Fut>(timeout: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if check().await {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
