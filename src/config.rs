@@ -192,6 +192,21 @@ mod tests {
     }
 
     #[test]
+    fn request_key_types_use_the_documented_names() {
+        for name in ["ec-p256", "ec-p384", "rsa-2048", "rsa-3072"] {
+            let parsed = Cli::try_parse_from([
+                "istio-csr-rs",
+                "request",
+                "--root-cert",
+                "r.pem",
+                "--key-type",
+                name,
+            ]);
+            assert!(parsed.is_ok(), "{name}: {parsed:?}");
+        }
+    }
+
+    #[test]
     fn defaults_match_istio_csr() {
         let cli = Cli::try_parse_from(["istio-csr-rs", "serve"]).unwrap();
         let Command::Serve(args) = cli.command else {

@@ -18,9 +18,13 @@ use crate::proto::istio_v1_auth::istio_certificate_service_client::IstioCertific
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum KeyType {
+    #[value(name = "ec-p256")]
     EcP256,
+    #[value(name = "ec-p384")]
     EcP384,
+    #[value(name = "rsa-2048")]
     Rsa2048,
+    #[value(name = "rsa-3072")]
     Rsa3072,
 }
 

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Measures the signer and prints a report for docs/benchmarks.md. Everything runs on this
+# machine in one go, so the crypto limit (openssl speed) and our figures share its noise.
+#   scripts/bench.sh > /tmp/bench.txt
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+cargo build --release --locked --quiet --bin istio-csr-rs
+bin=target/release/istio-csr-rs
+tmp="$(mktemp -d)"
+server_pid=""
+cleanup() {
+  [ -n "$server_pid" ] && kill -TERM "$server_pid" 2>/dev/null && wait "$server_pid" 2>/dev/null
+  rm -rf "$tmp"
+}
+trap cleanup EXIT
+
+echo "## machine"
+echo "$(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')"
+echo "$(openssl version), $(rustc --version)"
+echo
+echo "## openssl speed ecdsap256 rsa2048 (single core)"
+openssl speed -seconds 3 ecdsap256 rsa2048 2>/dev/null | grep -E 'sign|bits'
+echo
+echo "## criterion: pure sign path (CSR check + sign + response), single core"
+cargo bench --locked --quiet --bench sign_path -- --noplot 2>/dev/null | grep -E '^(sign_path|csr_check)|time:' || true
+echo
+echo "## load generator: CreateCertificate over TLS on loopback, release build"
+port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
+"$bin" serve --standalone --data-dir "$tmp/data" --serving-address "127.0.0.1:$port" \
+  --admin-address 127.0.0.1:0 --log-level warn >"$tmp/server.out" 2>&1 &
+server_pid=$!
+for _ in $(seq 1 600); do
+  grep -q " request " "$tmp/server.out" 2>/dev/null && break
+  kill -0 "$server_pid" 2>/dev/null || { cat "$tmp/server.out"; exit 1; }
+  sleep 0.1
+done
+common=(--address "127.0.0.1:$port" --server-name localhost --root-cert "$tmp/data/root-cert.pem"
+        --token-file "$tmp/data/token" --server-pid "$server_pid")
+# Three runs per configuration: quote the median, the spread shows the machine's noise.
+for key in ec-p256 rsa-2048; do
+  for c in 1 16 64; do
+    echo "### key $key, concurrency $c"
+    for run in 1 2 3; do
+      "$bin" bench "${common[@]}" --key-type "$key" --concurrency "$c" --requests 20000 --duration 60s
+    done
+    echo
+  done
+done
