@@ -1,5 +1,6 @@
 //! Wiring: resolve the configuration, build the parts, run them, shut down gracefully.
 
+use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -269,6 +270,7 @@ pub async fn start(args: ServeArgs, hooks: Hooks) -> anyhow::Result<Running> {
         ServingNames::from_names(&plan.serving_names),
         args.serving_tls.serving_certificate_duration,
         resolver.clone(),
+        roots.clone(),
     ));
     tasks.push(spawn_named("serving-cert", serving.start()?));
 
@@ -443,7 +445,8 @@ fn spawn_named(
     CriticalTask { name, handle }
 }
 
-/// Loads the pinned root file and follows its changes. A broken update keeps the previous roots.
+/// Loads the pinned root file and follows its changes: the watch is in place when this returns,
+/// so no change after the load is missed. A broken update keeps the previous roots.
 fn watch_root_file(
     path: PathBuf,
 ) -> anyhow::Result<(
@@ -456,29 +459,34 @@ fn watch_root_file(
     };
     let initial = load(&path)?;
     tracing::info!(path = %path.display(), roots = initial.certs().len(), "pinned root bundle loaded");
+    let mut files = FileWatch::new(std::slice::from_ref(&path), fswatch::DEFAULT_RESYNC)?;
     let (tx, rx) = watch::channel(Arc::new(initial));
     let task = async move {
-        let paths = [path.clone()];
-        let mut files = FileWatch::new(&paths, fswatch::DEFAULT_RESYNC)?;
+        let mut failed = None;
         loop {
-            files.changed().await;
-            match load(&path) {
-                Ok(bundle) => {
-                    let changed = tx.send_if_modified(|current| {
-                        let differs = current.certs() != bundle.certs();
-                        if differs {
-                            *current = Arc::new(bundle);
+            let on_disk = fswatch::fingerprint(std::slice::from_ref(&path));
+            if Some(on_disk) != failed {
+                match load(&path) {
+                    Ok(bundle) => {
+                        failed = None;
+                        let changed = tx.send_if_modified(|current| {
+                            let differs = current.certs() != bundle.certs();
+                            if differs {
+                                *current = Arc::new(bundle);
+                            }
+                            differs
+                        });
+                        if changed {
+                            tracing::info!(path = %path.display(), "pinned root bundle changed");
                         }
-                        differs
-                    });
-                    if changed {
-                        tracing::info!(path = %path.display(), "pinned root bundle changed");
+                    }
+                    Err(error) => {
+                        failed = Some(on_disk);
+                        tracing::error!(error = %format!("{error:#}"), "pinned roots not reloaded; keeping the previous roots");
                     }
                 }
-                Err(error) => {
-                    tracing::error!(error = %format!("{error:#}"), "pinned roots not reloaded; keeping the previous roots")
-                }
             }
+            files.changed().await;
         }
     };
     Ok((rx, task))
@@ -495,7 +503,10 @@ fn print_try_it(data: &DataDir, grpc: SocketAddr) {
         .map(|p| p.display().to_string())
         .unwrap_or_else(|_| "istio-csr-rs".into());
     let dir = data.root.display();
-    println!(
+    // Not println!: that panics when stdout is a closed pipe (`serve | head -1`), and this
+    // message is a convenience, never worth the process.
+    let _ = writeln!(
+        std::io::stdout().lock(),
         "\nistio-csr-rs (standalone) is serving Istio's CA API on {address}.\n\
          Request a certificate for spiffe://<trust-domain>/ns/default/sa/default with:\n\n  \
          {exe} request --address {address} --root-cert {dir}/root-cert.pem \

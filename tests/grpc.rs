@@ -382,13 +382,16 @@ async fn picks_up_token_file_changes_without_restart() {
 #[tokio::test]
 async fn picks_up_a_new_ca_without_restart() {
     let server = Server::start(&[]).await;
-    let (csr, _) = p256_csr(DEFAULT_ID);
-    let before = create(&server, Some(&server.token()), csr, 3600)
-        .await
-        .unwrap();
     let root = TestCa::root("rotated root", KeyAlg::EcdsaP384);
+    // As in a real rotation, clients trust the old and the new root while it happens.
+    let old_root = std::fs::read_to_string(server.data_dir.join("root-cert.pem")).unwrap();
+    let both = server.data_dir.join("both-roots.pem");
+    std::fs::write(&both, format!("{old_root}{}", root.cert_pem())).unwrap();
+    let mut target = server.target();
+    target.root_cert = both;
+
     let ca = server.data_dir.join("ca");
-    // Write the new CA into a staging directory and swap files by rename, as Kubernetes does.
+    // Write the new CA next to the old files and swap them in by rename, as Kubernetes does.
     for (name, contents) in [
         ("ca-key.pem", root.key_pem()),
         ("ca-cert.pem", root.cert_pem()),
@@ -401,8 +404,13 @@ async fn picks_up_a_new_ca_without_restart() {
     }
     let rotated = eventually(Duration::from_secs(10), || async {
         let (csr, _) = p256_csr(DEFAULT_ID);
-        match create(&server, Some(&server.token()), csr, 3600).await {
-            Ok(chain) => {
+        let Ok(mut client) = target.connect().await else {
+            return false;
+        };
+        let request = pilot_agent_request(&target, Some(&server.token()), csr, 3600);
+        match client.create_certificate(request).await {
+            Ok(r) => {
+                let chain = r.into_inner().cert_chain;
                 pem::parse_certificates(chain[1].as_bytes()).unwrap() == vec![root.cert.clone()]
             }
             Err(_) => false,
@@ -410,7 +418,18 @@ async fn picks_up_a_new_ca_without_restart() {
     })
     .await;
     assert!(rotated, "new CA never used");
-    assert_ne!(before[1], root.cert_pem());
+
+    // Clients that trust only the new root reach the CA: the serving certificate was renewed
+    // from the new CA as soon as the roots changed.
+    std::fs::write(server.data_dir.join("root-cert.pem"), root.cert_pem()).unwrap();
+    let reachable = eventually(Duration::from_secs(10), || async {
+        server.target().connect().await.is_ok()
+    })
+    .await;
+    assert!(
+        reachable,
+        "serving certificate not renewed after the root change"
+    );
 }
 
 #[tokio::test]
@@ -476,4 +495,50 @@ async fn graceful_shutdown_turns_unready_and_finishes_the_in_flight_call() {
         .await
         .expect("server did not stop")
         .expect("clean shutdown");
+}
+
+/// A raw TLS handshake with only `version` enabled: returns the negotiated version and ALPN.
+async fn handshake(
+    server: &Server,
+    version: &'static rustls::SupportedProtocolVersion,
+) -> (rustls::ProtocolVersion, Option<Vec<u8>>) {
+    let mut roots = rustls::RootCertStore::empty();
+    let pem = std::fs::read(server.data_dir.join("root-cert.pem")).unwrap();
+    for cert in pem::parse_certificates(&pem).unwrap() {
+        roots.add(cert).unwrap();
+    }
+    let mut config = rustls::ClientConfig::builder_with_protocol_versions(&[version])
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(server.running.grpc_address)
+        .await
+        .unwrap();
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let tls = connector.connect(name, tcp).await.unwrap();
+    let session = tls.get_ref().1;
+    (
+        session.protocol_version().unwrap(),
+        session.alpn_protocol().map(<[u8]>::to_vec),
+    )
+}
+
+#[tokio::test]
+async fn speaks_tls_1_2_and_1_3_with_alpn_h2() {
+    let server = Server::start(&[]).await;
+    for version in [&rustls::version::TLS12, &rustls::version::TLS13] {
+        let (negotiated, alpn) = handshake(&server, version).await;
+        assert_eq!(negotiated, version.version);
+        assert_eq!(alpn.as_deref(), Some(&b"h2"[..]));
+    }
+}
+
+#[tokio::test]
+async fn serves_a_certificate_for_localhost_and_127_0_0_1() {
+    let server = Server::start(&[]).await;
+    // The handshake above verifies "localhost"; the IP address is what `request` uses by default.
+    let mut target = server.target();
+    target.server_name = Some("127.0.0.1".into());
+    target.connect().await.unwrap();
 }

@@ -185,3 +185,55 @@ fn restarting_keeps_the_ca_and_tokens() {
     assert!(run(&words).status.success());
     assert_eq!(second.terminate().code(), Some(0));
 }
+
+#[test]
+fn logs_never_carry_the_token_or_any_pem_block() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let mut child = Command::new(BIN)
+        .args(["serve", "--standalone", "--data-dir"])
+        .arg(&data)
+        .args([
+            "--serving-address",
+            "127.0.0.1:0",
+            "--admin-address",
+            "127.0.0.1:0",
+        ])
+        .args(["--log-level", "debug", "--log-format", "json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let command = BufReader::new(stdout)
+        .lines()
+        .map_while(Result::ok)
+        .find(|l| l.contains(" request "))
+        .expect("no request command printed");
+    let words: Vec<&str> = command.split_whitespace().collect();
+    assert!(run(&words).status.success());
+    let mut wrong_identity = words.clone();
+    wrong_identity.extend(["--namespace", "other"]);
+    assert_eq!(run(&wrong_identity).status.code(), Some(7));
+    let token = std::fs::read_to_string(data.join("token")).unwrap();
+
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let output = child.wait_with_output().unwrap();
+    let logs = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        logs.contains("certificate request refused"),
+        "the refusal must be logged"
+    );
+    assert!(logs.contains("PermissionDenied"), "with its code");
+    assert!(
+        !logs.contains(token.trim()),
+        "the token leaked into the logs"
+    );
+    assert!(!logs.contains("BEGIN"), "a PEM block leaked into the logs");
+    for line in logs.lines().filter(|l| !l.trim().is_empty()) {
+        assert!(line.starts_with('{'), "not a JSON log line: {line}");
+    }
+}

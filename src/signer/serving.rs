@@ -9,8 +9,11 @@ use rcgen::KeyPair;
 use rustls_pki_types::CertificateDer;
 use time::OffsetDateTime;
 
+use tokio::sync::watch;
+
 use super::issuer::local_ca::LocalCa;
 use super::tls::ServingCertResolver;
+use crate::pki::chain::RootBundle;
 use crate::pki::keys;
 
 /// Retry delays after a failed renewal: start small, never hammer the issuer.
@@ -44,6 +47,9 @@ pub struct ServingCerts {
     names: ServingNames,
     lifetime: Duration,
     resolver: Arc<ServingCertResolver>,
+    /// Clients trust the CA's serving certificate through the root bundle: when the roots
+    /// change, a certificate from the new CA is needed at once, not at the next renewal.
+    roots: watch::Receiver<Arc<RootBundle>>,
 }
 
 /// One installed certificate's validity.
@@ -58,12 +64,14 @@ impl ServingCerts {
         names: ServingNames,
         lifetime: Duration,
         resolver: Arc<ServingCertResolver>,
+        roots: watch::Receiver<Arc<RootBundle>>,
     ) -> Self {
         Self {
             ca,
             names,
             lifetime,
             resolver,
+            roots,
         }
     }
 
@@ -92,11 +100,19 @@ impl ServingCerts {
     /// Then renews at two thirds of each certificate's life, with backoff on failure, for as
     /// long as the returned task runs.
     pub fn start(self: Arc<Self>) -> anyhow::Result<impl Future<Output = anyhow::Result<()>>> {
+        // Taken before the first certificate, so no root change between the two is missed
+        // (the task below may first run much later).
+        let mut roots = self.roots.clone();
+        roots.mark_unchanged();
         let first = self.renew()?;
-        Ok(self.renew_forever(first))
+        Ok(self.renew_forever(first, roots))
     }
 
-    async fn renew_forever(self: Arc<Self>, first: Installed) -> anyhow::Result<()> {
+    async fn renew_forever(
+        self: Arc<Self>,
+        first: Installed,
+        mut roots: watch::Receiver<Arc<RootBundle>>,
+    ) -> anyhow::Result<()> {
         let Installed {
             mut not_before,
             mut not_after,
@@ -106,7 +122,13 @@ impl ServingCerts {
             let renew_at: OffsetDateTime = not_before + life * 2 / 3;
             let remaining: time::Duration = renew_at - OffsetDateTime::now_utc();
             let wait = Duration::try_from(remaining).unwrap_or(Duration::ZERO);
-            tokio::time::sleep(wait).await;
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                Ok(()) = roots.changed() => {
+                    roots.mark_unchanged();
+                    tracing::info!("trust roots changed; renewing the serving certificate");
+                }
+            }
             let mut delay = RETRY_MIN;
             let installed = loop {
                 match self.renew() {

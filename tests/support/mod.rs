@@ -223,3 +223,40 @@ where
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
+
+/// An issuer whose answer the test chooses: an error, or a chain it builds from the request
+/// (e.g. signed by a rogue CA), standing in for a hijacked or failing external signer.
+pub type Answer = Box<dyn Fn(&IssueRequest<'_>) -> Result<Issued, IssueError> + Send + Sync>;
+
+pub struct ScriptedIssuer {
+    pub answer: Answer,
+}
+
+impl ScriptedIssuer {
+    pub fn hooks(
+        answer: impl Fn(&IssueRequest<'_>) -> Result<Issued, IssueError> + Send + Sync + 'static,
+    ) -> Hooks {
+        Hooks {
+            wrap_issuer: Some(Box::new(move |_real| {
+                Arc::new(ScriptedIssuer {
+                    answer: Box::new(answer),
+                })
+            })),
+        }
+    }
+}
+
+#[async_trait]
+impl Issuer for ScriptedIssuer {
+    fn label(&self) -> &'static str {
+        "scripted"
+    }
+
+    fn ready(&self) -> bool {
+        true
+    }
+
+    async fn issue(&self, request: IssueRequest<'_>) -> Result<Issued, IssueError> {
+        (self.answer)(&request)
+    }
+}

@@ -282,7 +282,10 @@ impl LocalCa {
     /// Re-reads the directory; on error the current CA stays in force.
     pub fn reload(&self) -> Result<(), LocalCaError> {
         let pinned_now = self.pinned.as_ref().map(|rx| rx.borrow().clone());
-        let loaded = LoadedCa::load(&self.dir, pinned_now.as_deref())?;
+        let loaded = Arc::new(LoadedCa::load(&self.dir, pinned_now.as_deref())?);
+        // Store before publishing: whoever reacts to the new roots (the serving certificate)
+        // must find the new CA in place.
+        self.current.store(loaded.clone());
         if let Some(tx) = &self.roots_out {
             tx.send_if_modified(|roots| {
                 let differs = roots.certs() != loaded.own_roots.certs();
@@ -292,7 +295,6 @@ impl LocalCa {
                 differs
             });
         }
-        self.current.store(Arc::new(loaded));
         Ok(())
     }
 

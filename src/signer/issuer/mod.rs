@@ -29,7 +29,7 @@ pub enum Issued {
     External(Vec<CertificateDer<'static>>),
 }
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
 pub enum IssueError {
     #[error("no usable issuer: {0}")]
     NotReady(String),

@@ -1,0 +1,176 @@
+//! Running outside standalone mode: own CA directory, pinned roots, and clear start-up errors
+//! for configurations that cannot work.
+
+mod support;
+
+use std::path::Path;
+
+use clap::Parser;
+use istio_csr_rs::app::{self, Hooks};
+use istio_csr_rs::client::Target;
+use istio_csr_rs::config::{Cli, Command, ServeArgs};
+use istio_csr_rs::pki::pem;
+use istio_csr_rs::pki::testing::{KeyAlg, TestCa};
+use support::*;
+
+fn serve_args(extra: &[&str]) -> Result<ServeArgs, clap::Error> {
+    let mut argv = vec![
+        "istio-csr-rs",
+        "serve",
+        "--serving-address",
+        "127.0.0.1:0",
+        "--admin-address",
+        "127.0.0.1:0",
+        "--serving-certificate-dns-names",
+        "localhost",
+    ];
+    argv.extend_from_slice(extra);
+    Cli::try_parse_from(argv).map(|cli| match cli.command {
+        Command::Serve(args) => *args,
+        _ => unreachable!(),
+    })
+}
+
+fn write_ca(dir: &Path, ca: &TestCa) {
+    std::fs::create_dir_all(dir).unwrap();
+    for name in ["ca-cert.pem", "cert-chain.pem", "root-cert.pem"] {
+        std::fs::write(dir.join(name), ca.cert_pem()).unwrap();
+    }
+    std::fs::write(dir.join("ca-key.pem"), ca.key_pem()).unwrap();
+}
+
+async fn start_error(extra: &[&str]) -> String {
+    install_crypto_provider();
+    match app::start(serve_args(extra).unwrap(), Hooks::default()).await {
+        Ok(_) => panic!("{extra:?} started"),
+        Err(e) => format!("{e:#}"),
+    }
+}
+
+#[tokio::test]
+async fn answers_every_pinned_root_for_a_rotation() {
+    install_crypto_provider();
+    let tmp = tempfile::tempdir().unwrap();
+    let current = TestCa::root("current", KeyAlg::EcdsaP256);
+    let next = TestCa::root("next", KeyAlg::EcdsaP384);
+    write_ca(&tmp.path().join("ca"), &current);
+    let pinned = tmp.path().join("roots.pem");
+    std::fs::write(
+        &pinned,
+        format!("{}{}", current.cert_pem(), next.cert_pem()),
+    )
+    .unwrap();
+    let tokens = tmp.path().join("tokens.csv");
+    std::fs::write(&tokens, "t0ken,default,default\n").unwrap();
+    let dir = |p: &Path| p.to_str().unwrap().to_owned();
+    let (ca_dir, pinned_s, tokens_s) = (dir(&tmp.path().join("ca")), dir(&pinned), dir(&tokens));
+    let args = serve_args(&[
+        "--signer",
+        "local-ca",
+        "--local-ca-dir",
+        &ca_dir,
+        "--root-ca-file",
+        &pinned_s,
+        "--token-auth-file",
+        &tokens_s,
+    ])
+    .unwrap();
+    let running = app::start(args, Hooks::default()).await.unwrap();
+    let target = Target {
+        address: running.grpc_address.to_string(),
+        server_name: Some("localhost".into()),
+        root_cert: pinned.clone(),
+        token_file: Some(tokens.clone()),
+        cluster_id: "Kubernetes".into(),
+        timeout: std::time::Duration::from_secs(10),
+    };
+    let (csr, _) = p256_csr(DEFAULT_ID);
+    let mut client = target.connect().await.unwrap();
+    let chain = client
+        .create_certificate(pilot_agent_request(&target, Some("t0ken"), csr, 3600))
+        .await
+        .unwrap()
+        .into_inner()
+        .cert_chain;
+    let roots = pem::parse_certificates(chain.last().unwrap().as_bytes()).unwrap();
+    assert_eq!(roots, vec![current.cert.clone(), next.cert.clone()]);
+}
+
+#[tokio::test]
+async fn refuses_to_start_with_a_ca_outside_the_pinned_roots() {
+    let tmp = tempfile::tempdir().unwrap();
+    write_ca(
+        &tmp.path().join("ca"),
+        &TestCa::root("ca", KeyAlg::EcdsaP256),
+    );
+    let pinned = tmp.path().join("roots.pem");
+    std::fs::write(&pinned, TestCa::root("other", KeyAlg::EcdsaP256).cert_pem()).unwrap();
+    let tokens = tmp.path().join("tokens.csv");
+    std::fs::write(&tokens, "t,default,default\n").unwrap();
+    let error = start_error(&[
+        "--signer",
+        "local-ca",
+        "--local-ca-dir",
+        tmp.path().join("ca").to_str().unwrap(),
+        "--root-ca-file",
+        pinned.to_str().unwrap(),
+        "--token-auth-file",
+        tokens.to_str().unwrap(),
+    ])
+    .await;
+    assert!(
+        error.contains("does not chain to the trusted roots"),
+        "{error}"
+    );
+}
+
+#[tokio::test]
+async fn explains_configurations_that_cannot_work() {
+    let cases: [(&[&str], &str); 5] = [
+        (&[], "needs Kubernetes support"),
+        (&["--signer", "kube-csr"], "needs Kubernetes support"),
+        (
+            &["--signer", "local-ca", "--token-auth-file", "t"],
+            "needs --local-ca-dir",
+        ),
+        (
+            &["--signer", "local-ca", "--local-ca-dir", "d"],
+            "no way to authenticate callers",
+        ),
+        (
+            &["--standalone", "--trust-domain", "Not Valid"],
+            "--trust-domain",
+        ),
+    ];
+    for (extra, want) in cases {
+        let error = start_error(extra).await;
+        assert!(error.contains(want), "{extra:?}: {error}");
+    }
+}
+
+#[test]
+fn refuses_malformed_flag_values_before_starting() {
+    for extra in [
+        &["--max-client-certificate-duration", "soon"][..],
+        &["--serving-address", "not-an-address"][..],
+        &["--signer", "vault"][..],
+        &["--log-format", "xml"][..],
+    ] {
+        assert!(serve_args(extra).is_err(), "{extra:?} accepted");
+    }
+}
+
+#[tokio::test]
+async fn refuses_untrusted_node_account_syntax() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().to_str().unwrap();
+    let error = start_error(&[
+        "--standalone",
+        "--data-dir",
+        data,
+        "--ca-trusted-node-accounts",
+        "istio-system",
+    ])
+    .await;
+    assert!(error.contains("namespace/serviceaccount"), "{error}");
+}
