@@ -7,10 +7,9 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyUsagePurpose};
 use time::{Duration, OffsetDateTime};
 
-use crate::pki::{keys, pem};
+use crate::pki::{keys, leaf, pem};
 
 /// A standalone root is for trying things out and for small meshes: ten years, like istiod's
 /// self-signed root.
@@ -81,24 +80,11 @@ impl DataDir {
 
     fn create_root_ca(&self, ca: &Path) -> anyhow::Result<()> {
         let key = keys::generate_ecdsa_p256()?;
-        let mut params = CertificateParams::default();
-        params.distinguished_name = rcgen::DistinguishedName::new();
-        params
-            .distinguished_name
-            .push(DnType::OrganizationName, "istio-csr-rs standalone");
-        params
-            .distinguished_name
-            .push(DnType::CommonName, "istio-csr-rs standalone root CA");
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        let now = OffsetDateTime::now_utc();
-        params.not_before = now - Duration::hours(1);
-        params.not_after = now + ROOT_LIFETIME;
-        params.serial_number = Some(crate::pki::leaf::random_serial());
+        let params = leaf::ca_params(
+            "istio-csr-rs standalone",
+            "istio-csr-rs standalone root CA",
+            OffsetDateTime::now_utc() + ROOT_LIFETIME,
+        );
         let cert = params.self_signed(&key)?;
         let cert_pem = pem::encode_certificate(cert.der());
         // Key first: a crash between the writes leaves "key without cert", which bootstrap

@@ -10,20 +10,15 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
-use super::{KeyType, Target, build_csr, metadata};
-use crate::pki::identity::SpiffeId;
+use super::{KeyType, Target, WorkloadArgs, build_csr, metadata};
 use crate::proto::istio_v1_auth::IstioCertificateRequest;
 
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
     #[command(flatten)]
     pub target: Target,
-    #[arg(long, default_value = "default")]
-    pub namespace: String,
-    #[arg(long, default_value = "default")]
-    pub service_account: String,
-    #[arg(long, default_value = "cluster.local")]
-    pub trust_domain: String,
+    #[command(flatten)]
+    pub workload: WorkloadArgs,
     /// Requests in flight at once.
     #[arg(long, default_value_t = 16)]
     pub concurrency: usize,
@@ -124,8 +119,7 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 
 async fn bench(args: &BenchArgs) -> anyhow::Result<Report> {
     anyhow::ensure!(args.concurrency > 0, "--concurrency must be at least 1");
-    let identity =
-        SpiffeId::new(&args.trust_domain, &args.namespace, &args.service_account)?.to_string();
+    let identity = args.workload.identity()?;
     let csrs: Arc<Vec<String>> = Arc::new(
         (0..args.distinct_csrs.max(1))
             .map(|_| build_csr(&identity, &args.key_type.generate()?))

@@ -115,6 +115,28 @@ impl Target {
     }
 }
 
+/// The workload identity a client asks for, as namespace + service account.
+#[derive(Clone, Debug, clap::Args)]
+pub struct WorkloadArgs {
+    #[arg(long, default_value = "default")]
+    pub namespace: String,
+    #[arg(long, default_value = "default")]
+    pub service_account: String,
+    #[arg(long, default_value = "cluster.local")]
+    pub trust_domain: String,
+}
+
+impl WorkloadArgs {
+    pub fn identity(&self) -> anyhow::Result<String> {
+        Ok(crate::pki::identity::SpiffeId::new(
+            &self.trust_domain,
+            &self.namespace,
+            &self.service_account,
+        )?
+        .to_string())
+    }
+}
+
 fn read_token(path: &Path) -> anyhow::Result<String> {
     let token =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;

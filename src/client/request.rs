@@ -9,9 +9,8 @@ use rcgen::PublicKeyData;
 use rustls_pki_types::UnixTime;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
-use super::{KeyType, Target, build_csr, metadata};
+use super::{KeyType, Target, WorkloadArgs, build_csr, metadata};
 use crate::pki::chain::{self, Expected, RootBundle};
-use crate::pki::identity::SpiffeId;
 use crate::pki::pem;
 use crate::proto::istio_v1_auth::IstioCertificateRequest;
 
@@ -22,12 +21,8 @@ pub struct RequestArgs {
     /// Full SPIFFE identity to request (instead of --namespace/--service-account).
     #[arg(long, conflicts_with_all = ["namespace", "service_account"])]
     pub identity: Option<String>,
-    #[arg(long, default_value = "default")]
-    pub namespace: String,
-    #[arg(long, default_value = "default")]
-    pub service_account: String,
-    #[arg(long, default_value = "cluster.local")]
-    pub trust_domain: String,
+    #[command(flatten)]
+    pub workload: WorkloadArgs,
     /// Requested lifetime (the server may shorten it). pilot-agent asks for 24h.
     #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
     pub ttl: Duration,
@@ -71,9 +66,7 @@ async fn request(args: &RequestArgs) -> anyhow::Result<String> {
     let identity = match (&args.impersonate, &args.identity) {
         (Some(impersonated), _) => impersonated.clone(),
         (None, Some(identity)) => identity.clone(),
-        (None, None) => {
-            SpiffeId::new(&args.trust_domain, &args.namespace, &args.service_account)?.to_string()
-        }
+        (None, None) => args.workload.identity()?,
     };
     let key = args.key_type.generate()?;
     let csr = build_csr(&identity, &key)?;

@@ -91,6 +91,33 @@ pub fn sign_serving(
     sign_tls_leaf(sans, public_key, window, issuer)
 }
 
+/// Parameters of a CA certificate (self-signed root or intermediate) valid from an hour ago
+/// (clock skew) until `not_after`: keyCertSign + cRLSign + digitalSignature, no path limit.
+pub fn ca_params(
+    organization: &str,
+    common_name: &str,
+    not_after: OffsetDateTime,
+) -> CertificateParams {
+    let mut params = CertificateParams::default();
+    params.distinguished_name = DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::OrganizationName, organization);
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, common_name);
+    params.is_ca = IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    params.not_before = OffsetDateTime::now_utc() - time::Duration::hours(1);
+    params.not_after = not_after;
+    params.serial_number = Some(random_serial());
+    params
+}
+
 fn sign_tls_leaf(
     sans: Vec<SanType>,
     public_key: &impl PublicKeyData,
