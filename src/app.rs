@@ -14,7 +14,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 
-use crate::admin::{self, Readiness};
+use crate::admin::{self, AdminState, ExpiryGauges, Liveness, Readiness};
 use crate::cluster::ClusterRegistry;
 use crate::config::{LogFormat, ServeArgs};
 use crate::fswatch::{self, FileWatch};
@@ -27,10 +27,12 @@ use crate::signer::authn::client_cert::ClientCertAuthenticator;
 use crate::signer::authn::static_tokens::StaticTokens;
 use crate::signer::issuer::Issuer;
 use crate::signer::issuer::local_ca::LocalCa;
+use crate::signer::metrics::SignerMetrics;
 use crate::signer::service::{CaService, Settings};
 use crate::signer::serving::{ServingCerts, ServingNames};
 use crate::signer::tls::{self, MeshClientVerifier, ServingCertResolver};
 use crate::standalone::DataDir;
+use prometheus_client::registry::Registry;
 
 /// Istio CSRs are about 1 KiB; 64 KiB CSR + metadata fit well under this. Bigger is hostile.
 const MAX_GRPC_MESSAGE_BYTES: usize = 128 * 1024;
@@ -221,25 +223,43 @@ pub async fn start(args: ServeArgs, hooks: Hooks) -> anyhow::Result<Running> {
             .with_context(|| format!("preparing {}", data.root.display()))?;
     }
     let shutdown = CancellationToken::new();
+    let liveness = Arc::new(Liveness::default());
     let mut tasks = Vec::new();
+    let mut registry = Registry::with_prefix("istio_csr");
+    admin::register_build_info(&mut registry);
+    let signer_metrics = SignerMetrics::register(&mut registry);
+    let gauges = ExpiryGauges::register(&mut registry);
 
     // Trust roots: the pinned file when given, else the built-in CA's own roots.
     let pinned = match &args.issuance.root_ca_file {
         Some(path) => {
             let (rx, task) = watch_root_file(path.clone())?;
-            tasks.push(spawn_named("root-file", task));
+            tasks.push(liveness.spawn("root-file", task));
             Some(rx)
         }
         None => None,
     };
     let mut ca = LocalCa::load(&plan.local_ca_dir, pinned.clone())
         .with_context(|| format!("loading the CA in {}", plan.local_ca_dir.display()))?;
-    let roots = match pinned {
-        Some(rx) => rx,
-        None => ca.publish_roots(),
+    let (roots, root_source) = match pinned {
+        Some(rx) => (
+            rx,
+            format!(
+                "file:{}",
+                args.issuance
+                    .root_ca_file
+                    .as_deref()
+                    .unwrap_or(std::path::Path::new(""))
+                    .display()
+            ),
+        ),
+        None => (
+            ca.publish_roots(),
+            format!("local-ca:{}", plan.local_ca_dir.display()),
+        ),
     };
     let ca = Arc::new(ca);
-    tasks.push(spawn_named("ca-reload", ca.clone().watch()?));
+    tasks.push(liveness.spawn("ca-reload", ca.clone().watch()?));
     let mut issuer: Arc<dyn Issuer> = ca.clone();
     if let Some(wrap) = hooks.wrap_issuer {
         issuer = wrap(issuer);
@@ -248,14 +268,14 @@ pub async fn start(args: ServeArgs, hooks: Hooks) -> anyhow::Result<Running> {
     let mut authenticators: Vec<Arc<dyn Authenticator>> = Vec::new();
     if let Some(path) = &plan.token_auth_file {
         let tokens = StaticTokens::load(path, &args.server.trust_domain)?;
-        tasks.push(spawn_named("token-reload", tokens.clone().watch()?));
+        tasks.push(liveness.spawn("token-reload", tokens.clone().watch()?));
         authenticators.push(tokens);
     }
     let client_verifier = if args.server.enable_client_cert_authenticator {
         authenticators.push(Arc::new(ClientCertAuthenticator::new(roots.clone())));
         let verifier = MeshClientVerifier::new(&roots.borrow())?;
         let follow = verifier.clone().follow(roots.clone());
-        tasks.push(spawn_named("client-roots", async move {
+        tasks.push(liveness.spawn("client-roots", async move {
             follow.await;
             Ok(())
         }));
@@ -272,23 +292,25 @@ pub async fn start(args: ServeArgs, hooks: Hooks) -> anyhow::Result<Running> {
         resolver.clone(),
         roots.clone(),
     ));
-    tasks.push(spawn_named("serving-cert", serving.start()?));
+    tasks.push(liveness.spawn("serving-cert", serving.start()?));
 
-    let readiness = Arc::new(Readiness {
-        serving_cert: resolver.clone(),
-        issuer: issuer.clone(),
-        grpc_listening: false.into(),
-        shutting_down: false.into(),
-    });
+    let readiness = Arc::new(Readiness::new(resolver.clone(), issuer.clone()));
     let admin_listener = TcpListener::bind(plan.admin_address)
         .await
         .with_context(|| format!("binding the admin address {}", plan.admin_address))?;
     let admin_address = admin_listener.local_addr()?;
-    let admin_router = admin::router(readiness.clone());
+    let admin_router = admin::router(Arc::new(AdminState {
+        readiness: readiness.clone(),
+        liveness: liveness.clone(),
+        registry,
+        gauges,
+        roots: roots.clone(),
+        root_source,
+    }));
     // The admin API outlives the gRPC drain: probes must see "not ready", not a closed port.
     let admin_shutdown = CancellationToken::new();
     let admin_stop = admin_shutdown.clone();
-    tasks.push(spawn_named("admin", async move {
+    tasks.push(liveness.spawn("admin", async move {
         axum::serve(admin_listener, admin_router)
             .with_graceful_shutdown(admin_shutdown.cancelled_owned())
             .await?;
@@ -301,6 +323,7 @@ pub async fn start(args: ServeArgs, hooks: Hooks) -> anyhow::Result<Running> {
             trusted_node_accounts: args.server.ca_trusted_node_accounts.clone(),
             max_inflight: args.server.max_inflight,
         },
+        signer_metrics,
         ClusterRegistry::new(args.server.cluster_id.clone()),
         authenticators,
         issuer,
@@ -312,7 +335,7 @@ pub async fn start(args: ServeArgs, hooks: Hooks) -> anyhow::Result<Running> {
         .with_context(|| format!("binding the gRPC address {}", plan.serving_address))?;
     let grpc_address = listener.local_addr()?;
     let (conn_tx, conn_rx) = mpsc::channel(128);
-    tasks.push(spawn_named("accept", {
+    tasks.push(liveness.spawn("accept", {
         let shutdown = shutdown.clone();
         async move {
             tls::accept_loop(listener, tls_config, conn_tx, shutdown).await;
@@ -345,6 +368,7 @@ pub async fn start(args: ServeArgs, hooks: Hooks) -> anyhow::Result<Running> {
         let result = run_until_stopped(
             stop_requested,
             tasks,
+            liveness,
             readiness,
             health,
             shutdown,
@@ -363,23 +387,38 @@ pub async fn start(args: ServeArgs, hooks: Hooks) -> anyhow::Result<Running> {
     })
 }
 
-/// Serves until asked to stop (or a critical task dies), then: readiness off, health
-/// NOT_SERVING, no new connections, in-flight requests finish within the grace period.
+/// Serves until asked to stop, then: readiness off, health NOT_SERVING, no new connections,
+/// in-flight requests finish within the grace period. The gRPC server ending by itself is an
+/// error (the process cannot serve any more); other critical tasks only fail `/livez`.
+#[allow(clippy::too_many_arguments)]
 async fn run_until_stopped(
     stop: CancellationToken,
-    mut tasks: Vec<CriticalTask>,
+    tasks: Vec<AbortOnDropHandle<()>>,
+    liveness: Arc<Liveness>,
     readiness: Arc<Readiness>,
     health: tonic_health::server::HealthReporter,
     shutdown: CancellationToken,
-    grpc: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+    mut grpc: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
     grace: Duration,
 ) -> anyhow::Result<()> {
-    let stop = wait_for_stop(&stop, &mut tasks).await;
+    let early_end = tokio::select! {
+        _ = stop.cancelled() => None,
+        ended = &mut grpc => Some(ended),
+    };
+    liveness.stopping();
     readiness.shutting_down.store(true, Ordering::Release);
     health
         .set_not_serving::<IstioCertificateServiceServer<CaService>>()
         .await;
     shutdown.cancel();
+    if let Some(ended) = early_end {
+        drop(tasks);
+        return match ended {
+            Ok(Ok(())) => Err(anyhow::anyhow!("the gRPC server stopped unexpectedly")),
+            Ok(Err(error)) => Err(anyhow::Error::new(error).context("the gRPC server failed")),
+            Err(error) => Err(anyhow::Error::new(error).context("the gRPC server task failed")),
+        };
+    }
     match tokio::time::timeout(grace, grpc).await {
         Ok(Ok(Ok(()))) => tracing::info!("in-flight requests finished; exiting"),
         Ok(Ok(Err(error))) => tracing::error!(%error, "gRPC server failed"),
@@ -389,60 +428,8 @@ async fn run_until_stopped(
             "shutdown grace period over; abandoning in-flight requests"
         ),
     }
-    stop
-}
-
-/// A long-running task that must not end while the process serves.
-struct CriticalTask {
-    name: &'static str,
-    handle: AbortOnDropHandle<anyhow::Result<()>>,
-}
-
-/// Waits for a stop request (a clean stop) or for a critical task to end (an error).
-async fn wait_for_stop(stop: &CancellationToken, tasks: &mut [CriticalTask]) -> anyhow::Result<()> {
-    let any_task = futures_select_all(tasks);
-    tokio::select! {
-        _ = stop.cancelled() => Ok(()),
-        (name, result) = any_task => {
-            let error = match result {
-                Ok(Ok(())) => anyhow::anyhow!("task {name} stopped"),
-                Ok(Err(e)) => e.context(format!("task {name} failed")),
-                Err(e) => anyhow::anyhow!("task {name} panicked: {e}"),
-            };
-            tracing::error!(error = %format!("{error:#}"), "critical task ended; shutting down");
-            Err(error)
-        }
-    }
-}
-
-/// The first of the named tasks to finish.
-async fn futures_select_all(
-    tasks: &mut [CriticalTask],
-) -> (
-    &'static str,
-    Result<anyhow::Result<()>, tokio::task::JoinError>,
-) {
-    if tasks.is_empty() {
-        return std::future::pending().await;
-    }
-    std::future::poll_fn(|cx| {
-        for task in tasks.iter_mut() {
-            if let std::task::Poll::Ready(result) = std::pin::Pin::new(&mut task.handle).poll(cx) {
-                return std::task::Poll::Ready((task.name, result));
-            }
-        }
-        std::task::Poll::Pending
-    })
-    .await
-}
-
-fn spawn_named(
-    name: &'static str,
-    task: impl Future<Output = anyhow::Result<()>> + Send + 'static,
-) -> CriticalTask {
-    let span = tracing::info_span!("task", name);
-    let handle = AbortOnDropHandle::new(tokio::spawn(tracing::Instrument::instrument(task, span)));
-    CriticalTask { name, handle }
+    drop(tasks);
+    Ok(())
 }
 
 /// Loads the pinned root file and follows its changes: the watch is in place when this returns,

@@ -1,57 +1,106 @@
-//! The admin HTTP API: liveness and readiness now; metrics and bundle status join it next.
+//! The admin HTTP API: `/livez`, `/readyz`, `/metrics` and `/debug/bundle`
+//! (docs/admin-api.md describes each).
+
+pub mod bundle;
+pub mod health;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
+use axum::Json;
 use axum::Router;
 use axum::extract::{Query, State};
-use axum::http::StatusCode;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use serde_free::VerboseQuery;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::info::Info;
+use prometheus_client::registry::{Registry, Unit};
+use tokio::sync::watch;
 
-use crate::signer::issuer::Issuer;
-use crate::signer::tls::ServingCertResolver;
+pub use health::{Liveness, Readiness};
 
-/// What readiness is made of. Each part is owned by the subsystem that sets it.
-pub struct Readiness {
-    pub serving_cert: Arc<ServingCertResolver>,
-    pub issuer: Arc<dyn Issuer>,
-    pub grpc_listening: AtomicBool,
-    /// Set first thing on SIGTERM, so load balancers drain this replica before it closes.
-    pub shutting_down: AtomicBool,
+use crate::pki::chain::RootBundle;
+
+/// The OpenMetrics text format, which prometheus-client writes.
+const OPENMETRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Gauges read from the current state at each scrape, so they are never stale.
+#[derive(Clone, Default)]
+pub struct ExpiryGauges {
+    serving_certificate: Gauge,
+    root_certificate: Gauge,
 }
 
-impl Readiness {
-    fn checks(&self) -> [(&'static str, bool); 4] {
-        [
-            ("serving-certificate", self.serving_cert.is_loaded()),
-            ("grpc-listener", self.grpc_listening.load(Ordering::Acquire)),
-            ("issuer", self.issuer.ready()),
-            (
-                "not-shutting-down",
-                !self.shutting_down.load(Ordering::Acquire),
-            ),
-        ]
+impl ExpiryGauges {
+    pub fn register(registry: &mut Registry) -> Self {
+        let gauges = Self::default();
+        registry.register_with_unit(
+            "serving_certificate_expiry_timestamp",
+            "When this replica's gRPC serving certificate expires, as unix time.",
+            Unit::Seconds,
+            gauges.serving_certificate.clone(),
+        );
+        registry.register_with_unit(
+            "root_certificate_expiry_timestamp",
+            "When the first of the trusted root certificates expires, as unix time.",
+            Unit::Seconds,
+            gauges.root_certificate.clone(),
+        );
+        gauges
     }
 }
 
-pub fn router(readiness: Arc<Readiness>) -> Router {
+pub fn register_build_info(registry: &mut Registry) {
+    registry.register(
+        "build",
+        "The running istio-csr-rs version.",
+        Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
+    );
+}
+
+/// Everything the admin endpoints read.
+pub struct AdminState {
+    pub readiness: Arc<Readiness>,
+    pub liveness: Arc<Liveness>,
+    pub registry: Registry,
+    pub gauges: ExpiryGauges,
+    pub roots: watch::Receiver<Arc<RootBundle>>,
+    /// Where the roots come from, for `/debug/bundle`.
+    pub root_source: String,
+}
+
+pub fn router(state: Arc<AdminState>) -> Router {
     Router::new()
-        .route("/livez", get(|| async { "ok\n" }))
+        .route("/livez", get(livez))
         .route("/readyz", get(readyz))
-        .with_state(readiness)
+        .route("/metrics", get(metrics))
+        .route("/debug/bundle", get(debug_bundle))
+        .with_state(state)
+}
+
+async fn livez(State(state): State<Arc<AdminState>>) -> (StatusCode, String) {
+    let dead = state.liveness.dead_tasks();
+    if dead.is_empty() {
+        return (StatusCode::OK, "ok\n".into());
+    }
+    let mut body: String = dead
+        .iter()
+        .map(|(name, reason)| format!("[-] task {name}: {reason}\n"))
+        .collect();
+    body.push_str("not alive\n");
+    (StatusCode::SERVICE_UNAVAILABLE, body)
 }
 
 async fn readyz(
-    State(readiness): State<Arc<Readiness>>,
+    State(state): State<Arc<AdminState>>,
     Query(query): Query<VerboseQuery>,
 ) -> (StatusCode, String) {
-    let checks = readiness.checks();
+    let checks = state.readiness.checks();
     let ready = checks.iter().all(|(_, ok)| *ok);
     let mut body = String::new();
     if query.verbose.is_some() {
-        for (name, ok) in checks {
-            body.push_str(&format!("[{}] {name}\n", if ok { "+" } else { "-" }));
+        for (name, ok) in &checks {
+            body.push_str(&format!("[{}] {name}\n", if *ok { "+" } else { "-" }));
         }
     }
     body.push_str(if ready { "ok\n" } else { "not ready\n" });
@@ -63,20 +112,244 @@ async fn readyz(
     (code, body)
 }
 
-mod serde_free {
-    //! `?verbose` carries no value; a map keeps the query extractor free of serde derives.
-    use std::collections::HashMap;
+async fn metrics(State(state): State<Arc<AdminState>>) -> Response {
+    state
+        .gauges
+        .serving_certificate
+        .set(state.readiness.serving_cert.not_after_unix());
+    state
+        .gauges
+        .root_certificate
+        .set(bundle::earliest_expiry(&state.roots.borrow()));
+    let mut body = String::new();
+    match prometheus_client::encoding::text::encode(&mut body, &state.registry) {
+        Ok(()) => ([(header::CONTENT_TYPE, OPENMETRICS_CONTENT_TYPE)], body).into_response(),
+        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
+}
 
-    pub struct VerboseQuery {
-        pub verbose: Option<String>,
+async fn debug_bundle(State(state): State<Arc<AdminState>>) -> Json<bundle::BundleStatus> {
+    let roots = state.roots.borrow().clone();
+    let serving = state.readiness.serving_cert.not_after_unix();
+    Json(bundle::BundleStatus {
+        roots: bundle::roots_status(&state.root_source, &roots),
+        issuer: bundle::IssuerStatus {
+            kind: state.readiness.issuer.label(),
+            ready: state.readiness.issuer.ready(),
+        },
+        serving_certificate: (serving > 0).then(|| bundle::ServingStatus {
+            not_after: bundle::rfc3339(serving),
+            not_after_unix: serving,
+        }),
+        leader: None,
+        clusters: Vec::new(),
+    })
+}
+
+/// `?verbose` carries no value.
+#[derive(serde::Deserialize)]
+struct VerboseQuery {
+    verbose: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering;
+
+    use async_trait::async_trait;
+    use axum::body::Body;
+    use axum::http::Request;
+    use tower::ServiceExt;
+
+    use super::*;
+    use crate::pki::testing::{KeyAlg, TestCa};
+    use crate::signer::issuer::{IssueError, IssueRequest, Issued, Issuer};
+    use crate::signer::tls::ServingCertResolver;
+
+    struct FakeIssuer {
+        ready: bool,
     }
 
-    impl<'de> serde::Deserialize<'de> for VerboseQuery {
-        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-            let mut map = HashMap::<String, String>::deserialize(d)?;
-            Ok(Self {
-                verbose: map.remove("verbose"),
-            })
+    #[async_trait]
+    impl Issuer for FakeIssuer {
+        fn label(&self) -> &'static str {
+            "fake"
         }
+        fn ready(&self) -> bool {
+            self.ready
+        }
+        async fn issue(&self, _: IssueRequest<'_>) -> Result<Issued, IssueError> {
+            Err(IssueError::NotReady("fake".into()))
+        }
+    }
+
+    struct Fixture {
+        state: Arc<AdminState>,
+        root: TestCa,
+    }
+
+    fn fixture(issuer_ready: bool) -> Fixture {
+        let root = TestCa::root("admin root", KeyAlg::EcdsaP256);
+        let roots = RootBundle::from_certs(vec![root.cert.clone()]).unwrap();
+        // The receiver keeps the last value after the sender is gone.
+        let (_, rx) = watch::channel(Arc::new(roots));
+        let mut registry = Registry::with_prefix("istio_csr");
+        register_build_info(&mut registry);
+        let gauges = ExpiryGauges::register(&mut registry);
+        let readiness = Arc::new(Readiness::new(
+            Arc::new(ServingCertResolver::default()),
+            Arc::new(FakeIssuer {
+                ready: issuer_ready,
+            }),
+        ));
+        let state = Arc::new(AdminState {
+            readiness,
+            liveness: Arc::new(Liveness::default()),
+            registry,
+            gauges,
+            roots: rx,
+            root_source: "file:/etc/roots.pem".into(),
+        });
+        Fixture { state, root }
+    }
+
+    impl Fixture {
+        fn make_ready(&self) {
+            let (leaf, key) = self.root.leaf("spiffe://td/ns/a/sa/b");
+            self.state
+                .readiness
+                .serving_cert
+                .install(vec![leaf], &key)
+                .unwrap();
+            self.state
+                .readiness
+                .grpc_listening
+                .store(true, Ordering::Release);
+        }
+
+        async fn get(&self, uri: &str) -> (StatusCode, String, Option<String>) {
+            let response = router(self.state.clone())
+                .oneshot(Request::get(uri).body(Body::empty()).unwrap())
+                .await
+                .unwrap();
+            let status = response.status();
+            let content_type = response
+                .headers()
+                .get(header::CONTENT_TYPE)
+                .map(|v| v.to_str().unwrap().to_owned());
+            let body = axum::body::to_bytes(response.into_body(), 1 << 20)
+                .await
+                .unwrap();
+            (
+                status,
+                String::from_utf8(body.to_vec()).unwrap(),
+                content_type,
+            )
+        }
+    }
+
+    #[tokio::test]
+    async fn readyz_is_false_before_the_serving_certificate_exists() {
+        let fixture = fixture(true);
+        fixture
+            .state
+            .readiness
+            .grpc_listening
+            .store(true, Ordering::Release);
+        let (status, body, _) = fixture.get("/readyz?verbose").await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(body.contains("[-] serving-certificate"), "{body}");
+        fixture.make_ready();
+        let (status, body, _) = fixture.get("/readyz").await;
+        assert_eq!((status, body.as_str()), (StatusCode::OK, "ok\n"));
+    }
+
+    #[tokio::test]
+    async fn readyz_is_false_without_a_usable_issuer() {
+        let fixture = fixture(false);
+        fixture.make_ready();
+        let (status, body, _) = fixture.get("/readyz?verbose").await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(body.contains("[-] issuer"), "{body}");
+    }
+
+    #[tokio::test]
+    async fn readyz_turns_false_when_shutdown_starts() {
+        let fixture = fixture(true);
+        fixture.make_ready();
+        assert_eq!(fixture.get("/readyz").await.0, StatusCode::OK);
+        fixture
+            .state
+            .readiness
+            .shutting_down
+            .store(true, Ordering::Release);
+        let (status, body, _) = fixture.get("/readyz?verbose").await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(body.contains("[-] not-shutting-down"), "{body}");
+    }
+
+    #[tokio::test]
+    async fn livez_fails_when_a_critical_task_dies() {
+        let fixture = fixture(true);
+        assert_eq!(fixture.get("/livez").await.0, StatusCode::OK);
+        let handle = fixture.state.liveness.spawn("token-reload", async {
+            Err(anyhow::anyhow!("watch failed"))
+        });
+        let _ = handle.await;
+        let (status, body, _) = fixture.get("/livez").await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(body.contains("token-reload: watch failed"), "{body}");
+    }
+
+    #[tokio::test]
+    async fn metrics_are_openmetrics_text_with_the_expiry_gauges() {
+        let fixture = fixture(true);
+        fixture.make_ready();
+        let (status, body, content_type) = fixture.get("/metrics").await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(
+            content_type
+                .unwrap()
+                .starts_with("application/openmetrics-text")
+        );
+        assert!(body.ends_with("# EOF\n"), "{body}");
+        let root_expiry = fixture.root.not_after.unix_timestamp();
+        assert!(
+            body.contains(&format!(
+                "istio_csr_root_certificate_expiry_timestamp_seconds {root_expiry}"
+            )),
+            "{body}"
+        );
+        let serving = fixture.state.readiness.serving_cert.not_after_unix();
+        assert!(body.contains(&format!(
+            "istio_csr_serving_certificate_expiry_timestamp_seconds {serving}"
+        )));
+        assert!(body.contains(&format!(
+            "istio_csr_build_info{{version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        )));
+    }
+
+    #[tokio::test]
+    async fn debug_bundle_describes_the_pinned_roots() {
+        let fixture = fixture(true);
+        let (status, body, _) = fixture.get("/debug/bundle").await;
+        assert_eq!(status, StatusCode::OK);
+        let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let root = &json["roots"]["certificates"][0];
+        let want = hex::encode(ring::digest::digest(
+            &ring::digest::SHA256,
+            &fixture.root.cert,
+        ));
+        assert_eq!(root["sha256"], want);
+        assert_eq!(
+            root["not_after_unix"],
+            fixture.root.not_after.unix_timestamp()
+        );
+        assert_eq!(json["roots"]["source"], "file:/etc/roots.pem");
+        assert_eq!(json["issuer"]["kind"], "fake");
+        assert!(json["serving_certificate"].is_null());
+        assert!(json["leader"].is_null());
+        assert_eq!(json["clusters"], serde_json::json!([]));
     }
 }

@@ -6,11 +6,12 @@ use std::time::{Duration, Instant};
 use prost_types::value::Kind;
 use rustls_pki_types::UnixTime;
 use tokio::sync::{Semaphore, watch};
-use tonic::{Request, Response, Status};
+use tonic::{Code, Request, Response, Status};
 
 use super::authn::{self, Authenticator, Caller, Credentials};
 use super::error::{SignError, to_status};
 use super::issuer::{IssueRequest, Issued, Issuer};
+use super::metrics::SignerMetrics;
 use crate::cluster::ClusterRegistry;
 use crate::pki::chain::{self, Expected, RootBundle};
 use crate::pki::csr;
@@ -32,6 +33,7 @@ pub struct Settings {
 
 pub struct CaService {
     settings: Settings,
+    metrics: SignerMetrics,
     clusters: ClusterRegistry,
     authenticators: Vec<Arc<dyn Authenticator>>,
     issuer: Arc<dyn Issuer>,
@@ -42,6 +44,7 @@ pub struct CaService {
 impl CaService {
     pub fn new(
         settings: Settings,
+        metrics: SignerMetrics,
         clusters: ClusterRegistry,
         authenticators: Vec<Arc<dyn Authenticator>>,
         issuer: Arc<dyn Issuer>,
@@ -50,6 +53,7 @@ impl CaService {
         let inflight = Arc::new(Semaphore::new(settings.max_inflight));
         Self {
             settings,
+            metrics,
             clusters,
             authenticators,
             issuer,
@@ -62,7 +66,7 @@ impl CaService {
         &self,
         request: &Request<IstioCertificateRequest>,
         caller_out: &mut Option<Caller>,
-    ) -> Result<IstioCertificateResponse, SignError> {
+    ) -> Result<Signed, SignError> {
         let metadata = request.metadata();
         let cluster_id = match metadata.get("clusterid") {
             Some(v) => v
@@ -81,8 +85,11 @@ impl CaService {
             peer_certs: peer_certs.as_deref().map(Vec::as_slice),
             cluster: &cluster,
         };
-        let caller = authn::authenticate(&self.authenticators, &credentials).await?;
-        let caller = caller_out.insert(caller);
+        let presented = credential_kind(&credentials);
+        let caller = authn::authenticate(&self.authenticators, &credentials).await;
+        self.metrics
+            .observe_authentication(presented, caller.is_ok());
+        let caller = caller_out.insert(caller?);
 
         let body = request.get_ref();
         let options = RequestOptions::from_metadata(body.metadata.as_ref())?;
@@ -123,8 +130,11 @@ impl CaService {
                 },
             )?,
         };
-        Ok(IstioCertificateResponse {
-            cert_chain: verified.to_response(&roots),
+        Ok(Signed {
+            lifetime_secs: leaf_lifetime_secs(verified.leaf()),
+            response: IstioCertificateResponse {
+                cert_chain: verified.to_response(&roots),
+            },
         })
     }
 
@@ -148,6 +158,31 @@ impl CaService {
         Err(SignError::Impersonation(format!(
             "cannot verify that {identity} runs on the caller's node without Kubernetes"
         )))
+    }
+}
+
+/// A successful signing, with what the metrics need to know of it.
+struct Signed {
+    response: IstioCertificateResponse,
+    lifetime_secs: f64,
+}
+
+fn leaf_lifetime_secs(leaf: &[u8]) -> f64 {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    X509Certificate::from_der(leaf).map_or(0.0, |(_, cert)| {
+        let validity = cert.validity();
+        (validity.not_after.timestamp() - validity.not_before.timestamp()) as f64
+    })
+}
+
+/// Which kind of credential a caller presented, for the authentication metric.
+fn credential_kind(credentials: &Credentials<'_>) -> &'static str {
+    if credentials.bearer.is_some() {
+        "token"
+    } else if credentials.peer_certs.is_some_and(|c| !c.is_empty()) {
+        "client-certificate"
+    } else {
+        "none"
     }
 }
 
@@ -202,7 +237,10 @@ impl IstioCertificateService for CaService {
         let started = Instant::now();
         let mut caller = None;
         let result = match self.inflight.try_acquire() {
-            Ok(_permit) => self.sign(&request, &mut caller).await,
+            Ok(_permit) => {
+                let _in_flight = self.metrics.in_flight();
+                self.sign(&request, &mut caller).await
+            }
             Err(_) => Err(SignError::Overloaded),
         };
         let identity = caller
@@ -214,9 +252,13 @@ impl IstioCertificateService for CaService {
             .get("clusterid")
             .and_then(|v| v.to_str().ok())
             .unwrap_or("");
-        let elapsed_ms = (started.elapsed().as_secs_f64() * 1e5).round() / 100.0;
+        let elapsed = started.elapsed().as_secs_f64();
+        let elapsed_ms = (elapsed * 1e5).round() / 100.0;
+        let signer = self.issuer.label();
         match result {
-            Ok(response) => {
+            Ok(signed) => {
+                self.metrics.observe_request(Code::Ok, signer, elapsed);
+                self.metrics.observe_lifetime(signed.lifetime_secs);
                 tracing::debug!(
                     identity,
                     cluster,
@@ -224,10 +266,11 @@ impl IstioCertificateService for CaService {
                     elapsed_ms,
                     "certificate issued"
                 );
-                Ok(Response::new(response))
+                Ok(Response::new(signed.response))
             }
             Err(error) => {
                 let status = to_status(&error);
+                self.metrics.observe_request(status.code(), signer, elapsed);
                 tracing::info!(
                     identity,
                     cluster,

@@ -2,6 +2,8 @@
 //! 127.0.0.1:0 over TLS, and a real tonic client.
 #![allow(dead_code)]
 
+pub mod openmetrics;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;

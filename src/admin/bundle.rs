@@ -1,0 +1,97 @@
+//! `/debug/bundle`: the trust state of this replica, as JSON (schema in docs/admin-api.md).
+
+use serde::Serialize;
+use x509_parser::prelude::{FromDer, X509Certificate};
+
+use crate::pki::chain::RootBundle;
+
+#[derive(Debug, Serialize)]
+pub struct BundleStatus {
+    pub roots: RootsStatus,
+    pub issuer: IssuerStatus,
+    pub serving_certificate: Option<ServingStatus>,
+    /// Filled when leader election runs (Kubernetes); null until then.
+    pub leader: Option<serde_json::Value>,
+    /// Per-cluster trust-bundle sync state (Kubernetes); empty until then.
+    pub clusters: Vec<serde_json::Value>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct RootsStatus {
+    /// Where the roots come from: `file:<path>` (pinned) or `local-ca:<dir>`.
+    pub source: String,
+    pub certificates: Vec<CertificateStatus>,
+}
+
+#[derive(Debug, Serialize, PartialEq, Eq)]
+pub struct CertificateStatus {
+    /// SHA-256 of the DER certificate, lower-case hex, as `openssl x509 -fingerprint -sha256`
+    /// prints it without colons.
+    pub sha256: String,
+    pub subject: String,
+    /// RFC 3339, UTC.
+    pub not_after: String,
+    pub not_after_unix: i64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct IssuerStatus {
+    pub kind: &'static str,
+    pub ready: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ServingStatus {
+    pub not_after: String,
+    pub not_after_unix: i64,
+}
+
+pub fn roots_status(source: &str, roots: &RootBundle) -> RootsStatus {
+    RootsStatus {
+        source: source.to_owned(),
+        certificates: roots
+            .certs()
+            .iter()
+            .map(|c| certificate_status(c))
+            .collect(),
+    }
+}
+
+pub fn certificate_status(der: &[u8]) -> CertificateStatus {
+    let digest = ring::digest::digest(&ring::digest::SHA256, der);
+    let (subject, not_after_unix) = X509Certificate::from_der(der).map_or_else(
+        |_| (String::from("<unparsable>"), 0),
+        |(_, cert)| {
+            (
+                cert.subject().to_string(),
+                cert.validity().not_after.timestamp(),
+            )
+        },
+    );
+    CertificateStatus {
+        sha256: hex::encode(digest.as_ref()),
+        subject,
+        not_after: rfc3339(not_after_unix),
+        not_after_unix,
+    }
+}
+
+pub fn rfc3339(unix: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(unix)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_default()
+}
+
+/// The earliest notAfter among the roots: what the root-expiry gauge reports.
+pub fn earliest_expiry(roots: &RootBundle) -> i64 {
+    roots
+        .certs()
+        .iter()
+        .map(|c| certificate_status(c).not_after_unix)
+        .min()
+        .unwrap_or(0)
+}

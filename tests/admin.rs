@@ -1,0 +1,186 @@
+//! The admin API of a real server: metrics move by exactly what was served; /debug/bundle
+//! describes the pinned roots as docs/admin-api.md says.
+
+mod support;
+
+use support::openmetrics;
+use support::*;
+use tonic::Code;
+
+async fn scrape(server: &Server) -> openmetrics::Exposition {
+    let (status, body) = http_get(&server.admin_url("/metrics")).await;
+    assert_eq!(status, 200);
+    openmetrics::parse(&body)
+}
+
+#[tokio::test]
+async fn request_metrics_move_by_exactly_the_calls_made_per_code() {
+    let server = Server::start(&[]).await;
+    let before = scrape(&server).await;
+    let (mut ok, mut unauthenticated, mut denied, mut invalid) = (0.0, 0.0, 0.0, 0.0);
+    for i in 0..12 {
+        let mut client = server.client().await;
+        let (token, identity) = match i % 4 {
+            0 | 1 => (Some(server.token()), DEFAULT_ID),
+            2 => (None, DEFAULT_ID),
+            _ => (Some(server.token()), "spiffe://cluster.local/ns/x/sa/y"),
+        };
+        let (csr, _) = p256_csr(identity);
+        let csr = if i == 11 { "garbage".to_owned() } else { csr };
+        let result = client
+            .create_certificate(pilot_agent_request(
+                &server.target(),
+                token.as_deref(),
+                csr,
+                3600,
+            ))
+            .await;
+        match result.map_err(|s| s.code()) {
+            Ok(_) => ok += 1.0,
+            Err(Code::Unauthenticated) => unauthenticated += 1.0,
+            Err(Code::PermissionDenied) => denied += 1.0,
+            Err(Code::InvalidArgument) => invalid += 1.0,
+            Err(other) => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!((ok, unauthenticated, denied, invalid), (6.0, 3.0, 2.0, 1.0));
+    let after = scrape(&server).await;
+    let moved = |name: &str, labels: &[(&str, &str)]| {
+        after.value(name, labels) - before.value(name, labels)
+    };
+    for (code, want) in [
+        ("OK", ok),
+        ("UNAUTHENTICATED", unauthenticated),
+        ("PERMISSION_DENIED", denied),
+        ("INVALID_ARGUMENT", invalid),
+    ] {
+        let counter = moved(
+            "istio_csr_certificate_requests_total",
+            &[("code", code), ("signer", "local-ca")],
+        );
+        assert_eq!(counter, want, "counter for {code}");
+        let histogram = moved(
+            "istio_csr_certificate_request_duration_seconds_count",
+            &[("code", code)],
+        );
+        assert_eq!(histogram, want, "histogram for {code}");
+    }
+    assert_eq!(
+        moved("istio_csr_issued_certificate_lifetime_seconds_count", &[]),
+        ok
+    );
+    // Each leaf lives the 1h maximum plus the 60 s notBefore backdating.
+    assert_eq!(
+        moved("istio_csr_issued_certificate_lifetime_seconds_sum", &[]),
+        ok * 3660.0
+    );
+    assert_eq!(
+        moved(
+            "istio_csr_authentications_total",
+            &[("method", "token"), ("result", "success")]
+        ),
+        ok + denied + invalid
+    );
+    assert_eq!(
+        moved(
+            "istio_csr_authentications_total",
+            &[("method", "none"), ("result", "failure")]
+        ),
+        unauthenticated
+    );
+    assert_eq!(
+        after.value("istio_csr_certificate_requests_in_flight", &[]),
+        0.0
+    );
+}
+
+#[tokio::test]
+async fn metrics_follow_the_openmetrics_format_and_name_no_identities() {
+    let server = Server::start(&[]).await;
+    let (csr, _) = p256_csr(DEFAULT_ID);
+    let mut client = server.client().await;
+    client
+        .create_certificate(pilot_agent_request(
+            &server.target(),
+            Some(&server.token()),
+            csr,
+            3600,
+        ))
+        .await
+        .unwrap();
+    let (_, body) = http_get(&server.admin_url("/metrics")).await;
+    let exposition = openmetrics::parse(&body);
+    for family in exposition.types.keys() {
+        assert!(
+            family.starts_with("istio_csr_"),
+            "{family} lacks the prefix"
+        );
+        let help = &exposition.help[family];
+        assert!(
+            help.ends_with('.') && help.len() > 20,
+            "{family}: help must be a sentence: {help:?}"
+        );
+    }
+    assert!(!body.contains("spiffe://"), "an identity reached a label");
+    assert!(!body.contains("default"), "a namespace reached a label");
+}
+
+#[tokio::test]
+async fn debug_bundle_reports_the_root_fingerprint_and_expiry_as_openssl_sees_them() {
+    let server = Server::start(&[]).await;
+    let (status, body) = http_get(&server.admin_url("/debug/bundle")).await;
+    assert_eq!(status, 200);
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let root = &json["roots"]["certificates"][0];
+
+    let openssl = std::process::Command::new("openssl")
+        .args([
+            "x509",
+            "-noout",
+            "-fingerprint",
+            "-sha256",
+            "-enddate",
+            "-in",
+        ])
+        .arg(server.data_dir.join("root-cert.pem"))
+        .output()
+        .expect("openssl must be installed");
+    let out = String::from_utf8(openssl.stdout).unwrap();
+    let fingerprint = out
+        .lines()
+        .find_map(|l| {
+            l.split_once("Fingerprint=")
+                .map(|(_, f)| f.replace(':', "").to_lowercase())
+        })
+        .unwrap();
+    assert_eq!(root["sha256"], fingerprint);
+    let end = out
+        .lines()
+        .find_map(|l| l.strip_prefix("notAfter="))
+        .unwrap();
+    let format = time::macros::format_description!(
+        "[month repr:short] [day padding:space] [hour]:[minute]:[second] [year] GMT"
+    );
+    let end = time::PrimitiveDateTime::parse(end, &format)
+        .unwrap()
+        .assume_utc();
+    assert_eq!(root["not_after_unix"], end.unix_timestamp());
+    assert!(root["not_after"].as_str().unwrap().ends_with('Z'));
+    assert!(root["source"].is_null());
+    assert!(
+        json["roots"]["source"]
+            .as_str()
+            .unwrap()
+            .starts_with("local-ca:")
+    );
+    assert_eq!(
+        json["issuer"],
+        serde_json::json!({"kind": "local-ca", "ready": true})
+    );
+    assert!(
+        json["serving_certificate"]["not_after_unix"]
+            .as_i64()
+            .unwrap()
+            > 0
+    );
+}
