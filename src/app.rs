@@ -146,6 +146,29 @@ impl Plan {
     }
 }
 
+impl Plan {
+    /// The effective configuration, once, at start-up. Paths only: never file contents.
+    fn log(&self, args: &ServeArgs) {
+        tracing::info!(
+            standalone = self.standalone.is_some(),
+            signer = "local-ca",
+            local_ca_dir = %self.local_ca_dir.display(),
+            root_ca_file = ?args.issuance.root_ca_file,
+            token_auth_file = ?self.token_auth_file,
+            client_cert_authenticator = args.server.enable_client_cert_authenticator,
+            trust_domain = %args.server.trust_domain,
+            cluster_id = %args.server.cluster_id,
+            max_certificate_duration = ?args.server.max_client_certificate_duration,
+            trusted_node_accounts = ?args.server.ca_trusted_node_accounts,
+            serving_address = %self.serving_address,
+            admin_address = %self.admin_address,
+            serving_names = ?self.serving_names,
+            max_inflight = args.server.max_inflight,
+            "effective configuration"
+        );
+    }
+}
+
 pub fn init_logging(format: LogFormat, filter: &str) -> anyhow::Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_new(filter).context("--log-level")?;
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
@@ -218,6 +241,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 /// Builds every part, binds the listeners and returns once the server accepts requests.
 pub async fn start(args: ServeArgs, hooks: Hooks) -> anyhow::Result<Running> {
     let plan = Plan::resolve(&args)?;
+    plan.log(&args);
     if let Some(data) = &plan.standalone {
         data.bootstrap()
             .with_context(|| format!("preparing {}", data.root.display()))?;

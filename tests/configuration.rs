@@ -97,6 +97,86 @@ async fn answers_every_pinned_root_for_a_rotation() {
 }
 
 #[tokio::test]
+async fn stops_signing_when_the_pinned_roots_no_longer_cover_the_ca_and_recovers() {
+    install_crypto_provider();
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = TestCa::root("ca", KeyAlg::EcdsaP256);
+    write_ca(&tmp.path().join("ca"), &ca);
+    let pinned = tmp.path().join("roots.pem");
+    std::fs::write(&pinned, ca.cert_pem()).unwrap();
+    let tokens = tmp.path().join("tokens.csv");
+    std::fs::write(&tokens, "t0ken,default,default\n").unwrap();
+    // The client trusts both bundles: this test is about what the CA answers, not about TLS.
+    let foreign = TestCa::root("foreign", KeyAlg::EcdsaP256);
+    let client_roots = tmp.path().join("client-roots.pem");
+    std::fs::write(
+        &client_roots,
+        format!("{}{}", ca.cert_pem(), foreign.cert_pem()),
+    )
+    .unwrap();
+    let path = |p: &Path| p.to_str().unwrap().to_owned();
+    let args = serve_args(&[
+        "--signer",
+        "local-ca",
+        "--local-ca-dir",
+        &path(&tmp.path().join("ca")),
+        "--root-ca-file",
+        &path(&pinned),
+        "--token-auth-file",
+        &path(&tokens),
+    ])
+    .unwrap();
+    let running = app::start(args, Hooks::default()).await.unwrap();
+    let target = Target {
+        address: running.grpc_address.to_string(),
+        server_name: Some("localhost".into()),
+        root_cert: client_roots,
+        token_file: None,
+        cluster_id: "Kubernetes".into(),
+        timeout: std::time::Duration::from_secs(10),
+    };
+    let call = || async {
+        let (csr, _) = p256_csr(DEFAULT_ID);
+        let mut client = target.connect().await.unwrap();
+        client
+            .create_certificate(pilot_agent_request(&target, Some("t0ken"), csr, 3600))
+            .await
+            .map(|r| r.into_inner().cert_chain)
+    };
+    let readyz = || async {
+        http_get(&format!("http://{}/readyz", running.admin_address))
+            .await
+            .0
+    };
+    assert!(call().await.is_ok());
+
+    // An operator pins a root the CA does not chain to: no chain may go out that the pinned
+    // bundle cannot verify.
+    std::fs::write(&pinned, foreign.cert_pem()).unwrap();
+    let refused = eventually(std::time::Duration::from_secs(10), || async {
+        matches!(call().await, Err(s) if s.code() == tonic::Code::Unavailable)
+    })
+    .await;
+    assert!(refused, "kept signing with roots that do not cover the CA");
+    assert_eq!(readyz().await, 503);
+
+    // Adding the CA's root back (a two-root bundle) makes it usable again.
+    std::fs::write(&pinned, format!("{}{}", foreign.cert_pem(), ca.cert_pem())).unwrap();
+    let recovered = eventually(std::time::Duration::from_secs(10), || async {
+        call().await.is_ok()
+    })
+    .await;
+    assert!(
+        recovered,
+        "did not recover after the roots covered the CA again"
+    );
+    let chain = call().await.unwrap();
+    let roots = pem::parse_certificates(chain.last().unwrap().as_bytes()).unwrap();
+    assert_eq!(roots, vec![foreign.cert.clone(), ca.cert.clone()]);
+    assert_eq!(readyz().await, 200);
+}
+
+#[tokio::test]
 async fn refuses_to_start_with_a_ca_outside_the_pinned_roots() {
     let tmp = tempfile::tempdir().unwrap();
     write_ca(

@@ -116,19 +116,22 @@ impl CaService {
                 cert_signer: options.cert_signer,
             })
             .await?;
-        // Read the roots after signing so a rotation during the wait is honoured.
-        let roots = self.roots.borrow().clone();
-        let verified = match issued {
-            Issued::InProcess(chain) => chain,
-            Issued::External(certs) => chain::verify(
-                &certs,
-                &roots,
-                UnixTime::now(),
-                &Expected {
-                    uris: &csr.uris,
-                    spki_der: &csr.public_key.spki_der,
-                },
-            )?,
+        let (verified, roots) = match issued {
+            Issued::InProcess { chain, roots } => (chain, roots),
+            Issued::External(certs) => {
+                // Read the roots after signing so a rotation during the wait is honoured.
+                let roots = self.roots.borrow().clone();
+                let chain = chain::verify(
+                    &certs,
+                    &roots,
+                    UnixTime::now(),
+                    &Expected {
+                        uris: &csr.uris,
+                        spki_der: &csr.public_key.spki_der,
+                    },
+                )?;
+                (chain, roots)
+            }
         };
         Ok(Signed {
             lifetime_secs: leaf_lifetime_secs(verified.leaf()),

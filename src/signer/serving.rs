@@ -78,7 +78,7 @@ impl ServingCerts {
     fn renew(&self) -> anyhow::Result<Installed> {
         let key = keys::generate_ecdsa_p256()?;
         let now = OffsetDateTime::now_utc();
-        let chain = self.ca.current().sign_serving(
+        let chain = self.ca.usable()?.sign_serving(
             &self.names.dns,
             &self.names.ips,
             &key,

@@ -88,6 +88,8 @@ pub struct LoadedCa {
     intermediates: Vec<CertificateDer<'static>>,
     /// The roots the directory names (used as the trust roots when none are pinned).
     own_roots: Arc<RootBundle>,
+    /// The roots this CA was proven to chain to: what every answer it signs carries.
+    trusted: Arc<RootBundle>,
     fingerprint: [u8; 32],
 }
 
@@ -162,19 +164,26 @@ impl LoadedCa {
 
         let issuer = rcgen::Issuer::from_ca_cert_der(&ca_cert, key)
             .map_err(|e| invalid(&layout.cert, e.to_string()))?;
-        let trust = pinned.unwrap_or(&own_roots);
-        let intermediates = prove(&issuer, &ca_cert, &chain_certs, trust, not_after)?;
+        let own_roots = Arc::new(own_roots);
+        let trusted = pinned.map_or_else(|| own_roots.clone(), |p| Arc::new(p.clone()));
+        let intermediates = prove(&issuer, &ca_cert, &chain_certs, &trusted, not_after)?;
         Ok(Self {
             issuer,
             not_after,
             intermediates,
-            own_roots: Arc::new(own_roots),
+            own_roots,
+            trusted,
             fingerprint,
         })
     }
 
     pub fn own_roots(&self) -> &Arc<RootBundle> {
         &self.own_roots
+    }
+
+    /// The roots this CA was proven to chain to.
+    pub fn trusted_roots(&self) -> &Arc<RootBundle> {
+        &self.trusted
     }
 
     pub fn not_after(&self) -> OffsetDateTime {
@@ -279,6 +288,26 @@ impl LocalCa {
         self.current.load_full()
     }
 
+    /// The CA, if it may sign now: not expired, and proven against the roots in force. After a
+    /// pinned-root change that the CA does not chain to, it must not sign: workloads would get
+    /// a leaf their root bundle cannot verify.
+    pub fn usable(&self) -> Result<Arc<LoadedCa>, IssueError> {
+        let ca = self.current.load_full();
+        if ca.not_after <= OffsetDateTime::now_utc() {
+            return Err(IssueError::NotReady(
+                "the CA certificate has expired".into(),
+            ));
+        }
+        if let Some(pinned) = &self.pinned
+            && pinned.borrow().certs() != ca.trusted.certs()
+        {
+            return Err(IssueError::NotReady(
+                "the CA does not chain to the pinned roots in force".into(),
+            ));
+        }
+        Ok(ca)
+    }
+
     /// Re-reads the directory; on error the current CA stays in force.
     pub fn reload(&self) -> Result<(), LocalCaError> {
         let pinned_now = self.pinned.as_ref().map(|rx| rx.borrow().clone());
@@ -348,7 +377,7 @@ impl Issuer for LocalCa {
     }
 
     fn ready(&self) -> bool {
-        self.current.load().not_after > OffsetDateTime::now_utc()
+        self.usable().is_ok()
     }
 
     async fn issue(&self, request: IssueRequest<'_>) -> Result<Issued, IssueError> {
@@ -359,7 +388,7 @@ impl Issuer for LocalCa {
                 "CertSigner ignored by the built-in CA"
             );
         }
-        let ca = self.current.load_full();
+        let ca = self.usable()?;
         let chain = ca
             .sign(
                 request.identities,
@@ -371,7 +400,10 @@ impl Issuer for LocalCa {
                 leaf::LeafError::CaExpired => IssueError::NotReady(e.to_string()),
                 other => IssueError::Internal(other.to_string()),
             })?;
-        Ok(Issued::InProcess(chain))
+        Ok(Issued::InProcess {
+            chain,
+            roots: ca.trusted.clone(),
+        })
     }
 }
 

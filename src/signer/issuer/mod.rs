@@ -7,7 +7,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use rustls_pki_types::CertificateDer;
 
-use crate::pki::chain::VerifiedChain;
+use std::sync::Arc;
+
+use crate::pki::chain::{RootBundle, VerifiedChain};
 use crate::pki::csr::CheckedCsr;
 
 /// One signing request after authentication and the CSR policy passed.
@@ -23,8 +25,12 @@ pub struct IssueRequest<'a> {
 
 /// What an issuer answers.
 pub enum Issued {
-    /// Signed in this process by a CA whose path to the pinned roots was verified on load.
-    InProcess(VerifiedChain),
+    /// Signed in this process by a CA whose path to `roots` was verified on load. The answer
+    /// carries exactly these roots, so leaf and bundle always match, even mid-rotation.
+    InProcess {
+        chain: VerifiedChain,
+        roots: Arc<RootBundle>,
+    },
     /// An external signer's chain, leaf first: it must be verified against the pinned roots.
     External(Vec<CertificateDer<'static>>),
 }
