@@ -27,6 +27,7 @@ use crate::signer::authn::client_cert::ClientCertAuthenticator;
 use crate::signer::authn::static_tokens::StaticTokens;
 use crate::signer::issuer::Issuer;
 use crate::signer::issuer::local_ca::LocalCa;
+use crate::signer::listener;
 use crate::signer::metrics::SignerMetrics;
 use crate::signer::service::{CaService, Settings};
 use crate::signer::serving::{ServingCerts, ServingNames};
@@ -36,6 +37,14 @@ use prometheus_client::registry::Registry;
 
 /// Istio CSRs are about 1 KiB; 64 KiB CSR + metadata fit well under this. Bigger is hostile.
 const MAX_GRPC_MESSAGE_BYTES: usize = 128 * 1024;
+/// Dead peers are found within interval + timeout.
+const HTTP2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// pilot-agent sends one call at a time and ztunnel at most 8; 128 is generous. The bound
+/// on work in progress is --max-inflight.
+const MAX_STREAMS_PER_CONNECTION: u32 = 128;
+/// Service-account JWTs are 1 to 2 KiB; 32 KiB of headers is plenty and bounds hpack memory.
+const MAX_HEADER_LIST_BYTES: u32 = 32 * 1024;
 const DEFAULT_SERVING_ADDRESS: &str = "0.0.0.0:6443";
 const STANDALONE_SERVING_ADDRESS: &str = "127.0.0.1:6443";
 const DEFAULT_ADMIN_ADDRESS: &str = "0.0.0.0:9402";
@@ -359,10 +368,11 @@ pub async fn start(args: ServeArgs, hooks: Hooks) -> anyhow::Result<Running> {
         .with_context(|| format!("binding the gRPC address {}", plan.serving_address))?;
     let grpc_address = listener.local_addr()?;
     let (conn_tx, conn_rx) = mpsc::channel(128);
+    let max_connections = listener::connection_cap(args.server.max_connections);
     tasks.push(liveness.spawn("accept", {
         let shutdown = shutdown.clone();
         async move {
-            tls::accept_loop(listener, tls_config, conn_tx, shutdown).await;
+            listener::accept_loop(listener, tls_config, max_connections, conn_tx, shutdown).await;
             Ok(())
         }
     }));
@@ -372,6 +382,11 @@ pub async fn start(args: ServeArgs, hooks: Hooks) -> anyhow::Result<Running> {
         .set_serving::<IstioCertificateServiceServer<CaService>>()
         .await;
     let grpc = tonic::transport::Server::builder()
+        // Reap peers that vanished without closing (node crash, partition).
+        .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
+        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+        .http2_max_header_list_size(Some(MAX_HEADER_LIST_BYTES))
         .add_service(health_service)
         .add_service(
             IstioCertificateServiceServer::new(service)
@@ -388,9 +403,11 @@ pub async fn start(args: ServeArgs, hooks: Hooks) -> anyhow::Result<Running> {
 
     let stop = CancellationToken::new();
     let stop_requested = stop.clone();
+    let shutdown_delay = args.server.shutdown_delay;
     let done = tokio::spawn(async move {
         let result = run_until_stopped(
             stop_requested,
+            shutdown_delay,
             tasks,
             liveness,
             readiness,
@@ -417,6 +434,7 @@ pub async fn start(args: ServeArgs, hooks: Hooks) -> anyhow::Result<Running> {
 #[allow(clippy::too_many_arguments)]
 async fn run_until_stopped(
     stop: CancellationToken,
+    shutdown_delay: Duration,
     tasks: Vec<AbortOnDropHandle<()>>,
     liveness: Arc<Liveness>,
     readiness: Arc<Readiness>,
@@ -434,6 +452,17 @@ async fn run_until_stopped(
     health
         .set_not_serving::<IstioCertificateServiceServer<CaService>>()
         .await;
+    // gRPC health probes ask about the whole server ("") by default.
+    health
+        .set_service_status("", tonic_health::ServingStatus::NotServing)
+        .await;
+    if early_end.is_none() && !shutdown_delay.is_zero() {
+        tracing::info!(
+            ?shutdown_delay,
+            "not ready; serving on while endpoints update"
+        );
+        tokio::time::sleep(shutdown_delay).await;
+    }
     shutdown.cancel();
     if let Some(ended) = early_end {
         drop(tasks);

@@ -87,6 +87,17 @@ pub struct ServerArgs {
     #[arg(long, env = "ISTIO_CSR_MAX_INFLIGHT", default_value_t = 1024)]
     pub max_inflight: usize,
 
+    /// Open gRPC connections (including ones still in their TLS handshake) at most; more are
+    /// closed at once. Also bounded by the open-files limit.
+    #[arg(long, env = "ISTIO_CSR_MAX_CONNECTIONS", default_value_t = 16384)]
+    pub max_connections: usize,
+
+    /// After SIGTERM, how long to keep serving while reporting not-ready, so load balancers
+    /// and Kubernetes endpoints stop sending new connections before the listener closes.
+    #[arg(long, env = "ISTIO_CSR_SHUTDOWN_DELAY", default_value = "0s",
+          value_parser = humantime::parse_duration)]
+    pub shutdown_delay: Duration,
+
     /// How long in-flight requests may take to finish after SIGTERM.
     #[arg(long, env = "ISTIO_CSR_SHUTDOWN_GRACE", default_value = "10s",
           value_parser = humantime::parse_duration)]

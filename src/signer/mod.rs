@@ -3,6 +3,7 @@
 pub mod authn;
 pub mod error;
 pub mod issuer;
+pub mod listener;
 pub mod metrics;
 pub mod service;
 pub mod serving;

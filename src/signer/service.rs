@@ -11,6 +11,7 @@ use tonic::{Code, Request, Response, Status};
 use super::authn::{self, Authenticator, Caller, Credentials};
 use super::error::{SignError, to_status};
 use super::issuer::{IssueRequest, Issued, Issuer};
+use super::listener::ConnInfo;
 use super::metrics::SignerMetrics;
 use crate::cluster::ClusterRegistry;
 use crate::pki::chain::{self, Expected, RootBundle};
@@ -79,10 +80,13 @@ impl CaService {
             .resolve(cluster_id)
             .map_err(|e| authn::AuthnError::UnknownCluster(e.0))?;
         let bearer = authn::parse_bearer(metadata.get("authorization").map(|v| v.as_bytes()))?;
-        let peer_certs = request.peer_certs();
+        let peer_certs = request
+            .extensions()
+            .get::<ConnInfo>()
+            .and_then(|info| info.peer_certs.as_deref());
         let credentials = Credentials {
             bearer,
-            peer_certs: peer_certs.as_deref().map(Vec::as_slice),
+            peer_certs: peer_certs.map(Vec::as_slice),
             cluster: &cluster,
         };
         let presented = credential_kind(&credentials);

@@ -2,10 +2,7 @@
 //! swapped without dropping connections, and optional client certificates verified against the
 //! mesh roots in force.
 
-use std::io;
-use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 use rcgen::KeyPair;
@@ -16,19 +13,10 @@ use rustls::{
     DigitallySignedStruct, DistinguishedName, RootCertStore, ServerConfig, SignatureScheme,
 };
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, mpsc, watch};
-use tokio_rustls::TlsAcceptor;
-use tokio_rustls::server::TlsStream;
-use tokio_util::sync::CancellationToken;
+use tokio::sync::watch;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
 use crate::pki::chain::RootBundle;
-
-/// A client that has not finished its handshake by then is gone or hostile.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Bounds the memory and CPU that half-open connections can take.
-const MAX_PENDING_HANDSHAKES: usize = 512;
 
 /// The serving certificate in force; swapped atomically on renewal. Open connections keep the
 /// certificate they were established with.
@@ -180,57 +168,4 @@ pub fn server_config(
     let mut config = builder.with_cert_resolver(certs);
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(config)
-}
-
-pub type TlsConn = TlsStream<TcpStream>;
-
-/// Accepts TCP connections and completes TLS handshakes concurrently, handing finished
-/// connections to the gRPC server, until `shutdown` fires.
-pub async fn accept_loop(
-    listener: TcpListener,
-    config: Arc<ServerConfig>,
-    connections: mpsc::Sender<Result<TlsConn, io::Error>>,
-    shutdown: CancellationToken,
-) {
-    let acceptor = TlsAcceptor::from(config);
-    let pending = Arc::new(Semaphore::new(MAX_PENDING_HANDSHAKES));
-    loop {
-        let permit = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            permit = pending.clone().acquire_owned() => match permit {
-                Ok(p) => p,
-                Err(_) => return,
-            },
-        };
-        let accepted = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            accepted = listener.accept() => accepted,
-        };
-        let (tcp, peer) = match accepted {
-            Ok(conn) => conn,
-            Err(error) => {
-                // EMFILE and friends: back off briefly instead of spinning.
-                tracing::warn!(%error, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let _ = tcp.set_nodelay(true);
-        let acceptor = acceptor.clone();
-        let connections = connections.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                Ok(Ok(stream)) => {
-                    let _ = connections.send(Ok(stream)).await;
-                }
-                Ok(Err(error)) => log_handshake_failure(peer, &error.to_string()),
-                Err(_) => log_handshake_failure(peer, "timed out"),
-            }
-        });
-    }
-}
-
-fn log_handshake_failure(peer: SocketAddr, reason: &str) {
-    tracing::debug!(%peer, reason, "TLS handshake failed");
 }
