@@ -32,7 +32,7 @@ use crate::signer::metrics::SignerMetrics;
 use crate::signer::service::{CaService, Settings};
 use crate::signer::serving::{ServingCerts, ServingNames};
 use crate::signer::tls::{self, MeshClientVerifier, ServingCertResolver};
-use crate::standalone::DataDir;
+use crate::standalone::{self, DataDir, Wants};
 use prometheus_client::registry::Registry;
 
 /// Istio CSRs are about 1 KiB; 64 KiB CSR + metadata fit well under this. Bigger is hostile.
@@ -45,6 +45,10 @@ const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_STREAMS_PER_CONNECTION: u32 = 128;
 /// Service-account JWTs are 1 to 2 KiB; 32 KiB of headers is plenty and bounds hpack memory.
 const MAX_HEADER_LIST_BYTES: u32 = 32 * 1024;
+/// Certificate lifetimes accepted in flags: below a minute renewals would never rest; beyond
+/// ten years the CA's own lifetime is the real limit anyway.
+const MIN_CERTIFICATE_DURATION: Duration = Duration::from_secs(60);
+const MAX_CERTIFICATE_DURATION: Duration = Duration::from_secs(3650 * 86_400);
 const DEFAULT_SERVING_ADDRESS: &str = "0.0.0.0:6443";
 const STANDALONE_SERVING_ADDRESS: &str = "127.0.0.1:6443";
 const DEFAULT_ADMIN_ADDRESS: &str = "0.0.0.0:9402";
@@ -75,8 +79,22 @@ impl Plan {
         if args.server.max_inflight == 0 {
             bail!("--max-inflight must be at least 1");
         }
-        if args.server.max_client_certificate_duration < Duration::from_secs(60) {
-            bail!("--max-client-certificate-duration must be at least 1m");
+        for (flag, value) in [
+            (
+                "--max-client-certificate-duration",
+                args.server.max_client_certificate_duration,
+            ),
+            (
+                "--serving-certificate-duration",
+                args.serving_tls.serving_certificate_duration,
+            ),
+        ] {
+            if !(MIN_CERTIFICATE_DURATION..=MAX_CERTIFICATE_DURATION).contains(&value) {
+                bail!(
+                    "{flag} must be between 1m and 3650d, not {}",
+                    humantime::format_duration(value)
+                );
+            }
         }
         let standalone = args.standalone.standalone;
         let address = |given: Option<SocketAddr>, default: &str, standalone_default: &str| {
@@ -228,9 +246,10 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .standalone
         .standalone
         .then(|| DataDir::new(&args.standalone.data_dir));
+    let own_tokens = args.server.token_auth_file.is_none();
     let running = start(args, Hooks::default()).await?;
     if let Some(data) = &standalone {
-        print_try_it(data, running.grpc_address);
+        print_try_it(data, running.grpc_address, own_tokens);
     }
     let stop = running.stop.clone();
     tokio::spawn(async move {
@@ -252,7 +271,11 @@ pub async fn start(args: ServeArgs, hooks: Hooks) -> anyhow::Result<Running> {
     let plan = Plan::resolve(&args)?;
     plan.log(&args);
     if let Some(data) = &plan.standalone {
-        data.bootstrap()
+        let wants = Wants {
+            ca: args.issuance.local_ca_dir.is_none(),
+            tokens: args.server.token_auth_file.is_none(),
+        };
+        data.bootstrap(wants)
             .with_context(|| format!("preparing {}", data.root.display()))?;
     }
     let shutdown = CancellationToken::new();
@@ -291,6 +314,14 @@ pub async fn start(args: ServeArgs, hooks: Hooks) -> anyhow::Result<Running> {
             format!("local-ca:{}", plan.local_ca_dir.display()),
         ),
     };
+    if let Some(data) = &plan.standalone {
+        // Written before the port opens, so the printed command works at once.
+        standalone::write_root_bundle(&data.root_cert(), roots.borrow().pem())?;
+        tasks.push(liveness.spawn(
+            "root-bundle-file",
+            follow_root_bundle_file(data.root_cert(), roots.clone()),
+        ));
+    }
     let ca = Arc::new(ca);
     tasks.push(liveness.spawn("ca-reload", ca.clone().watch()?));
     let mut issuer: Arc<dyn Issuer> = ca.clone();
@@ -305,7 +336,10 @@ pub async fn start(args: ServeArgs, hooks: Hooks) -> anyhow::Result<Running> {
         authenticators.push(tokens);
     }
     let client_verifier = if args.server.enable_client_cert_authenticator {
-        authenticators.push(Arc::new(ClientCertAuthenticator::new(roots.clone())));
+        authenticators.push(Arc::new(ClientCertAuthenticator::new(
+            roots.clone(),
+            &args.server.trust_domain,
+        )));
         let verifier = MeshClientVerifier::new(&roots.borrow())?;
         let follow = verifier.clone().follow(roots.clone());
         tasks.push(liveness.spawn("client-roots", async move {
@@ -532,7 +566,21 @@ fn watch_root_file(
     Ok((rx, task))
 }
 
-fn print_try_it(data: &DataDir, grpc: SocketAddr) {
+/// Keeps the standalone `root-cert.pem` equal to the roots in force.
+async fn follow_root_bundle_file(
+    path: PathBuf,
+    mut roots: watch::Receiver<Arc<RootBundle>>,
+) -> anyhow::Result<()> {
+    while roots.changed().await.is_ok() {
+        let pem = roots.borrow_and_update().pem().to_owned();
+        if let Err(error) = standalone::write_root_bundle(&path, &pem) {
+            tracing::error!(error = %format!("{error:#}"), path = %path.display(), "root bundle file not updated");
+        }
+    }
+    Ok(())
+}
+
+fn print_try_it(data: &DataDir, grpc: SocketAddr, own_tokens: bool) {
     let host = if grpc.ip().is_unspecified() {
         "127.0.0.1".to_owned()
     } else {
@@ -543,6 +591,11 @@ fn print_try_it(data: &DataDir, grpc: SocketAddr) {
         .map(|p| p.display().to_string())
         .unwrap_or_else(|_| "istio-csr-rs".into());
     let dir = data.root.display();
+    let token_file = if own_tokens {
+        format!("{dir}/token")
+    } else {
+        "<a file holding one token of --token-auth-file>".to_owned()
+    };
     // Not println!: that panics when stdout is a closed pipe (`serve | head -1`), and this
     // message is a convenience, never worth the process.
     let _ = writeln!(
@@ -550,7 +603,7 @@ fn print_try_it(data: &DataDir, grpc: SocketAddr) {
         "\nistio-csr-rs (standalone) is serving Istio's CA API on {address}.\n\
          Request a certificate for spiffe://<trust-domain>/ns/default/sa/default with:\n\n  \
          {exe} request --address {address} --root-cert {dir}/root-cert.pem \
-         --token-file {dir}/token --out-dir {dir}/workload\n\n\
+         --token-file {token_file} --out-dir {dir}/workload\n\n\
          then check it with:\n\n  \
          openssl verify -CAfile {dir}/root-cert.pem -untrusted {dir}/workload/cert-chain.pem \
          {dir}/workload/cert-chain.pem\n"

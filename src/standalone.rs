@@ -16,6 +16,36 @@ use crate::pki::{keys, leaf, pem};
 const ROOT_LIFETIME: Duration = Duration::days(3650);
 const TOKEN_BYTES: usize = 32;
 
+/// What standalone mode is to provide itself (flags may point elsewhere instead).
+#[derive(Clone, Copy, Debug)]
+pub struct Wants {
+    pub ca: bool,
+    pub tokens: bool,
+}
+
+impl Wants {
+    pub const ALL: Wants = Wants {
+        ca: true,
+        tokens: true,
+    };
+}
+
+/// Keeps `root-cert.pem` equal to the trust roots in force: it is what clients trust, like the
+/// istio-ca-root-cert ConfigMap in a cluster. It is derived data, so it is replaced atomically.
+pub fn write_root_bundle(path: &Path, pem: &str) -> anyhow::Result<bool> {
+    if std::fs::read_to_string(path).is_ok_and(|current| current == pem) {
+        return Ok(false);
+    }
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(
+        ".root-cert.pem.tmp-{}",
+        random_token()?.get(..16).unwrap_or("0")
+    ));
+    write_new(&tmp, pem.as_bytes(), 0o644)?;
+    std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))?;
+    Ok(true)
+}
+
 /// The files standalone mode uses, all under the data directory.
 #[derive(Clone, Debug)]
 pub struct DataDir {
@@ -46,27 +76,25 @@ impl DataDir {
         self.root.join("root-cert.pem")
     }
 
-    /// Creates whatever is missing. A half-made CA (certificate without key, or the reverse)
-    /// is an error: guessing would risk replacing a CA that workloads already trust.
-    pub fn bootstrap(&self) -> anyhow::Result<()> {
+    /// Creates whatever is missing of what will be used: the CA unless another CA directory
+    /// is given, the tokens unless another token file is. A half-made CA (certificate without
+    /// key, or the reverse) is an error: guessing could replace a CA workloads already trust.
+    pub fn bootstrap(&self, wants: Wants) -> anyhow::Result<()> {
         create_private_dir(&self.root)?;
-        let ca = self.ca_dir();
-        create_private_dir(&ca)?;
-        let (cert, key) = (ca.join("ca-cert.pem"), ca.join("ca-key.pem"));
-        match (cert.exists(), key.exists()) {
-            (true, true) => {}
-            (false, false) => self.create_root_ca(&ca)?,
-            _ => bail!(
-                "{} holds only one of ca-cert.pem and ca-key.pem; restore the other or remove both",
-                ca.display()
-            ),
+        if wants.ca {
+            let ca = self.ca_dir();
+            create_private_dir(&ca)?;
+            let (cert, key) = (ca.join("ca-cert.pem"), ca.join("ca-key.pem"));
+            match (cert.exists(), key.exists()) {
+                (true, true) => {}
+                (false, false) => self.create_root_ca(&ca)?,
+                _ => bail!(
+                    "{} holds only one of ca-cert.pem and ca-key.pem; restore the other or remove both",
+                    ca.display()
+                ),
+            }
         }
-        if !self.root_cert().exists() {
-            let roots = std::fs::read(ca.join("root-cert.pem"))
-                .with_context(|| format!("reading {}", ca.join("root-cert.pem").display()))?;
-            write_new(&self.root_cert(), &roots, 0o644)?;
-        }
-        if !self.tokens_csv().exists() {
+        if wants.tokens && !self.tokens_csv().exists() {
             let token = random_token()?;
             write_new(&self.token_file(), format!("{token}\n").as_bytes(), 0o600)?;
             write_new(
@@ -120,7 +148,12 @@ pub fn write_new(path: &Path, contents: &[u8], mode: u32) -> anyhow::Result<()> 
         .file_name()
         .and_then(|n| n.to_str())
         .context("file name")?;
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    // A random name: a crash leaves a stray file, never one that blocks the next start (in a
+    // container the PID is the same every time).
+    let tmp = dir.join(format!(
+        ".{name}.tmp-{}",
+        random_token()?.get(..16).unwrap_or("0")
+    ));
     let result = (|| -> anyhow::Result<()> {
         let mut file = std::fs::OpenOptions::new()
             .write(true)
@@ -153,7 +186,7 @@ mod tests {
     fn first_start_creates_a_ca_tokens_and_the_bundle_with_private_keys() {
         let tmp = tempfile::tempdir().unwrap();
         let data = DataDir::new(&tmp.path().join("data"));
-        data.bootstrap().unwrap();
+        data.bootstrap(Wants::ALL).unwrap();
         for file in [
             "ca-cert.pem",
             "ca-key.pem",
@@ -176,36 +209,68 @@ mod tests {
     fn later_starts_never_overwrite_existing_material() {
         let tmp = tempfile::tempdir().unwrap();
         let data = DataDir::new(tmp.path());
-        data.bootstrap().unwrap();
-        let before: Vec<Vec<u8>> = [
-            data.ca_dir().join("ca-key.pem"),
-            data.tokens_csv(),
-            data.root_cert(),
-        ]
-        .iter()
-        .map(|p| std::fs::read(p).unwrap())
-        .collect();
-        data.bootstrap().unwrap();
-        let after: Vec<Vec<u8>> = [
-            data.ca_dir().join("ca-key.pem"),
-            data.tokens_csv(),
-            data.root_cert(),
-        ]
-        .iter()
-        .map(|p| std::fs::read(p).unwrap())
-        .collect();
-        assert_eq!(before, after);
+        let material = || -> Vec<Vec<u8>> {
+            [
+                data.ca_dir().join("ca-key.pem"),
+                data.ca_dir().join("root-cert.pem"),
+                data.tokens_csv(),
+                data.token_file(),
+            ]
+            .iter()
+            .map(|p| std::fs::read(p).unwrap())
+            .collect()
+        };
+        data.bootstrap(Wants::ALL).unwrap();
+        let before = material();
+        data.bootstrap(Wants::ALL).unwrap();
+        assert_eq!(before, material());
+    }
+
+    #[test]
+    fn creates_only_what_the_flags_leave_to_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let data = DataDir::new(tmp.path());
+        data.bootstrap(Wants {
+            ca: false,
+            tokens: false,
+        })
+        .unwrap();
+        assert!(!data.ca_dir().exists());
+        assert!(!data.tokens_csv().exists() && !data.token_file().exists());
+    }
+
+    #[test]
+    fn the_root_bundle_file_follows_the_roots() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("root-cert.pem");
+        assert!(write_root_bundle(&path, "one").unwrap());
+        assert!(
+            !write_root_bundle(&path, "one").unwrap(),
+            "unchanged content is not rewritten"
+        );
+        assert!(write_root_bundle(&path, "two").unwrap());
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "two");
     }
 
     #[test]
     fn a_half_made_ca_is_reported_not_replaced() {
         let tmp = tempfile::tempdir().unwrap();
         let data = DataDir::new(tmp.path());
-        data.bootstrap().unwrap();
+        data.bootstrap(Wants::ALL).unwrap();
         std::fs::remove_file(data.ca_dir().join("ca-cert.pem")).unwrap();
-        let err = data.bootstrap().unwrap_err().to_string();
+        let err = data.bootstrap(Wants::ALL).unwrap_err().to_string();
         assert!(err.contains("only one of"), "{err}");
         assert!(data.ca_dir().join("ca-key.pem").exists());
+    }
+
+    #[test]
+    fn a_stale_temporary_file_does_not_block_a_start() {
+        let tmp = tempfile::tempdir().unwrap();
+        let data = DataDir::new(tmp.path());
+        std::fs::create_dir_all(data.ca_dir()).unwrap();
+        let pid = std::process::id();
+        std::fs::write(data.ca_dir().join(format!(".ca-key.pem.tmp-{pid}")), "x").unwrap();
+        data.bootstrap(Wants::ALL).unwrap();
     }
 
     #[test]

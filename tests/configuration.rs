@@ -206,7 +206,15 @@ async fn refuses_to_start_with_a_ca_outside_the_pinned_roots() {
 
 #[tokio::test]
 async fn explains_configurations_that_cannot_work() {
-    let cases: [(&[&str], &str); 5] = [
+    let cases: [(&[&str], &str); 7] = [
+        (
+            &["--standalone", "--max-client-certificate-duration", "9000y"],
+            "between 1m and 3650d",
+        ),
+        (
+            &["--standalone", "--serving-certificate-duration", "0s"],
+            "between 1m and 3650d",
+        ),
         (&[], "needs Kubernetes support"),
         (&["--signer", "kube-csr"], "needs Kubernetes support"),
         (
@@ -226,6 +234,37 @@ async fn explains_configurations_that_cannot_work() {
         let error = start_error(extra).await;
         assert!(error.contains(want), "{extra:?}: {error}");
     }
+}
+
+#[tokio::test]
+async fn standalone_with_its_own_ca_directory_trusts_that_ca_only() {
+    let tmp = tempfile::tempdir().unwrap();
+    let own = TestCa::root("own", KeyAlg::EcdsaP256);
+    let own_dir = tmp.path().join("own-ca");
+    write_ca(&own_dir, &own);
+    let own_dir = own_dir.to_str().unwrap().to_owned();
+    let server = Server::start(&["--local-ca-dir", &own_dir]).await;
+    assert!(
+        !server.data_dir.join("ca").exists(),
+        "an unused CA was created"
+    );
+    let bundle = std::fs::read(server.data_dir.join("root-cert.pem")).unwrap();
+    assert_eq!(
+        pem::parse_certificates(&bundle).unwrap(),
+        vec![own.cert.clone()]
+    );
+    // The target trusts data/root-cert.pem, as the printed command does.
+    let (csr, _) = p256_csr(DEFAULT_ID);
+    let mut client = server.client().await;
+    client
+        .create_certificate(pilot_agent_request(
+            &server.target(),
+            Some(&server.token()),
+            csr,
+            3600,
+        ))
+        .await
+        .unwrap();
 }
 
 #[test]

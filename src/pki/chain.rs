@@ -20,7 +20,7 @@ pub enum ChainError {
     Malformed(String),
     #[error("root certificate is not usable as a trust anchor: {0}")]
     BadRoot(String),
-    #[error("chain does not verify against the pinned roots: {0}")]
+    #[error("chain does not verify against the trusted roots: {0}")]
     Untrusted(String),
     #[error("issued certificate does not carry the requested identities")]
     IdentityMismatch,

@@ -230,6 +230,14 @@ fn check_attributes_and_extensions(
                 "more than one extension request".into(),
             ));
         }
+        // x509-parser reads only the first value of the attribute's SET (and hands us the SET
+        // header with that value only); Go ignores an attribute with several. A second value
+        // would be checked by nobody here yet honoured by some downstream signer.
+        if !holds_exactly_one_value(attribute.value) {
+            return Err(CsrError::Malformed(
+                "the extension request must hold exactly one value".into(),
+            ));
+        }
         let ParsedCriAttribute::ExtensionRequest(request) = attribute.parsed_attribute() else {
             return Err(CsrError::Malformed("unparsable extension request".into()));
         };
@@ -287,6 +295,12 @@ fn check_attributes_and_extensions(
         return Err(CsrError::NoUriSan);
     }
     Ok(uris)
+}
+
+/// `value` is the attribute's SET header followed by the value(s) x509-parser consumed: the
+/// SET's declared length must be exactly one element long.
+fn holds_exactly_one_value(value: &[u8]) -> bool {
+    super::der::der_elements(value).is_some_and(|elements| elements.len() == 1)
 }
 
 fn san_kind(name: &GeneralName<'_>) -> &'static str {
@@ -542,6 +556,37 @@ mod tests {
             parse_and_check(&pem),
             Err(CsrError::KeyType | CsrError::SignatureAlgorithm)
         ));
+    }
+
+    /// Extensions ::= SEQUENCE OF Extension, holding one SubjectAltName with `names`.
+    fn san_extensions(names: &[u8]) -> Vec<u8> {
+        use crate::pki::der::der_tlv;
+        let oid = [0x06, 0x03, 0x55, 0x1d, 0x11];
+        let value = der_tlv(0x04, &der_tlv(0x30, names));
+        der_tlv(0x30, &der_tlv(0x30, &[&oid[..], &value].concat()))
+    }
+
+    #[test]
+    fn refuses_an_extension_request_with_a_second_value() {
+        use crate::pki::der::der_tlv;
+        let uri = der_tlv(0x86, ID.as_bytes());
+        let dns = der_tlv(0x82, b"evil.example.com");
+        // SET { Extensions{URI SAN}, Extensions{DNS SAN} }: readers that look at the first
+        // value only would see a clean CSR.
+        let values = der_tlv(0x31, &[san_extensions(&uri), san_extensions(&dns)].concat());
+        let csr =
+            CsrBuilder::new(KeyAlg::EcdsaP256).attribute(&[1, 2, 840, 113549, 1, 9, 14], values);
+        let result = check(csr);
+        assert!(matches!(result, Err(CsrError::Malformed(_))), "{result:?}");
+    }
+
+    #[test]
+    fn accepts_a_hand_built_single_value_extension_request() {
+        use crate::pki::der::der_tlv;
+        let values = der_tlv(0x31, &san_extensions(&der_tlv(0x86, ID.as_bytes())));
+        let csr =
+            CsrBuilder::new(KeyAlg::EcdsaP256).attribute(&[1, 2, 840, 113549, 1, 9, 14], values);
+        assert_eq!(check(csr).unwrap().uris, vec![ID.to_owned()]);
     }
 
     #[test]

@@ -8,6 +8,8 @@ use rcgen::KeyPair;
 use rustls_pki_types::PrivateKeyDer;
 use rustls_pki_types::pem::PemObject;
 
+use super::der::{der_read, der_tlv};
+
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
     #[error("no private key PEM block found (encrypted keys are not supported)")]
@@ -97,44 +99,6 @@ fn sec1_curve_oid(sec1: &[u8]) -> Option<&[u8]> {
     None
 }
 
-/// Reads one DER TLV: (tag, contents, remaining input). Definite lengths only.
-fn der_read(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
-    let (&tag, rest) = input.split_first()?;
-    let (&first, rest) = rest.split_first()?;
-    let (len, rest) = if first < 0x80 {
-        (usize::from(first), rest)
-    } else {
-        let n = usize::from(first & 0x7f);
-        if n == 0 || n > 4 || rest.len() < n {
-            return None;
-        }
-        let len = rest[..n]
-            .iter()
-            .fold(0usize, |acc, b| (acc << 8) | usize::from(*b));
-        (len, &rest[n..])
-    };
-    if rest.len() < len {
-        return None;
-    }
-    Some((tag, &rest[..len], &rest[len..]))
-}
-
-fn der_tlv(tag: u8, contents: &[u8]) -> Vec<u8> {
-    let len = contents.len();
-    let mut out = Vec::with_capacity(len + 6);
-    out.push(tag);
-    if len < 0x80 {
-        out.push(len as u8);
-    } else {
-        let bytes = len.to_be_bytes();
-        let skip = bytes.iter().take_while(|b| **b == 0).count();
-        out.push(0x80 | (bytes.len() - skip) as u8);
-        out.extend_from_slice(&bytes[skip..]);
-    }
-    out.extend_from_slice(contents);
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -181,14 +145,5 @@ mod tests {
         ));
         let bogus = "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n";
         assert!(load_private_key_pem(bogus.as_bytes()).is_err());
-    }
-
-    #[test]
-    fn der_lengths_round_trip() {
-        for len in [0usize, 1, 127, 128, 255, 256, 70_000] {
-            let tlv = der_tlv(0x04, &vec![7u8; len]);
-            let (tag, body, rest) = der_read(&tlv).unwrap();
-            assert_eq!((tag, body.len(), rest.len()), (0x04, len, 0));
-        }
     }
 }

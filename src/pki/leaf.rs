@@ -35,7 +35,11 @@ pub fn validity(
     if ca_not_after <= now {
         return Err(LeafError::CaExpired);
     }
-    let not_after = (now + lifetime).min(ca_not_after);
+    // A lifetime past the calendar's end is simply "as long as the CA lives".
+    let not_after = time::Duration::try_from(lifetime)
+        .ok()
+        .and_then(|d| now.checked_add(d))
+        .map_or(ca_not_after, |end| end.min(ca_not_after));
     Ok((now - NOT_BEFORE_SKEW, not_after))
 }
 
@@ -165,6 +169,13 @@ mod tests {
     fn validity_never_outlives_the_ca() {
         let (_, na) = validity(at(1_000_000), Duration::from_secs(3600), at(1_000_100)).unwrap();
         assert_eq!(na, at(1_000_100));
+    }
+
+    #[test]
+    fn validity_survives_absurd_lifetimes() {
+        let (_, na) =
+            validity(at(1_000_000), Duration::from_secs(u64::MAX), at(9_000_000)).unwrap();
+        assert_eq!(na, at(9_000_000));
     }
 
     #[test]

@@ -2,6 +2,7 @@
 
 pub mod chain;
 pub mod csr;
+pub mod der;
 pub mod identity;
 pub mod keys;
 pub mod leaf;

@@ -186,6 +186,12 @@ impl CsrBuilder {
         self.custom_extension(&[2, 5, 29, 19], vec![0x30, 0x03, 0x01, 0x01, 0xff])
     }
 
+    /// A raw attribute: `values` is the DER SET of the attribute's values.
+    pub fn attribute(mut self, oid: &'static [u64], values: Vec<u8>) -> Self {
+        self.attributes.push(rcgen::Attribute { oid, values });
+        self
+    }
+
     /// A PKCS#9 challengePassword attribute (values: a DER SET holding UTF8String "secret").
     pub fn challenge_password(mut self) -> Self {
         self.attributes.push(rcgen::Attribute {

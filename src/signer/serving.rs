@@ -19,6 +19,7 @@ use crate::pki::keys;
 /// Retry delays after a failed renewal: start small, never hammer the issuer.
 const RETRY_MIN: Duration = Duration::from_secs(1);
 const RETRY_MAX: Duration = Duration::from_secs(60);
+const RENEW_FLOOR: Duration = Duration::from_secs(1);
 
 /// Names the serving certificate is valid for.
 #[derive(Clone, Debug)]
@@ -121,7 +122,10 @@ impl ServingCerts {
             let life: time::Duration = not_after - not_before;
             let renew_at: OffsetDateTime = not_before + life * 2 / 3;
             let remaining: time::Duration = renew_at - OffsetDateTime::now_utc();
-            let wait = Duration::try_from(remaining).unwrap_or(Duration::ZERO);
+            // The floor keeps a CA that is about to expire (short leaves) from a busy loop.
+            let wait = Duration::try_from(remaining)
+                .unwrap_or(Duration::ZERO)
+                .max(RENEW_FLOOR);
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
                 Ok(()) = roots.changed() => {

@@ -16,11 +16,17 @@ use std::sync::Arc;
 
 pub struct ClientCertAuthenticator {
     roots: watch::Receiver<Arc<RootBundle>>,
+    /// Identities of other trust domains are refused even when their certificate chains to a
+    /// trusted root (a bundle shared with another mesh must not let its workloads renew here).
+    trust_domain: String,
 }
 
 impl ClientCertAuthenticator {
-    pub fn new(roots: watch::Receiver<Arc<RootBundle>>) -> Self {
-        Self { roots }
+    pub fn new(roots: watch::Receiver<Arc<RootBundle>>, trust_domain: &str) -> Self {
+        Self {
+            roots,
+            trust_domain: trust_domain.to_owned(),
+        }
     }
 }
 
@@ -52,6 +58,14 @@ impl Authenticator for ClientCertAuthenticator {
         let Some(first) = identities.first() else {
             return Err(AuthnError::InvalidClientCertificate("no URI SAN".into()));
         };
+        if identities
+            .iter()
+            .any(|id| id.trust_domain() != self.trust_domain)
+        {
+            return Err(AuthnError::InvalidClientCertificate(
+                "identity of another trust domain".into(),
+            ));
+        }
         Ok(Some(Caller {
             service_account: Some(ServiceAccount {
                 namespace: first.namespace().to_owned(),
@@ -74,7 +88,7 @@ mod tests {
     fn authenticator(root: &TestCa) -> ClientCertAuthenticator {
         let roots = RootBundle::from_certs(vec![root.cert.clone()]).unwrap();
         let (_tx, rx) = watch::channel(Arc::new(roots));
-        ClientCertAuthenticator::new(rx)
+        ClientCertAuthenticator::new(rx, "cluster.local")
     }
 
     #[tokio::test]
@@ -100,6 +114,24 @@ mod tests {
         let root = TestCa::root("root", KeyAlg::EcdsaP256);
         let rogue = TestCa::root("rogue", KeyAlg::EcdsaP256);
         let (leaf, _) = rogue.leaf(ID);
+        let certs = [leaf];
+        let result = authenticator(&root)
+            .authenticate(&Credentials {
+                bearer: None,
+                peer_certs: Some(&certs),
+                cluster: &ClusterTarget::Local,
+            })
+            .await;
+        assert!(matches!(
+            result,
+            Err(AuthnError::InvalidClientCertificate(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_mesh_certificate_of_another_trust_domain_is_refused() {
+        let root = TestCa::root("root", KeyAlg::EcdsaP256);
+        let (leaf, _) = root.leaf("spiffe://other.mesh/ns/default/sa/default");
         let certs = [leaf];
         let result = authenticator(&root)
             .authenticate(&Credentials {

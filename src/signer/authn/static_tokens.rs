@@ -44,7 +44,9 @@ pub struct TokenTable {
 impl TokenTable {
     pub fn parse(text: &str, trust_domain: &str, path: &Path) -> Result<Self, TokenFileError> {
         let mut by_digest = HashMap::new();
-        for (index, raw) in text.lines().enumerate() {
+        // Windows editors start files with a byte-order mark; it is not part of the token.
+        let body = text.strip_prefix('\u{feff}').unwrap_or(text);
+        for (index, raw) in body.lines().enumerate() {
             let line = raw.trim();
             if line.is_empty() || line.starts_with('#') {
                 continue;
@@ -202,6 +204,12 @@ mod tests {
             vec!["spiffe://cluster.local/ns/ns1/sa/sa.one".to_owned()]
         );
         assert!(table.lookup("nope").is_none());
+    }
+
+    #[test]
+    fn ignores_a_byte_order_mark() {
+        let table = parse("\u{feff}abc,default,default\n").unwrap();
+        assert!(table.lookup("abc").is_some());
     }
 
     #[test]

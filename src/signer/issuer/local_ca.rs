@@ -247,7 +247,18 @@ fn prove(
     .map_err(|e| untrusted(&e))?;
     let mut candidates = vec![ca_cert.clone()];
     candidates.extend(chain_certs.iter().cloned());
-    chain::verify_path(&probe, &candidates, roots, UnixTime::now()).map_err(|e| untrusted(&e))
+    chain::verify_path(&probe, &candidates, roots, UnixTime::now()).map_err(|e| {
+        let text = e.to_string();
+        if text.contains("NameConstraint") {
+            // rustls-webpki refuses every URI name constraint; istiod's Go verifier checks them.
+            LocalCaError::Untrusted(format!(
+                "{text}: CAs with name constraints on URIs cannot be verified here yet; \
+                 use a CA certificate without URI name constraints"
+            ))
+        } else {
+            untrusted(&e)
+        }
+    })
 }
 
 /// The built-in CA as an issuer, with hot reload.
