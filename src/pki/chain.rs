@@ -111,6 +111,8 @@ pub struct Expected<'a> {
 pub struct VerifiedChain {
     leaf: CertificateDer<'static>,
     intermediates: Vec<CertificateDer<'static>>,
+    /// The leaf's notBefore and notAfter, unix seconds: known without parsing it again.
+    validity: (i64, i64),
 }
 
 impl VerifiedChain {
@@ -120,11 +122,18 @@ impl VerifiedChain {
     pub(crate) fn signed_in_process(
         leaf: CertificateDer<'static>,
         intermediates: Vec<CertificateDer<'static>>,
+        validity: (i64, i64),
     ) -> Self {
         Self {
             leaf,
             intermediates,
+            validity,
         }
+    }
+
+    /// notAfter - notBefore of the leaf, in seconds.
+    pub fn lifetime_secs(&self) -> i64 {
+        self.validity.1 - self.validity.0
     }
 
     pub fn leaf(&self) -> &CertificateDer<'static> {
@@ -163,10 +172,11 @@ pub fn verify(
     let leaf = certs.next().ok_or(ChainError::Empty)?;
     let candidates: Vec<CertificateDer<'static>> = certs.collect();
     let intermediates = verify_path(&leaf, &candidates, roots, now)?;
-    check_leaf(&leaf, expected)?;
+    let validity = check_leaf(&leaf, expected)?;
     Ok(VerifiedChain {
         leaf,
         intermediates,
+        validity,
     })
 }
 
@@ -196,7 +206,11 @@ pub fn verify_path(
         .collect())
 }
 
-fn check_leaf(leaf: &CertificateDer<'_>, expected: &Expected<'_>) -> Result<(), ChainError> {
+/// Checks identities and key; returns the leaf's validity (notBefore, notAfter).
+fn check_leaf(
+    leaf: &CertificateDer<'_>,
+    expected: &Expected<'_>,
+) -> Result<(i64, i64), ChainError> {
     let (_, cert) =
         X509Certificate::from_der(leaf).map_err(|e| ChainError::Malformed(e.to_string()))?;
     if cert.public_key().raw != expected.spki_der {
@@ -209,7 +223,11 @@ fn check_leaf(leaf: &CertificateDer<'_>, expected: &Expected<'_>) -> Result<(), 
     if uris != want {
         return Err(ChainError::IdentityMismatch);
     }
-    Ok(())
+    let validity = cert.validity();
+    Ok((
+        validity.not_before.timestamp(),
+        validity.not_after.timestamp(),
+    ))
 }
 
 /// The URI SANs of a certificate; any other SAN type on a workload leaf is an error.

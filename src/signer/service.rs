@@ -138,7 +138,7 @@ impl CaService {
             }
         };
         Ok(Signed {
-            lifetime_secs: leaf_lifetime_secs(verified.leaf()),
+            lifetime_secs: verified.lifetime_secs() as f64,
             response: IstioCertificateResponse {
                 cert_chain: verified.to_response(&roots),
             },
@@ -172,14 +172,6 @@ impl CaService {
 struct Signed {
     response: IstioCertificateResponse,
     lifetime_secs: f64,
-}
-
-fn leaf_lifetime_secs(leaf: &[u8]) -> f64 {
-    use x509_parser::prelude::{FromDer, X509Certificate};
-    X509Certificate::from_der(leaf).map_or(0.0, |(_, cert)| {
-        let validity = cert.validity();
-        (validity.not_after.timestamp() - validity.not_before.timestamp()) as f64
-    })
 }
 
 /// Which kind of credential a caller presented, for the authentication metric.

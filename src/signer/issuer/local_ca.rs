@@ -203,6 +203,7 @@ impl LoadedCa {
         Ok(VerifiedChain::signed_in_process(
             cert,
             self.intermediates.clone(),
+            (window.0.unix_timestamp(), window.1.unix_timestamp()),
         ))
     }
 
@@ -220,6 +221,7 @@ impl LoadedCa {
         Ok(VerifiedChain::signed_in_process(
             cert,
             self.intermediates.clone(),
+            (window.0.unix_timestamp(), window.1.unix_timestamp()),
         ))
     }
 }
