@@ -4,12 +4,15 @@
 #   1. unit tests beside the code;
 #   2. gRPC tests: the real server over TLS on loopback with a real tonic client, plus an
 #      independent Python grpcio client (tests/interop);
-#   3. process tests: the real binary, signals and the printed commands.
-# (The Kubernetes tier, with etcd and kube-apiserver, joins with the Kubernetes issue.)
+#   3. Kubernetes tests against a real kube-apiserver + etcd on loopback (tests/kube_*.rs);
+#   4. process tests: the real binary, signals and the printed commands.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 scripts/provision.sh
+# etcd + kube-apiserver, built once and cached by version outside the checkout.
+ISTIO_CSR_KUBE_BIN="$(scripts/provision-kube.sh | tail -n 1)"
+export ISTIO_CSR_KUBE_BIN
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
@@ -17,7 +20,7 @@ cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --locked --all-targets -- -D warnings
 
-echo "== cargo test (unit, gRPC, process tiers)"
+echo "== cargo test (unit, gRPC, Kubernetes, process tiers)"
 cargo test --locked --all-targets
 
 echo "== independent gRPC client (Python grpcio)"

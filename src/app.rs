@@ -25,6 +25,7 @@ use crate::signer::Signer;
 use crate::signer::authn::Authenticator;
 use crate::signer::authn::client_cert::ClientCertAuthenticator;
 use crate::signer::authn::static_tokens::StaticTokens;
+use crate::signer::authn::token_review::{TokenReviewMetrics, TokenReviewer};
 use crate::signer::issuer::Issuer;
 use crate::signer::issuer::local_ca::LocalCa;
 use crate::signer::listener;
@@ -153,12 +154,6 @@ impl Plan {
             .local_ca_dir
             .clone()
             .context("--signer local-ca needs --local-ca-dir")?;
-        if args.server.token_auth_file.is_none() && !args.server.enable_client_cert_authenticator {
-            bail!(
-                "no way to authenticate callers: pass --token-auth-file or \
-                 --enable-client-cert-authenticator"
-            );
-        }
         if serving_names.is_empty() {
             serving_names = vec![DEFAULT_SERVING_DNS_NAME.into()];
         }
@@ -335,6 +330,25 @@ pub async fn start(args: ServeArgs, hooks: Hooks) -> anyhow::Result<Running> {
         tasks.push(liveness.spawn("token-reload", tokens.clone().watch()?));
         authenticators.push(tokens);
     }
+    if plan.standalone.is_none() {
+        match kube_client(args.server.kubeconfig.as_deref()).await {
+            Ok(client) => {
+                authenticators.push(Arc::new(TokenReviewer::new(
+                    client,
+                    args.server.token_audiences.clone(),
+                    &args.server.trust_domain,
+                    args.server.token_review_cache_ttl,
+                    TokenReviewMetrics::register(&mut registry),
+                )));
+            }
+            Err(error) if args.server.kubeconfig.is_some() => {
+                return Err(error.context("--kubeconfig"));
+            }
+            Err(error) => {
+                tracing::info!(error = %format!("{error:#}"), "no Kubernetes configuration found: TokenReview is off");
+            }
+        }
+    }
     let client_verifier = if args.server.enable_client_cert_authenticator {
         authenticators.push(Arc::new(ClientCertAuthenticator::new(
             roots.clone(),
@@ -351,6 +365,13 @@ pub async fn start(args: ServeArgs, hooks: Hooks) -> anyhow::Result<Running> {
         None
     };
 
+    if authenticators.is_empty() && !args.server.enable_client_cert_authenticator {
+        bail!(
+            "no way to authenticate callers: give a Kubernetes configuration (--kubeconfig, \
+             KUBECONFIG or in-cluster) for TokenReview, --token-auth-file, or \
+             --enable-client-cert-authenticator"
+        );
+    }
     let resolver = Arc::new(ServingCertResolver::default());
     let serving = Arc::new(ServingCerts::new(
         ca.clone(),
@@ -564,6 +585,27 @@ fn watch_root_file(
         }
     };
     Ok((rx, task))
+}
+
+/// Every call to an API server has a deadline: a hung apiserver must not hang a CreateCertificate.
+const KUBE_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const KUBE_READ_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// A client for the local cluster: `--kubeconfig`, else kube's usual inference.
+async fn kube_client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<kube::Client> {
+    let mut config = match kubeconfig {
+        Some(path) => {
+            let file = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(file, &kube::config::KubeConfigOptions::default())
+                .await?
+        }
+        None => kube::Config::infer().await?,
+    };
+    config.connect_timeout = Some(KUBE_CONNECT_TIMEOUT);
+    config.read_timeout = Some(KUBE_READ_TIMEOUT);
+    config.write_timeout = Some(KUBE_READ_TIMEOUT);
+    Ok(kube::Client::try_from(config)?)
 }
 
 /// Keeps the standalone `root-cert.pem` equal to the roots in force.

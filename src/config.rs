@@ -83,6 +83,26 @@ pub struct ServerArgs {
     #[arg(long, env = "ISTIO_CSR_TOKEN_AUTH_FILE")]
     pub token_auth_file: Option<PathBuf>,
 
+    /// Audiences a service-account token must be valid for (TokenReview).
+    #[arg(
+        long,
+        env = "ISTIO_CSR_TOKEN_AUDIENCES",
+        value_delimiter = ',',
+        default_value = "istio-ca"
+    )]
+    pub token_audiences: Vec<String>,
+
+    /// How long a successful TokenReview is reused (never past the token's own expiry; 0 turns
+    /// the cache off).
+    #[arg(long, env = "ISTIO_CSR_TOKEN_REVIEW_CACHE_TTL", default_value = "60s",
+          value_parser = humantime::parse_duration)]
+    pub token_review_cache_ttl: Duration,
+
+    /// Kubeconfig of the local cluster [default: $KUBECONFIG, ~/.kube/config, or in-cluster].
+    /// Without a usable one, TokenReview is off (standalone mode never uses Kubernetes).
+    #[arg(long, env = "ISTIO_CSR_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+
     /// CreateCertificate calls handled at once; beyond it callers get ResourceExhausted and retry.
     #[arg(long, env = "ISTIO_CSR_MAX_INFLIGHT", default_value_t = 1024)]
     pub max_inflight: usize,

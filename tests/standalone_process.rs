@@ -187,6 +187,39 @@ fn restarting_keeps_the_ca_and_tokens() {
 }
 
 #[test]
+fn refuses_to_start_without_any_way_to_authenticate_callers() {
+    use istio_csr_rs::pki::testing::{KeyAlg, TestCa};
+    let tmp = tempfile::tempdir().unwrap();
+    let root = TestCa::root("ca", KeyAlg::EcdsaP256);
+    let ca = tmp.path().join("ca");
+    std::fs::create_dir_all(&ca).unwrap();
+    for name in ["ca-cert.pem", "cert-chain.pem", "root-cert.pem"] {
+        std::fs::write(ca.join(name), root.cert_pem()).unwrap();
+    }
+    std::fs::write(ca.join("ca-key.pem"), root.key_pem()).unwrap();
+    // An empty environment: no KUBECONFIG, no ~/.kube/config, not in a pod.
+    let output = Command::new(BIN)
+        .env_clear()
+        .env("HOME", tmp.path())
+        .args(["serve", "--signer", "local-ca", "--local-ca-dir"])
+        .arg(&ca)
+        .args([
+            "--serving-address",
+            "127.0.0.1:0",
+            "--admin-address",
+            "127.0.0.1:0",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("no way to authenticate callers"),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn logs_never_carry_the_token_or_any_pem_block() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");

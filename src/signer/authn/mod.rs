@@ -3,6 +3,7 @@
 
 pub mod client_cert;
 pub mod static_tokens;
+pub mod token_review;
 
 use async_trait::async_trait;
 use rustls_pki_types::CertificateDer;
@@ -46,6 +47,7 @@ pub struct PodRef {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AuthMethod {
     StaticToken,
+    TokenReview,
     ClientCertificate,
 }
 
@@ -53,6 +55,7 @@ impl AuthMethod {
     pub fn label(self) -> &'static str {
         match self {
             AuthMethod::StaticToken => "static-token",
+            AuthMethod::TokenReview => "token-review",
             AuthMethod::ClientCertificate => "client-certificate",
         }
     }

@@ -1,0 +1,202 @@
+//! Tier 3: TokenReview authentication against a real kube-apiserver.
+
+mod support;
+
+use std::time::Duration;
+
+use clap::Parser;
+use istio_csr_rs::app::{self, Hooks, Running};
+use istio_csr_rs::client::Target;
+use istio_csr_rs::config::{Cli, Command};
+use istio_csr_rs::pki::pem;
+use istio_csr_rs::pki::testing::{KeyAlg, TestCa};
+use support::kube::{TestCluster, shared};
+use support::*;
+use tonic::Code;
+use x509_parser::prelude::{FromDer, GeneralName, ParsedExtension, X509Certificate};
+
+struct Signer {
+    running: Running,
+    dir: tempfile::TempDir,
+}
+
+/// A signer with the built-in CA that authenticates callers by TokenReview in `cluster`.
+async fn signer(cluster: &TestCluster, extra: &[&str]) -> Signer {
+    install_crypto_provider();
+    let dir = tempfile::tempdir().unwrap();
+    let root = TestCa::root("kube test root", KeyAlg::EcdsaP256);
+    let ca = dir.path().join("ca");
+    std::fs::create_dir_all(&ca).unwrap();
+    for name in ["ca-cert.pem", "cert-chain.pem", "root-cert.pem"] {
+        std::fs::write(ca.join(name), root.cert_pem()).unwrap();
+    }
+    std::fs::write(ca.join("ca-key.pem"), root.key_pem()).unwrap();
+    let ca = ca.to_str().unwrap().to_owned();
+    let kubeconfig = cluster.kubeconfig.to_str().unwrap().to_owned();
+    let mut argv = vec![
+        "istio-csr-rs",
+        "serve",
+        "--signer",
+        "local-ca",
+        "--local-ca-dir",
+        &ca,
+        "--kubeconfig",
+        &kubeconfig,
+        "--serving-address",
+        "127.0.0.1:0",
+        "--admin-address",
+        "127.0.0.1:0",
+        "--serving-certificate-dns-names",
+        "localhost",
+    ];
+    argv.extend_from_slice(extra);
+    let Command::Serve(args) = Cli::try_parse_from(argv).unwrap().command else {
+        unreachable!()
+    };
+    let running = app::start(*args, Hooks::default()).await.unwrap();
+    Signer { running, dir }
+}
+
+impl Signer {
+    fn target(&self) -> Target {
+        Target {
+            address: self.running.grpc_address.to_string(),
+            server_name: Some("localhost".into()),
+            root_cert: self.dir.path().join("ca/root-cert.pem"),
+            token_file: None,
+            cluster_id: "Kubernetes".into(),
+            timeout: Duration::from_secs(20),
+        }
+    }
+
+    async fn create(&self, token: &str, identity: &str) -> Result<Vec<String>, tonic::Status> {
+        let target = self.target();
+        let (csr, _) = p256_csr(identity);
+        let mut client = target.connect().await.unwrap();
+        client
+            .create_certificate(pilot_agent_request(&target, Some(token), csr, 3600))
+            .await
+            .map(|r| r.into_inner().cert_chain)
+    }
+}
+
+fn leaf_uris(chain: &[String]) -> Vec<String> {
+    let der = pem::parse_certificates(chain[0].as_bytes())
+        .unwrap()
+        .remove(0);
+    let (_, cert) = X509Certificate::from_der(&der).unwrap();
+    let mut uris = Vec::new();
+    for ext in cert.extensions() {
+        if let ParsedExtension::SubjectAlternativeName(san) = ext.parsed_extension() {
+            for name in &san.general_names {
+                if let GeneralName::URI(u) = name {
+                    uris.push((*u).to_owned());
+                }
+            }
+        }
+    }
+    uris
+}
+
+#[tokio::test]
+async fn a_token_minted_for_istio_ca_gets_exactly_its_identity() {
+    let cluster = shared().await;
+    cluster.namespace("tr-happy").await;
+    cluster.service_account("tr-happy", "web").await;
+    let pod = cluster.pod("tr-happy", "web-0", "web", "node-a").await;
+    let token = cluster
+        .token("tr-happy", "web", &["istio-ca"], 3600, Some(&pod))
+        .await;
+    let signer = signer(cluster, &[]).await;
+    let id = "spiffe://cluster.local/ns/tr-happy/sa/web";
+    let chain = signer.create(&token, id).await.unwrap();
+    assert_eq!(leaf_uris(&chain), vec![id.to_owned()]);
+    // The token does not entitle its holder to another identity.
+    let other = signer
+        .create(&token, "spiffe://cluster.local/ns/tr-happy/sa/admin")
+        .await
+        .unwrap_err();
+    assert_eq!(other.code(), Code::PermissionDenied);
+}
+
+#[tokio::test]
+async fn refuses_wrong_audience_garbage_and_deleted_service_accounts() {
+    let cluster = shared().await;
+    cluster.namespace("tr-refuse").await;
+    cluster.service_account("tr-refuse", "web").await;
+    cluster.service_account("tr-refuse", "gone").await;
+    let signer = signer(cluster, &[]).await;
+    let id = |sa: &str| format!("spiffe://cluster.local/ns/tr-refuse/sa/{sa}");
+
+    let wrong_audience = cluster
+        .token("tr-refuse", "web", &["vault"], 3600, None)
+        .await;
+    let status = signer
+        .create(&wrong_audience, &id("web"))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated, "wrong audience");
+
+    let status = signer.create("not.a.token", &id("web")).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated, "garbage");
+
+    let doomed = cluster
+        .token("tr-refuse", "gone", &["istio-ca"], 3600, None)
+        .await;
+    ::kube::Api::<k8s_openapi::api::core::v1::ServiceAccount>::namespaced(
+        cluster.client().await,
+        "tr-refuse",
+    )
+    .delete("gone", &Default::default())
+    .await
+    .unwrap();
+    let status = signer.create(&doomed, &id("gone")).await.unwrap_err();
+    assert_eq!(
+        status.code(),
+        Code::Unauthenticated,
+        "deleted service account"
+    );
+}
+
+#[tokio::test]
+async fn an_unknown_cluster_is_unauthenticated() {
+    let cluster = shared().await;
+    cluster.namespace("tr-cluster").await;
+    cluster.service_account("tr-cluster", "web").await;
+    let token = cluster
+        .token("tr-cluster", "web", &["istio-ca"], 3600, None)
+        .await;
+    let signer = signer(cluster, &[]).await;
+    let mut target = signer.target();
+    target.cluster_id = "remote-1".into();
+    let (csr, _) = p256_csr("spiffe://cluster.local/ns/tr-cluster/sa/web");
+    let mut client = target.connect().await.unwrap();
+    let status = client
+        .create_certificate(pilot_agent_request(&target, Some(&token), csr, 3600))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated);
+}
+
+#[tokio::test]
+async fn a_cached_review_makes_no_second_tokenreview() {
+    let cluster = shared().await;
+    cluster.namespace("tr-cache").await;
+    cluster.service_account("tr-cache", "web").await;
+    let token = cluster
+        .token("tr-cache", "web", &["istio-ca"], 3600, None)
+        .await;
+    let signer = signer(cluster, &[]).await;
+    let id = "spiffe://cluster.local/ns/tr-cache/sa/web";
+    let reviews = || async {
+        let (_, body) = http_get(&format!("http://{}/metrics", signer.running.admin_address)).await;
+        let exposition = support::openmetrics::parse(&body);
+        exposition.value("istio_csr_token_reviews_total", &[("result", "success")])
+    };
+    signer.create(&token, id).await.unwrap();
+    assert_eq!(reviews().await, 1.0);
+    for _ in 0..3 {
+        signer.create(&token, id).await.unwrap();
+    }
+    assert_eq!(reviews().await, 1.0, "cache hits must not call TokenReview");
+}
