@@ -1,5 +1,6 @@
 //! The backends that sign: the built-in CA now; cert-manager and the Kubernetes CSR API next.
 
+pub mod cert_manager;
 pub mod local_ca;
 
 use std::time::Duration;

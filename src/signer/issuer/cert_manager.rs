@@ -1,0 +1,422 @@
+//! cert-manager as the signer: one CertificateRequest per CSR, answered through ONE shared watch
+//! of CertificateRequests in the namespace (waiters register by name; no watch or poll per
+//! request, no fixed sleep), deleted after every outcome unless asked to preserve them.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use base64::Engine;
+use futures_util::StreamExt;
+use kube::api::{Api, DeleteParams, ObjectMeta, PostParams};
+use kube::runtime::watcher;
+use kube::{CustomResource, ResourceExt};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{oneshot, watch};
+
+use super::{IssueError, IssueRequest, Issued, Issuer};
+use crate::pki::pem;
+
+/// The annotation istio-csr puts on its CertificateRequests: the identities asked for.
+pub const IDENTITIES_ANNOTATION: &str = "istio.cert-manager.io/identities";
+/// The prefix of every request name (istio-csr's generateName).
+const GENERATE_NAME: &str = "istio-csr-";
+/// Terminal states seen before their waiter registered (the watch can beat `create` back);
+/// bounded so that requests created by others cannot grow it forever.
+const MAX_EARLY_OUTCOMES: usize = 4096;
+
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[kube(
+    group = "cert-manager.io",
+    version = "v1",
+    kind = "CertificateRequest",
+    namespaced,
+    status = "CertificateRequestStatus",
+    schema = "disabled"
+)]
+#[serde(rename_all = "camelCase")]
+pub struct CertificateRequestSpec {
+    /// Base64 of the PEM CSR (a Go []byte).
+    pub request: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usages: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub is_ca: bool,
+    pub issuer_ref: IssuerRef,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+pub struct IssuerRef {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub kind: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub group: String,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct CertificateRequestStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conditions: Option<Vec<Condition>>,
+    /// Base64 of the PEM chain, leaf first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate: Option<String>,
+    /// Base64 of the PEM CA.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+pub struct Condition {
+    #[serde(rename = "type")]
+    pub type_: String,
+    pub status: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// What a CertificateRequest came to.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Outcome {
+    Issued { chain_pem: String, ca_pem: String },
+    Denied(String),
+    Failed(String),
+    Deleted,
+}
+
+/// cert-manager's conditions, read the way its own controllers write them.
+pub fn outcome_of(status: Option<&CertificateRequestStatus>) -> Option<Outcome> {
+    let status = status?;
+    let conditions = status.conditions.as_deref().unwrap_or_default();
+    let find = |type_: &str| conditions.iter().find(|c| c.type_ == type_);
+    let message = |c: &Condition| c.message.clone().unwrap_or_default();
+    if let Some(denied) = find("Denied").filter(|c| c.status == "True") {
+        return Some(Outcome::Denied(message(denied)));
+    }
+    if let Some(invalid) = find("InvalidRequest").filter(|c| c.status == "True") {
+        return Some(Outcome::Failed(message(invalid)));
+    }
+    let ready = find("Ready")?;
+    match (ready.status.as_str(), ready.reason.as_deref()) {
+        ("True", _) => {
+            let decode = |b64: &Option<String>| {
+                b64.as_deref()
+                    .and_then(|s| base64::engine::general_purpose::STANDARD.decode(s).ok())
+                    .and_then(|bytes| String::from_utf8(bytes).ok())
+                    .unwrap_or_default()
+            };
+            Some(Outcome::Issued {
+                chain_pem: decode(&status.certificate),
+                ca_pem: decode(&status.ca),
+            })
+        }
+        ("False", Some("Denied")) => Some(Outcome::Denied(message(ready))),
+        ("False", Some("Failed")) => Some(Outcome::Failed(message(ready))),
+        _ => None,
+    }
+}
+
+/// Waiters by CertificateRequest name, fed by the one shared watch.
+#[derive(Default)]
+struct Waiters {
+    waiting: HashMap<String, oneshot::Sender<Outcome>>,
+    early: HashMap<String, Outcome>,
+}
+
+impl Waiters {
+    fn deliver(&mut self, name: &str, outcome: Outcome) {
+        if let Some(tx) = self.waiting.remove(name) {
+            let _ = tx.send(outcome);
+        } else if name.starts_with(GENERATE_NAME) {
+            if self.early.len() >= MAX_EARLY_OUTCOMES {
+                self.early.clear();
+            }
+            self.early.insert(name.to_owned(), outcome);
+        }
+    }
+
+    fn register(&mut self, name: &str) -> oneshot::Receiver<Outcome> {
+        let (tx, rx) = oneshot::channel();
+        match self.early.remove(name) {
+            Some(outcome) => {
+                let _ = tx.send(outcome);
+            }
+            None => {
+                self.waiting.insert(name.to_owned(), tx);
+            }
+        }
+        rx
+    }
+}
+
+/// Where and how CertificateRequests are made.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub namespace: String,
+    pub issuer: IssuerRef,
+    pub additional_annotations: BTreeMap<String, String>,
+    pub preserve_requests: bool,
+    pub timeout: Duration,
+}
+
+pub struct CertManagerIssuer {
+    api: Api<CertificateRequest>,
+    settings: Settings,
+    waiters: Arc<Mutex<Waiters>>,
+    synced: watch::Receiver<bool>,
+}
+
+impl CertManagerIssuer {
+    /// The issuer and the task running its shared watch (spawn it as a critical task).
+    pub fn new(
+        client: kube::Client,
+        settings: Settings,
+    ) -> (
+        Arc<Self>,
+        impl Future<Output = anyhow::Result<()>> + Send + 'static,
+    ) {
+        let api: Api<CertificateRequest> = Api::namespaced(client, &settings.namespace);
+        let waiters = Arc::new(Mutex::new(Waiters::default()));
+        let (synced_tx, synced) = watch::channel(false);
+        let issuer = Arc::new(Self {
+            api: api.clone(),
+            settings,
+            waiters: waiters.clone(),
+            synced,
+        });
+        (issuer, run_watch(api, waiters, synced_tx))
+    }
+
+    fn request_for(&self, name: &str, request: &IssueRequest<'_>) -> CertificateRequest {
+        let csr_pem = pem::encode("CERTIFICATE REQUEST", &request.csr.der);
+        let mut annotations = self.settings.additional_annotations.clone();
+        annotations.insert(
+            IDENTITIES_ANNOTATION.to_owned(),
+            request.identities.join(","),
+        );
+        CertificateRequest {
+            metadata: ObjectMeta {
+                name: Some(name.to_owned()),
+                namespace: Some(self.settings.namespace.clone()),
+                annotations: Some(annotations),
+                ..Default::default()
+            },
+            spec: CertificateRequestSpec {
+                request: base64::engine::general_purpose::STANDARD.encode(csr_pem),
+                duration: Some(format!("{}s", request.lifetime.as_secs())),
+                usages: Some(vec!["client auth".into(), "server auth".into()]),
+                is_ca: false,
+                issuer_ref: self.settings.issuer.clone(),
+            },
+            status: None,
+        }
+    }
+}
+
+/// `istio-csr-` and 16 random base-36 characters: a collision would need ~10^12 requests alive.
+fn request_name() -> String {
+    const ALPHABET: &[u8; 36] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    let mut bytes = [0u8; 16];
+    // A failing system RNG would also fail every signature; a fixed suffix then only risks a
+    // 409, reported as Unavailable.
+    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes);
+    let suffix: String = bytes
+        .iter()
+        .map(|b| char::from(ALPHABET[usize::from(*b) % ALPHABET.len()]))
+        .collect();
+    format!("{GENERATE_NAME}{suffix}")
+}
+
+/// The shared watch: every CertificateRequest event in the namespace, dispatched to waiters.
+async fn run_watch(
+    api: Api<CertificateRequest>,
+    waiters: Arc<Mutex<Waiters>>,
+    synced: watch::Sender<bool>,
+) -> anyhow::Result<()> {
+    let mut events = watcher(api, watcher::Config::default()).boxed();
+    while let Some(event) = events.next().await {
+        match event {
+            Ok(watcher::Event::Apply(cr) | watcher::Event::InitApply(cr)) => {
+                if let Some(outcome) = outcome_of(cr.status.as_ref())
+                    && let Ok(mut waiters) = waiters.lock()
+                {
+                    waiters.deliver(&cr.name_any(), outcome);
+                }
+            }
+            Ok(watcher::Event::Delete(cr)) => {
+                if let Ok(mut waiters) = waiters.lock() {
+                    waiters.deliver(&cr.name_any(), Outcome::Deleted);
+                }
+            }
+            Ok(watcher::Event::InitDone) => {
+                synced.send_replace(true);
+            }
+            Ok(watcher::Event::Init) => {}
+            // The watcher re-lists and resumes by itself; its errors are worth a line only.
+            Err(error) => tracing::warn!(%error, "CertificateRequest watch interrupted"),
+        }
+    }
+    anyhow::bail!("CertificateRequest watch ended")
+}
+
+/// Deletes the request when dropped, whatever ended the wait (outcome, timeout, or the caller
+/// going away), so none is left behind.
+struct Cleanup {
+    api: Api<CertificateRequest>,
+    name: String,
+    preserve: bool,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        if self.preserve {
+            return;
+        }
+        let (api, name) = (self.api.clone(), std::mem::take(&mut self.name));
+        tokio::spawn(async move {
+            for attempt in 0..3u32 {
+                match api.delete(&name, &DeleteParams::background()).await {
+                    Ok(_) => return,
+                    Err(kube::Error::Api(e)) if e.code == 404 => return,
+                    Err(error) => {
+                        tracing::warn!(%error, name, attempt, "CertificateRequest not deleted yet");
+                        tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
+                    }
+                }
+            }
+        });
+    }
+}
+
+#[async_trait]
+impl Issuer for CertManagerIssuer {
+    fn label(&self) -> &'static str {
+        "cert-manager"
+    }
+
+    fn ready(&self) -> bool {
+        *self.synced.borrow()
+    }
+
+    async fn issue(&self, request: IssueRequest<'_>) -> Result<Issued, IssueError> {
+        if !self.ready() {
+            return Err(IssueError::NotReady(
+                "CertificateRequest watch not synced".into(),
+            ));
+        }
+        // The name is chosen here rather than by generateName, so the cleanup guard exists
+        // before the create is sent: a caller that goes away mid-create leaves nothing.
+        let name = request_name();
+        let _cleanup = Cleanup {
+            api: self.api.clone(),
+            name: name.clone(),
+            preserve: self.settings.preserve_requests,
+        };
+        tokio::time::timeout(
+            self.settings.timeout,
+            self.api
+                .create(&PostParams::default(), &self.request_for(&name, &request)),
+        )
+        .await
+        .map_err(|_| IssueError::Timeout)?
+        .map_err(|e| IssueError::Unavailable(format!("creating a CertificateRequest: {e}")))?;
+        let answer = match self.waiters.lock() {
+            Ok(mut waiters) => waiters.register(&name),
+            Err(_) => return Err(IssueError::Internal("waiter registry poisoned".into())),
+        };
+        let outcome = tokio::time::timeout(self.settings.timeout, answer).await;
+        if outcome.is_err()
+            && let Ok(mut waiters) = self.waiters.lock()
+        {
+            waiters.waiting.remove(&name);
+        }
+        match outcome {
+            Err(_) => Err(IssueError::Timeout),
+            Ok(Err(_)) => Err(IssueError::Internal("watch stopped".into())),
+            Ok(Ok(Outcome::Issued { chain_pem, ca_pem })) => {
+                let mut certs = pem::parse_certificates(chain_pem.as_bytes())
+                    .map_err(|e| IssueError::Failed(format!("status.certificate: {e}")))?;
+                // status.ca may hold intermediates the chain left out; verification sorts it.
+                if let Ok(ca) = pem::parse_certificates(ca_pem.as_bytes()) {
+                    certs.extend(ca);
+                }
+                Ok(Issued::External(certs))
+            }
+            Ok(Ok(Outcome::Denied(message))) => Err(IssueError::Denied(message)),
+            Ok(Ok(Outcome::Failed(message))) => Err(IssueError::Failed(message)),
+            Ok(Ok(Outcome::Deleted)) => Err(IssueError::Failed(
+                "the CertificateRequest was deleted while waiting".into(),
+            )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cond(type_: &str, status: &str, reason: Option<&str>) -> Condition {
+        Condition {
+            type_: type_.into(),
+            status: status.into(),
+            reason: reason.map(Into::into),
+            message: Some("why".into()),
+        }
+    }
+
+    fn with(conditions: Vec<Condition>) -> CertificateRequestStatus {
+        CertificateRequestStatus {
+            conditions: Some(conditions),
+            certificate: Some(base64::engine::general_purpose::STANDARD.encode("LEAF")),
+            ca: None,
+        }
+    }
+
+    #[test]
+    fn reads_cert_manager_conditions() {
+        assert_eq!(outcome_of(None), None);
+        assert_eq!(
+            outcome_of(Some(&with(vec![cond("Ready", "False", Some("Pending"))]))),
+            None
+        );
+        assert_eq!(
+            outcome_of(Some(&with(vec![
+                cond("Approved", "True", None),
+                cond("Ready", "True", Some("Issued"))
+            ]))),
+            Some(Outcome::Issued {
+                chain_pem: "LEAF".into(),
+                ca_pem: String::new()
+            })
+        );
+        assert_eq!(
+            outcome_of(Some(&with(vec![cond("Denied", "True", Some("Denied"))]))),
+            Some(Outcome::Denied("why".into()))
+        );
+        assert_eq!(
+            outcome_of(Some(&with(vec![cond("Ready", "False", Some("Failed"))]))),
+            Some(Outcome::Failed("why".into()))
+        );
+        assert_eq!(
+            outcome_of(Some(&with(vec![cond("InvalidRequest", "True", None)]))),
+            Some(Outcome::Failed("why".into()))
+        );
+    }
+
+    #[test]
+    fn an_outcome_seen_before_its_waiter_is_kept_for_it() {
+        let mut waiters = Waiters::default();
+        waiters.deliver("istio-csr-abc", Outcome::Deleted);
+        let mut rx = waiters.register("istio-csr-abc");
+        assert_eq!(rx.try_recv().unwrap(), Outcome::Deleted);
+        // Requests of others are not kept.
+        waiters.deliver("someone-else", Outcome::Deleted);
+        assert!(waiters.early.is_empty());
+    }
+}

@@ -1,0 +1,256 @@
+//! Tier 3: the cert-manager issuer against a real kube-apiserver, with the CA-issuer fixture
+//! standing in for cert-manager.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ::kube::api::{Api, ListParams};
+use istio_csr_rs::pki::chain::{self, ChainError, Expected, RootBundle};
+use istio_csr_rs::pki::csr::{self, CheckedCsr};
+use istio_csr_rs::pki::testing::{CsrBuilder, KeyAlg, TestCa};
+use istio_csr_rs::signer::issuer::cert_manager::{
+    CertManagerIssuer, CertificateRequest, IDENTITIES_ANNOTATION, IssuerRef, Settings,
+};
+use istio_csr_rs::signer::issuer::{IssueError, IssueRequest, Issued, Issuer};
+use rustls_pki_types::UnixTime;
+use support::cert_manager::{install_crd, start_fixture};
+use support::kube::shared;
+use support::*;
+use tokio_util::task::AbortOnDropHandle;
+
+struct Setup {
+    issuer: Arc<CertManagerIssuer>,
+    api: Api<CertificateRequest>,
+    root: Arc<TestCa>,
+    _watch: AbortOnDropHandle<anyhow::Result<()>>,
+    _fixture: AbortOnDropHandle<()>,
+}
+
+async fn setup(namespace: &str, issuer_name: &str, timeout: Duration, preserve: bool) -> Setup {
+    install_crypto_provider();
+    let cluster = shared().await;
+    install_crd(cluster).await;
+    cluster.namespace(namespace).await;
+    let root = Arc::new(TestCa::root("cert-manager CA", KeyAlg::EcdsaP256));
+    let foreign = Arc::new(TestCa::root("foreign CA", KeyAlg::EcdsaP256));
+    let fixture = start_fixture(cluster.client().await, namespace, root.clone(), foreign);
+    let mut annotations = BTreeMap::new();
+    annotations.insert("example.com/team".to_owned(), "mesh".to_owned());
+    let (issuer, watch) = CertManagerIssuer::new(
+        cluster.client().await,
+        Settings {
+            namespace: namespace.to_owned(),
+            issuer: IssuerRef {
+                name: issuer_name.to_owned(),
+                kind: "Issuer".into(),
+                group: "cert-manager.io".into(),
+            },
+            additional_annotations: annotations,
+            preserve_requests: preserve,
+            timeout,
+        },
+    );
+    let watch = AbortOnDropHandle::new(tokio::spawn(watch));
+    let synced = eventually(Duration::from_secs(20), || async { issuer.ready() }).await;
+    assert!(synced, "the shared watch never synced");
+    Setup {
+        issuer,
+        api: Api::namespaced(cluster.client().await, namespace),
+        root,
+        _watch: watch,
+        _fixture: fixture,
+    }
+}
+
+fn csr_for(identity: &str) -> CheckedCsr {
+    csr::parse_and_check(&CsrBuilder::new(KeyAlg::EcdsaP256).uri(identity).build_pem()).unwrap()
+}
+
+async fn issue(
+    setup: &Setup,
+    identity: &str,
+) -> Result<Vec<rustls_pki_types::CertificateDer<'static>>, IssueError> {
+    let csr = csr_for(identity);
+    let identities = [identity.to_owned()];
+    let issued = setup
+        .issuer
+        .issue(IssueRequest {
+            csr: &csr,
+            identities: &identities,
+            lifetime: Duration::from_secs(3600),
+            cert_signer: None,
+        })
+        .await?;
+    let Issued::External(certs) = issued else {
+        panic!("cert-manager answers are external");
+    };
+    // What the service does with it: verify against the pinned root.
+    let roots = RootBundle::from_certs(vec![setup.root.cert.clone()]).unwrap();
+    chain::verify(
+        &certs,
+        &roots,
+        UnixTime::now(),
+        &Expected {
+            uris: &identities,
+            spki_der: &csr.public_key.spki_der,
+        },
+    )
+    .map_err(|e| IssueError::Internal(e.to_string()))?;
+    Ok(certs)
+}
+
+async fn assert_none_left(setup: &Setup) {
+    let empty = eventually(Duration::from_secs(10), || async {
+        setup
+            .api
+            .list(&ListParams::default())
+            .await
+            .is_ok_and(|l| l.items.is_empty())
+    })
+    .await;
+    assert!(empty, "a CertificateRequest was left behind");
+}
+
+#[tokio::test]
+async fn issues_through_a_certificate_request_and_deletes_it() {
+    let setup = setup("cm-issue", "ca-issuer", Duration::from_secs(20), false).await;
+    let certs = issue(&setup, "spiffe://cluster.local/ns/cm-issue/sa/web")
+        .await
+        .unwrap();
+    assert!(!certs.is_empty());
+    assert_none_left(&setup).await;
+}
+
+#[tokio::test]
+async fn the_request_carries_identities_annotations_usages_and_issuer() {
+    let setup = setup("cm-shape", "ca-issuer", Duration::from_secs(20), true).await;
+    let id = "spiffe://cluster.local/ns/cm-shape/sa/web";
+    issue(&setup, id).await.unwrap();
+    let list = setup.api.list(&ListParams::default()).await.unwrap();
+    assert_eq!(
+        list.items.len(),
+        1,
+        "--preserve-certificate-requests keeps it"
+    );
+    let cr = &list.items[0];
+    assert!(
+        cr.metadata
+            .name
+            .as_deref()
+            .unwrap()
+            .starts_with("istio-csr-")
+    );
+    let annotations = cr.metadata.annotations.clone().unwrap();
+    assert_eq!(annotations[IDENTITIES_ANNOTATION], id);
+    assert_eq!(annotations["example.com/team"], "mesh");
+    assert_eq!(
+        cr.spec.usages.as_deref().unwrap(),
+        ["client auth", "server auth"]
+    );
+    assert_eq!(cr.spec.duration.as_deref(), Some("3600s"));
+    assert_eq!(cr.spec.issuer_ref.name, "ca-issuer");
+}
+
+#[tokio::test]
+async fn a_denial_is_permission_denied_and_leaves_nothing() {
+    let setup = setup("cm-deny", "deny-issuer", Duration::from_secs(20), false).await;
+    let error = issue(&setup, "spiffe://cluster.local/ns/cm-deny/sa/web")
+        .await
+        .unwrap_err();
+    assert!(matches!(error, IssueError::Denied(_)), "{error:?}");
+    assert_none_left(&setup).await;
+}
+
+#[tokio::test]
+async fn a_failure_is_failed_and_leaves_nothing() {
+    let setup = setup("cm-fail", "fail-issuer", Duration::from_secs(20), false).await;
+    let error = issue(&setup, "spiffe://cluster.local/ns/cm-fail/sa/web")
+        .await
+        .unwrap_err();
+    assert!(matches!(error, IssueError::Failed(_)), "{error:?}");
+    assert_none_left(&setup).await;
+}
+
+#[tokio::test]
+async fn no_answer_times_out_and_leaves_nothing() {
+    let setup = setup("cm-slow", "slow-issuer", Duration::from_secs(1), false).await;
+    let error = issue(&setup, "spiffe://cluster.local/ns/cm-slow/sa/web")
+        .await
+        .unwrap_err();
+    assert_eq!(error, IssueError::Timeout);
+    assert_none_left(&setup).await;
+}
+
+#[tokio::test]
+async fn a_chain_from_a_foreign_ca_is_refused_and_leaves_nothing() {
+    let setup = setup(
+        "cm-foreign",
+        "foreign-issuer",
+        Duration::from_secs(20),
+        false,
+    )
+    .await;
+    let error = issue(&setup, "spiffe://cluster.local/ns/cm-foreign/sa/web")
+        .await
+        .unwrap_err();
+    let IssueError::Internal(message) = error else {
+        panic!("{error:?}")
+    };
+    assert!(
+        message.contains(&ChainError::Untrusted(String::new()).to_string()[..20]),
+        "{message}"
+    );
+    assert_none_left(&setup).await;
+}
+
+#[tokio::test]
+async fn a_cancelled_wait_still_deletes_its_request() {
+    let setup = setup("cm-cancel", "slow-issuer", Duration::from_secs(30), false).await;
+    let csr = csr_for("spiffe://cluster.local/ns/cm-cancel/sa/web");
+    let identities = ["spiffe://cluster.local/ns/cm-cancel/sa/web".to_owned()];
+    let call = setup.issuer.issue(IssueRequest {
+        csr: &csr,
+        identities: &identities,
+        lifetime: Duration::from_secs(3600),
+        cert_signer: None,
+    });
+    // The client goes away while the request waits: its future is dropped.
+    let created = async {
+        eventually(Duration::from_secs(10), || async {
+            setup
+                .api
+                .list(&ListParams::default())
+                .await
+                .is_ok_and(|l| l.items.len() == 1)
+        })
+        .await
+    };
+    tokio::select! {
+        _ = call => panic!("the slow issuer answered"),
+        seen = created => assert!(seen, "no CertificateRequest was created"),
+    }
+    assert_none_left(&setup).await;
+}
+
+#[tokio::test]
+async fn fifty_concurrent_requests_share_one_watch_and_all_succeed() {
+    let setup = Arc::new(setup("cm-burst", "ca-issuer", Duration::from_secs(30), false).await);
+    let mut calls = Vec::new();
+    for i in 0..50 {
+        let setup = setup.clone();
+        calls.push(tokio::spawn(async move {
+            issue(
+                &setup,
+                &format!("spiffe://cluster.local/ns/cm-burst/sa/sa-{i}"),
+            )
+            .await
+        }));
+    }
+    for call in calls {
+        call.await.unwrap().unwrap();
+    }
+    assert_none_left(&setup).await;
+}

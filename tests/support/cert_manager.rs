@@ -1,0 +1,146 @@
+//! A stand-in for cert-manager (whose Go modules are out of reach here): the
+//! CertificateRequest CRD and a CA-issuer fixture that answers requests the way cert-manager's
+//! CA issuer with its default approver does. Its behaviour is picked by the issuer name:
+//! `ca-issuer` signs, `deny-issuer` denies, `fail-issuer` fails, `slow-issuer` never answers,
+//! `foreign-issuer` signs with a CA nobody pinned.
+#![allow(dead_code)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine;
+use futures_util::StreamExt;
+use istio_csr_rs::pki::testing::TestCa;
+use istio_csr_rs::pki::{csr, leaf, pem};
+use istio_csr_rs::signer::issuer::cert_manager::CertificateRequest;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::ResourceExt;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::runtime::watcher;
+use tokio_util::task::AbortOnDropHandle;
+
+use super::kube::TestCluster;
+
+pub async fn install_crd(cluster: &TestCluster) {
+    let crd: CustomResourceDefinition = serde_json::from_value(serde_json::json!({
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": "certificaterequests.cert-manager.io"},
+        "spec": {
+            "group": "cert-manager.io",
+            "scope": "Namespaced",
+            "names": {
+                "kind": "CertificateRequest", "listKind": "CertificateRequestList",
+                "plural": "certificaterequests", "singular": "certificaterequest",
+                "shortNames": ["cr"]
+            },
+            "versions": [{
+                "name": "v1", "served": true, "storage": true,
+                "subresources": {"status": {}},
+                "schema": {"openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": true}}
+            }]
+        }
+    }))
+    .unwrap();
+    let api: Api<CustomResourceDefinition> = Api::all(cluster.client().await);
+    match api.create(&PostParams::default(), &crd).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(e)) if e.code == 409 => {}
+        Err(e) => panic!("installing the CRD: {e}"),
+    }
+    let established = super::eventually(Duration::from_secs(30), || {
+        let api = api.clone();
+        async move {
+            api.get("certificaterequests.cert-manager.io")
+                .await
+                .is_ok_and(|crd| {
+                    crd.status
+                        .and_then(|s| s.conditions)
+                        .unwrap_or_default()
+                        .iter()
+                        .any(|c| c.type_ == "Established" && c.status == "True")
+                })
+        }
+    })
+    .await;
+    assert!(established, "CRD never established");
+}
+
+/// Runs the fixture for one namespace until dropped.
+pub fn start_fixture(
+    client: kube::Client,
+    namespace: &str,
+    root: Arc<TestCa>,
+    foreign: Arc<TestCa>,
+) -> AbortOnDropHandle<()> {
+    let api: Api<CertificateRequest> = Api::namespaced(client, namespace);
+    AbortOnDropHandle::new(tokio::spawn(async move {
+        let mut events = watcher(api.clone(), watcher::Config::default()).boxed();
+        while let Some(event) = events.next().await {
+            let (Ok(watcher::Event::Apply(cr)) | Ok(watcher::Event::InitApply(cr))) = event else {
+                continue;
+            };
+            if cr
+                .status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .is_some()
+            {
+                continue;
+            }
+            let status = match cr.spec.issuer_ref.name.as_str() {
+                "ca-issuer" => signed(&cr, &root, &root),
+                "foreign-issuer" => signed(&cr, &foreign, &foreign),
+                "deny-issuer" => serde_json::json!({"conditions": [
+                    {"type": "Denied", "status": "True", "reason": "PolicyDenied", "message": "not allowed"},
+                    {"type": "Ready", "status": "False", "reason": "Denied", "message": "denied"}
+                ]}),
+                "fail-issuer" => serde_json::json!({"conditions": [
+                    {"type": "Approved", "status": "True", "reason": "Approved"},
+                    {"type": "Ready", "status": "False", "reason": "Failed", "message": "backend error"}
+                ]}),
+                _ => continue,
+            };
+            let patch = serde_json::json!({"status": status});
+            let _ = api
+                .patch_status(
+                    &cr.name_any(),
+                    &PatchParams::default(),
+                    &Patch::Merge(&patch),
+                )
+                .await;
+        }
+    }))
+}
+
+fn signed(cr: &CertificateRequest, ca: &TestCa, root: &TestCa) -> serde_json::Value {
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let csr_pem = String::from_utf8(b64.decode(&cr.spec.request).unwrap()).unwrap();
+    let checked = csr::parse_and_check(&csr_pem).unwrap();
+    let seconds: i64 = cr
+        .spec
+        .duration
+        .as_deref()
+        .and_then(|d| d.strip_suffix('s'))
+        .and_then(|d| d.parse().ok())
+        .unwrap_or(3600);
+    let now = time::OffsetDateTime::now_utc();
+    let leaf = leaf::sign_workload(
+        &checked.uris,
+        &checked.public_key,
+        (
+            now - time::Duration::minutes(1),
+            now + time::Duration::seconds(seconds),
+        ),
+        &ca.issuer(),
+    )
+    .unwrap();
+    serde_json::json!({
+        "conditions": [
+            {"type": "Approved", "status": "True", "reason": "cert-manager.io"},
+            {"type": "Ready", "status": "True", "reason": "Issued", "message": "issued"}
+        ],
+        "certificate": b64.encode(pem::encode_certificate(&leaf)),
+        "ca": b64.encode(root.cert_pem()),
+    })
+}
