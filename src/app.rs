@@ -16,7 +16,7 @@ use tokio_util::task::AbortOnDropHandle;
 
 use crate::admin::{self, AdminState, ExpiryGauges, Liveness, Readiness};
 use crate::cluster::ClusterRegistry;
-use crate::config::{LogFormat, ServeArgs};
+use crate::config::{IssuanceArgs, LogFormat, ServeArgs};
 use crate::fswatch::{self, FileWatch};
 use crate::pki::chain::RootBundle;
 use crate::pki::identity;
@@ -27,11 +27,12 @@ use crate::signer::authn::client_cert::ClientCertAuthenticator;
 use crate::signer::authn::static_tokens::StaticTokens;
 use crate::signer::authn::token_review::{TokenReviewMetrics, TokenReviewer};
 use crate::signer::issuer::Issuer;
+use crate::signer::issuer::cert_manager::{self, CertManagerIssuer};
 use crate::signer::issuer::local_ca::LocalCa;
 use crate::signer::listener;
 use crate::signer::metrics::SignerMetrics;
 use crate::signer::service::{CaService, Settings};
-use crate::signer::serving::{ServingCerts, ServingNames};
+use crate::signer::serving::{ServingCerts, ServingNames, ServingSource};
 use crate::signer::tls::{self, MeshClientVerifier, ServingCertResolver};
 use crate::standalone::{self, DataDir, Wants};
 use prometheus_client::registry::Registry;
@@ -56,11 +57,17 @@ const DEFAULT_ADMIN_ADDRESS: &str = "0.0.0.0:9402";
 const STANDALONE_ADMIN_ADDRESS: &str = "127.0.0.1:9402";
 const DEFAULT_SERVING_DNS_NAME: &str = "cert-manager-istio-csr.cert-manager.svc";
 
+/// Which signer, with what it needs.
+enum SignerPlan {
+    LocalCa(PathBuf),
+    CertManager(cert_manager::Settings),
+}
+
 /// The effective configuration, after standalone defaults are applied.
 struct Plan {
     serving_address: SocketAddr,
     admin_address: SocketAddr,
-    local_ca_dir: PathBuf,
+    signer: SignerPlan,
     token_auth_file: Option<PathBuf>,
     serving_names: Vec<String>,
     standalone: Option<DataDir>,
@@ -130,7 +137,9 @@ impl Plan {
             return Ok(Self {
                 serving_address,
                 admin_address,
-                local_ca_dir: args.issuance.local_ca_dir.clone().unwrap_or(data.ca_dir()),
+                signer: SignerPlan::LocalCa(
+                    args.issuance.local_ca_dir.clone().unwrap_or(data.ca_dir()),
+                ),
                 token_auth_file: Some(
                     args.server
                         .token_auth_file
@@ -141,26 +150,34 @@ impl Plan {
                 standalone: Some(data),
             });
         }
-        match args.issuance.signer {
-            Signer::LocalCa => {}
-            other => bail!(
-                "--signer {} needs Kubernetes support, which this build does not have yet; \
-                 use --signer local-ca or --standalone",
-                other.label()
+        let signer = match args.issuance.signer {
+            Signer::LocalCa => SignerPlan::LocalCa(
+                args.issuance
+                    .local_ca_dir
+                    .clone()
+                    .context("--signer local-ca needs --local-ca-dir")?,
             ),
-        }
-        let local_ca_dir = args
-            .issuance
-            .local_ca_dir
-            .clone()
-            .context("--signer local-ca needs --local-ca-dir")?;
+            Signer::CertManager => {
+                if args.issuance.root_ca_file.is_none() {
+                    bail!(
+                        "--signer cert-manager needs --root-ca-file: issued chains are verified \
+                         against pinned roots (trusting the issuer's CA on first use is not \
+                         supported yet)"
+                    );
+                }
+                SignerPlan::CertManager(cert_manager_settings(&args.issuance)?)
+            }
+            Signer::KubeCsr => bail!(
+                "--signer kube-csr is not available yet; use --signer cert-manager or local-ca"
+            ),
+        };
         if serving_names.is_empty() {
             serving_names = vec![DEFAULT_SERVING_DNS_NAME.into()];
         }
         Ok(Self {
             serving_address,
             admin_address,
-            local_ca_dir,
+            signer,
             token_auth_file: args.server.token_auth_file.clone(),
             serving_names,
             standalone: None,
@@ -168,13 +185,35 @@ impl Plan {
     }
 }
 
+fn cert_manager_settings(args: &IssuanceArgs) -> anyhow::Result<cert_manager::Settings> {
+    let mut annotations = std::collections::BTreeMap::new();
+    for pair in &args.certificate_request_additional_annotations {
+        let (key, value) = pair.split_once('=').with_context(|| {
+            format!("--certificate-request-additional-annotations: {pair:?} is not key=value")
+        })?;
+        annotations.insert(key.trim().to_owned(), value.trim().to_owned());
+    }
+    Ok(cert_manager::Settings {
+        namespace: args.certificate_namespace.clone(),
+        issuer: cert_manager::IssuerRef {
+            name: args.issuer_name.clone(),
+            kind: args.issuer_kind.clone(),
+            group: args.issuer_group.clone(),
+        },
+        additional_annotations: annotations,
+        preserve_requests: args.preserve_certificate_requests,
+        timeout: args.issuance_timeout,
+    })
+}
+
 impl Plan {
     /// The effective configuration, once, at start-up. Paths only: never file contents.
     fn log(&self, args: &ServeArgs) {
         tracing::info!(
             standalone = self.standalone.is_some(),
-            signer = "local-ca",
-            local_ca_dir = %self.local_ca_dir.display(),
+            signer = args.issuance.signer.label(),
+            local_ca_dir = ?args.issuance.local_ca_dir,
+            issuer = %format!("{}/{}.{}", args.issuance.issuer_name, args.issuance.issuer_kind, args.issuance.issuer_group),
             root_ca_file = ?args.issuance.root_ca_file,
             token_auth_file = ?self.token_auth_file,
             client_cert_authenticator = args.server.enable_client_cert_authenticator,
@@ -290,25 +329,63 @@ pub async fn start(args: ServeArgs, hooks: Hooks) -> anyhow::Result<Running> {
         }
         None => None,
     };
-    let mut ca = LocalCa::load(&plan.local_ca_dir, pinned.clone())
-        .with_context(|| format!("loading the CA in {}", plan.local_ca_dir.display()))?;
-    let (roots, root_source) = match pinned {
-        Some(rx) => (
-            rx,
-            format!(
-                "file:{}",
-                args.issuance
-                    .root_ca_file
-                    .as_deref()
-                    .unwrap_or(std::path::Path::new(""))
-                    .display()
-            ),
-        ),
-        None => (
-            ca.publish_roots(),
-            format!("local-ca:{}", plan.local_ca_dir.display()),
-        ),
+    let kube = match &plan.standalone {
+        Some(_) => None,
+        None => match kube_client(args.server.kubeconfig.as_deref()).await {
+            Ok(client) => Some(client),
+            Err(error) if args.server.kubeconfig.is_some() => {
+                return Err(error.context("--kubeconfig"));
+            }
+            Err(error) => {
+                tracing::info!(error = %format!("{error:#}"), "no Kubernetes configuration found");
+                None
+            }
+        },
     };
+    let pinned_source = args
+        .issuance
+        .root_ca_file
+        .as_ref()
+        .map(|p| format!("file:{}", p.display()));
+    let (serving_source, real_issuer, roots, root_source): (_, Arc<dyn Issuer>, _, _) =
+        match &plan.signer {
+            SignerPlan::LocalCa(dir) => {
+                let mut ca = LocalCa::load(dir, pinned.clone())
+                    .with_context(|| format!("loading the CA in {}", dir.display()))?;
+                let (roots, source) = match (pinned, pinned_source) {
+                    (Some(rx), Some(source)) => (rx, source),
+                    _ => (ca.publish_roots(), format!("local-ca:{}", dir.display())),
+                };
+                let ca = Arc::new(ca);
+                tasks.push(liveness.spawn("ca-reload", ca.clone().watch()?));
+                (ServingSource::LocalCa(ca.clone()), ca, roots, source)
+            }
+            SignerPlan::CertManager(settings) => {
+                let client = kube.clone().context(
+                    "--signer cert-manager needs a Kubernetes configuration (--kubeconfig, \
+                     KUBECONFIG or in-cluster)",
+                )?;
+                let (issuer, watch) = CertManagerIssuer::new(client, settings.clone());
+                tasks.push(liveness.spawn("certificate-request-watch", watch));
+                let synced = tokio::time::timeout(settings.timeout, async {
+                    while !issuer.ready() {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                })
+                .await;
+                if synced.is_err() {
+                    bail!("the CertificateRequest watch did not sync within --issuance-timeout");
+                }
+                let roots = pinned.context("--signer cert-manager needs --root-ca-file")?;
+                let source = pinned_source.unwrap_or_default();
+                (
+                    ServingSource::CertManager(issuer.clone()),
+                    issuer,
+                    roots,
+                    source,
+                )
+            }
+        };
     if let Some(data) = &plan.standalone {
         // Written before the port opens, so the printed command works at once.
         standalone::write_root_bundle(&data.root_cert(), roots.borrow().pem())?;
@@ -317,9 +394,7 @@ pub async fn start(args: ServeArgs, hooks: Hooks) -> anyhow::Result<Running> {
             follow_root_bundle_file(data.root_cert(), roots.clone()),
         ));
     }
-    let ca = Arc::new(ca);
-    tasks.push(liveness.spawn("ca-reload", ca.clone().watch()?));
-    let mut issuer: Arc<dyn Issuer> = ca.clone();
+    let mut issuer = real_issuer;
     if let Some(wrap) = hooks.wrap_issuer {
         issuer = wrap(issuer);
     }
@@ -330,24 +405,16 @@ pub async fn start(args: ServeArgs, hooks: Hooks) -> anyhow::Result<Running> {
         tasks.push(liveness.spawn("token-reload", tokens.clone().watch()?));
         authenticators.push(tokens);
     }
-    if plan.standalone.is_none() {
-        match kube_client(args.server.kubeconfig.as_deref()).await {
-            Ok(client) => {
-                authenticators.push(Arc::new(TokenReviewer::new(
-                    client,
-                    args.server.token_audiences.clone(),
-                    &args.server.trust_domain,
-                    args.server.token_review_cache_ttl,
-                    TokenReviewMetrics::register(&mut registry),
-                )));
-            }
-            Err(error) if args.server.kubeconfig.is_some() => {
-                return Err(error.context("--kubeconfig"));
-            }
-            Err(error) => {
-                tracing::info!(error = %format!("{error:#}"), "no Kubernetes configuration found: TokenReview is off");
-            }
-        }
+    match &kube {
+        Some(client) => authenticators.push(Arc::new(TokenReviewer::new(
+            client.clone(),
+            args.server.token_audiences.clone(),
+            &args.server.trust_domain,
+            args.server.token_review_cache_ttl,
+            TokenReviewMetrics::register(&mut registry),
+        ))),
+        None if plan.standalone.is_none() => tracing::info!("TokenReview is off"),
+        None => {}
     }
     let client_verifier = if args.server.enable_client_cert_authenticator {
         authenticators.push(Arc::new(ClientCertAuthenticator::new(
@@ -374,13 +441,13 @@ pub async fn start(args: ServeArgs, hooks: Hooks) -> anyhow::Result<Running> {
     }
     let resolver = Arc::new(ServingCertResolver::default());
     let serving = Arc::new(ServingCerts::new(
-        ca.clone(),
+        serving_source,
         ServingNames::from_names(&plan.serving_names),
         args.serving_tls.serving_certificate_duration,
         resolver.clone(),
         roots.clone(),
     ));
-    tasks.push(liveness.spawn("serving-cert", serving.start()?));
+    tasks.push(liveness.spawn("serving-cert", serving.start().await?));
 
     let readiness = Arc::new(Readiness::new(resolver.clone(), issuer.clone()));
     let admin_listener = TcpListener::bind(plan.admin_address)

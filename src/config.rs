@@ -136,6 +136,44 @@ pub struct IssuanceArgs {
     #[arg(long, env = "ISTIO_CSR_LOCAL_CA_DIR")]
     pub local_ca_dir: Option<PathBuf>,
 
+    /// Namespace of the CertificateRequests (--signer cert-manager).
+    #[arg(
+        long,
+        env = "ISTIO_CSR_CERTIFICATE_NAMESPACE",
+        default_value = "istio-system"
+    )]
+    pub certificate_namespace: String,
+
+    /// cert-manager issuer that signs: name, kind and group of its issuerRef.
+    #[arg(long, env = "ISTIO_CSR_ISSUER_NAME", default_value = "istio-ca")]
+    pub issuer_name: String,
+    #[arg(long, env = "ISTIO_CSR_ISSUER_KIND", default_value = "Issuer")]
+    pub issuer_kind: String,
+    #[arg(
+        long,
+        env = "ISTIO_CSR_ISSUER_GROUP",
+        default_value = "cert-manager.io"
+    )]
+    pub issuer_group: String,
+
+    /// Keep CertificateRequests after they are answered (for debugging); by default every one
+    /// is deleted whatever its outcome.
+    #[arg(long, env = "ISTIO_CSR_PRESERVE_CERTIFICATE_REQUESTS")]
+    pub preserve_certificate_requests: bool,
+
+    /// Extra annotations on every CertificateRequest, `key=value`, comma-separated.
+    #[arg(
+        long,
+        env = "ISTIO_CSR_CERTIFICATE_REQUEST_ADDITIONAL_ANNOTATIONS",
+        value_delimiter = ','
+    )]
+    pub certificate_request_additional_annotations: Vec<String>,
+
+    /// How long a CertificateRequest may take to be answered (then DeadlineExceeded).
+    #[arg(long, env = "ISTIO_CSR_ISSUANCE_TIMEOUT", default_value = "30s",
+          value_parser = humantime::parse_duration)]
+    pub issuance_timeout: Duration,
+
     /// Pinned root bundle (one or more PEM roots): every issued chain must verify against it.
     #[arg(long, env = "ISTIO_CSR_ROOT_CA_FILE")]
     pub root_ca_file: Option<PathBuf>,

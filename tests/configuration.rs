@@ -215,8 +215,8 @@ async fn explains_configurations_that_cannot_work() {
             &["--standalone", "--serving-certificate-duration", "0s"],
             "between 1m and 3650d",
         ),
-        (&[], "needs Kubernetes support"),
-        (&["--signer", "kube-csr"], "needs Kubernetes support"),
+        (&[], "needs --root-ca-file"),
+        (&["--signer", "kube-csr"], "not available yet"),
         (
             &["--signer", "local-ca", "--token-auth-file", "t"],
             "needs --local-ca-dir",

@@ -254,3 +254,122 @@ async fn fifty_concurrent_requests_share_one_watch_and_all_succeed() {
     }
     assert_none_left(&setup).await;
 }
+
+/// A whole server: `serve --signer cert-manager`, TokenReview in the same cluster, the pinned
+/// root of the fixture's CA, and its serving certificate obtained through cert-manager too.
+async fn cert_manager_server(
+    namespace: &str,
+) -> (
+    istio_csr_rs::app::Running,
+    tempfile::TempDir,
+    Arc<TestCa>,
+    AbortOnDropHandle<()>,
+) {
+    use clap::Parser;
+    install_crypto_provider();
+    let cluster = shared().await;
+    install_crd(cluster).await;
+    cluster.namespace(namespace).await;
+    let root = Arc::new(TestCa::root("cert-manager CA", KeyAlg::EcdsaP256));
+    let foreign = Arc::new(TestCa::root("foreign CA", KeyAlg::EcdsaP256));
+    let fixture = start_fixture(cluster.client().await, namespace, root.clone(), foreign);
+    let dir = tempfile::tempdir().unwrap();
+    let pinned = dir.path().join("roots.pem");
+    std::fs::write(&pinned, root.cert_pem()).unwrap();
+    let (pinned, kubeconfig) = (
+        pinned.to_str().unwrap().to_owned(),
+        cluster.kubeconfig.to_str().unwrap().to_owned(),
+    );
+    let argv = [
+        "istio-csr-rs",
+        "serve",
+        "--signer",
+        "cert-manager",
+        "--kubeconfig",
+        &kubeconfig,
+        "--root-ca-file",
+        &pinned,
+        "--certificate-namespace",
+        namespace,
+        "--issuer-name",
+        "ca-issuer",
+        "--serving-address",
+        "127.0.0.1:0",
+        "--admin-address",
+        "127.0.0.1:0",
+        "--serving-certificate-dns-names",
+        "localhost",
+    ];
+    let istio_csr_rs::config::Command::Serve(args) =
+        istio_csr_rs::config::Cli::try_parse_from(argv)
+            .unwrap()
+            .command
+    else {
+        unreachable!()
+    };
+    let running = istio_csr_rs::app::start(*args, Default::default())
+        .await
+        .unwrap();
+    (running, dir, root, fixture)
+}
+
+#[tokio::test]
+async fn two_hundred_service_accounts_at_once_all_get_their_certificates() {
+    let namespace = "cm-serve";
+    let (running, dir, root, _fixture) = cert_manager_server(namespace).await;
+    let cluster = shared().await;
+    let mut tokens = Vec::new();
+    for i in 0..200 {
+        let sa = format!("sa-{i}");
+        cluster.service_account(namespace, &sa).await;
+        tokens.push((
+            sa.clone(),
+            cluster
+                .token(namespace, &sa, &["istio-ca"], 3600, None)
+                .await,
+        ));
+    }
+    let target = istio_csr_rs::client::Target {
+        address: running.grpc_address.to_string(),
+        server_name: Some("localhost".into()),
+        root_cert: dir.path().join("roots.pem"),
+        token_file: None,
+        cluster_id: "Kubernetes".into(),
+        timeout: Duration::from_secs(60),
+    };
+    let client = target.connect().await.unwrap();
+    let mut calls = Vec::new();
+    for (sa, token) in tokens {
+        let (target, mut client) = (target.clone(), client.clone());
+        calls.push(tokio::spawn(async move {
+            let id = format!("spiffe://cluster.local/ns/cm-serve/sa/{sa}");
+            let (csr, _) = p256_csr(&id);
+            let chain = client
+                .create_certificate(pilot_agent_request(&target, Some(&token), csr, 3600))
+                .await
+                .map(|r| r.into_inner().cert_chain);
+            (id, chain)
+        }));
+    }
+    let roots = RootBundle::from_certs(vec![root.cert.clone()]).unwrap();
+    for call in calls {
+        let (id, chain) = call.await.unwrap();
+        let chain = chain.unwrap_or_else(|s| panic!("{id}: {s:?}"));
+        let certs: Vec<_> = chain[..chain.len() - 1]
+            .iter()
+            .flat_map(|c| istio_csr_rs::pki::pem::parse_certificates(c.as_bytes()).unwrap())
+            .collect();
+        chain::verify_path(&certs[0], &certs[1..], &roots, UnixTime::now()).unwrap();
+        assert_eq!(chain.last().unwrap(), roots.pem());
+    }
+    let api: Api<CertificateRequest> = Api::namespaced(cluster.client().await, namespace);
+    let empty = eventually(Duration::from_secs(20), || async {
+        api.list(&ListParams::default())
+            .await
+            .is_ok_and(|l| l.items.is_empty())
+    })
+    .await;
+    assert!(empty, "CertificateRequests were left behind");
+    let (status, _) = http_get(&format!("http://{}/readyz", running.admin_address)).await;
+    assert_eq!(status, 200);
+}

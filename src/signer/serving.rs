@@ -11,10 +11,14 @@ use time::OffsetDateTime;
 
 use tokio::sync::watch;
 
+use rustls_pki_types::UnixTime;
+
+use super::issuer::cert_manager::CertManagerIssuer;
 use super::issuer::local_ca::LocalCa;
 use super::tls::ServingCertResolver;
 use crate::pki::chain::RootBundle;
 use crate::pki::keys;
+use crate::pki::{chain, pem};
 
 /// Retry delays after a failed renewal: start small, never hammer the issuer.
 const RETRY_MIN: Duration = Duration::from_secs(1);
@@ -42,9 +46,71 @@ impl ServingNames {
     }
 }
 
-/// Issues serving certificates from the built-in CA.
+/// Where serving certificates come from: the active issuer.
+pub enum ServingSource {
+    LocalCa(Arc<LocalCa>),
+    CertManager(Arc<CertManagerIssuer>),
+}
+
+impl ServingSource {
+    /// A chain (leaf first, no root) for `key`, verified against `roots`.
+    async fn obtain(
+        &self,
+        names: &ServingNames,
+        key: &KeyPair,
+        lifetime: Duration,
+        roots: &RootBundle,
+    ) -> anyhow::Result<Vec<CertificateDer<'static>>> {
+        match self {
+            ServingSource::LocalCa(ca) => {
+                let chain = ca.usable()?.sign_serving(
+                    &names.dns,
+                    &names.ips,
+                    key,
+                    lifetime,
+                    OffsetDateTime::now_utc(),
+                )?;
+                let mut certs = vec![chain.leaf().clone()];
+                certs.extend(chain.intermediates().iter().cloned());
+                Ok(certs)
+            }
+            ServingSource::CertManager(issuer) => {
+                let csr = serving_csr(names, key)?;
+                let label = names.dns.join(",");
+                let (chain_pem, ca_pem) = issuer.submit(&csr, &label, lifetime).await?;
+                let mut certs = pem::parse_certificates(chain_pem.as_bytes())?;
+                let leaf = certs.remove(0);
+                certs.extend(pem::parse_certificates(ca_pem.as_bytes()).unwrap_or_default());
+                // The same defence as for workloads: only a chain to the pinned roots is served.
+                let intermediates = chain::verify_path(&leaf, &certs, roots, UnixTime::now())?;
+                let mut out = vec![leaf];
+                out.extend(intermediates);
+                Ok(out)
+            }
+        }
+    }
+}
+
+/// A CSR for the serving names: empty subject, DNS and IP SANs.
+fn serving_csr(names: &ServingNames, key: &KeyPair) -> anyhow::Result<String> {
+    let mut params = rcgen::CertificateParams::default();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    for dns in &names.dns {
+        params
+            .subject_alt_names
+            .push(rcgen::SanType::DnsName(dns.as_str().try_into()?));
+    }
+    for ip in &names.ips {
+        params
+            .subject_alt_names
+            .push(rcgen::SanType::IpAddress(*ip));
+    }
+    Ok(params.serialize_request(key)?.pem()?)
+}
+
+/// Obtains, installs and renews this replica's serving certificate.
 pub struct ServingCerts {
-    ca: Arc<LocalCa>,
+    source: ServingSource,
     names: ServingNames,
     lifetime: Duration,
     resolver: Arc<ServingCertResolver>,
@@ -61,14 +127,14 @@ struct Installed {
 
 impl ServingCerts {
     pub fn new(
-        ca: Arc<LocalCa>,
+        source: ServingSource,
         names: ServingNames,
         lifetime: Duration,
         resolver: Arc<ServingCertResolver>,
         roots: watch::Receiver<Arc<RootBundle>>,
     ) -> Self {
         Self {
-            ca,
+            source,
             names,
             lifetime,
             resolver,
@@ -76,18 +142,14 @@ impl ServingCerts {
         }
     }
 
-    fn renew(&self) -> anyhow::Result<Installed> {
+    async fn renew(&self) -> anyhow::Result<Installed> {
         let key = keys::generate_ecdsa_p256()?;
         let now = OffsetDateTime::now_utc();
-        let chain = self.ca.usable()?.sign_serving(
-            &self.names.dns,
-            &self.names.ips,
-            &key,
-            self.lifetime,
-            now,
-        )?;
-        let mut certs: Vec<CertificateDer<'static>> = vec![chain.leaf().clone()];
-        certs.extend(chain.intermediates().iter().cloned());
+        let roots = self.roots.borrow().clone();
+        let certs = self
+            .source
+            .obtain(&self.names, &key, self.lifetime, &roots)
+            .await?;
         install(&self.resolver, certs, &key)?;
         let not_after = OffsetDateTime::from_unix_timestamp(self.resolver.not_after_unix())?;
         tracing::info!(%not_after, "serving certificate installed");
@@ -100,12 +162,14 @@ impl ServingCerts {
     /// Obtains the first certificate; the listener must not open before this succeeds.
     /// Then renews at two thirds of each certificate's life, with backoff on failure, for as
     /// long as the returned task runs.
-    pub fn start(self: Arc<Self>) -> anyhow::Result<impl Future<Output = anyhow::Result<()>>> {
+    pub async fn start(
+        self: Arc<Self>,
+    ) -> anyhow::Result<impl Future<Output = anyhow::Result<()>> + use<>> {
         // Taken before the first certificate, so no root change between the two is missed
         // (the task below may first run much later).
         let mut roots = self.roots.clone();
         roots.mark_unchanged();
-        let first = self.renew()?;
+        let first = self.renew().await?;
         Ok(self.renew_forever(first, roots))
     }
 
@@ -135,7 +199,7 @@ impl ServingCerts {
             }
             let mut delay = RETRY_MIN;
             let installed = loop {
-                match self.renew() {
+                match self.renew().await {
                     Ok(installed) => break installed,
                     Err(error) => {
                         tracing::error!(%error, retry_in = ?delay, "serving certificate renewal failed");

@@ -11,7 +11,7 @@ use std::time::Duration;
 use base64::Engine;
 use futures_util::StreamExt;
 use istio_csr_rs::pki::testing::TestCa;
-use istio_csr_rs::pki::{csr, leaf, pem};
+use istio_csr_rs::pki::{leaf, pem};
 use istio_csr_rs::signer::issuer::cert_manager::CertificateRequest;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::ResourceExt;
@@ -116,7 +116,8 @@ pub fn start_fixture(
 fn signed(cr: &CertificateRequest, ca: &TestCa, root: &TestCa) -> serde_json::Value {
     let b64 = base64::engine::general_purpose::STANDARD;
     let csr_pem = String::from_utf8(b64.decode(&cr.spec.request).unwrap()).unwrap();
-    let checked = csr::parse_and_check(&csr_pem).unwrap();
+    // Like cert-manager's CA issuer: whatever the CSR asks for (workload URIs, serving DNS).
+    let mut csr = rcgen::CertificateSigningRequestParams::from_pem(&csr_pem).unwrap();
     let seconds: i64 = cr
         .spec
         .duration
@@ -125,16 +126,15 @@ fn signed(cr: &CertificateRequest, ca: &TestCa, root: &TestCa) -> serde_json::Va
         .and_then(|d| d.parse().ok())
         .unwrap_or(3600);
     let now = time::OffsetDateTime::now_utc();
-    let leaf = leaf::sign_workload(
-        &checked.uris,
-        &checked.public_key,
-        (
-            now - time::Duration::minutes(1),
-            now + time::Duration::seconds(seconds),
-        ),
-        &ca.issuer(),
-    )
-    .unwrap();
+    csr.params.not_before = now - time::Duration::minutes(1);
+    csr.params.not_after = now + time::Duration::seconds(seconds);
+    csr.params.serial_number = Some(leaf::random_serial());
+    csr.params.use_authority_key_identifier_extension = true;
+    csr.params.extended_key_usages = vec![
+        rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+        rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    let leaf = csr.signed_by(&ca.issuer()).unwrap().der().clone();
     serde_json::json!({
         "conditions": [
             {"type": "Approved", "status": "True", "reason": "cert-manager.io"},

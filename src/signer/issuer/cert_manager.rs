@@ -193,13 +193,15 @@ impl CertManagerIssuer {
         (issuer, run_watch(api, waiters, synced_tx))
     }
 
-    fn request_for(&self, name: &str, request: &IssueRequest<'_>) -> CertificateRequest {
-        let csr_pem = pem::encode("CERTIFICATE REQUEST", &request.csr.der);
+    fn request_for(
+        &self,
+        name: &str,
+        csr_pem: &str,
+        identities: &str,
+        lifetime: Duration,
+    ) -> CertificateRequest {
         let mut annotations = self.settings.additional_annotations.clone();
-        annotations.insert(
-            IDENTITIES_ANNOTATION.to_owned(),
-            request.identities.join(","),
-        );
+        annotations.insert(IDENTITIES_ANNOTATION.to_owned(), identities.to_owned());
         CertificateRequest {
             metadata: ObjectMeta {
                 name: Some(name.to_owned()),
@@ -209,7 +211,7 @@ impl CertManagerIssuer {
             },
             spec: CertificateRequestSpec {
                 request: base64::engine::general_purpose::STANDARD.encode(csr_pem),
-                duration: Some(format!("{}s", request.lifetime.as_secs())),
+                duration: Some(format!("{}s", lifetime.as_secs())),
                 usages: Some(vec!["client auth".into(), "server auth".into()]),
                 is_ca: false,
                 issuer_ref: self.settings.issuer.clone(),
@@ -305,6 +307,29 @@ impl Issuer for CertManagerIssuer {
     }
 
     async fn issue(&self, request: IssueRequest<'_>) -> Result<Issued, IssueError> {
+        let csr_pem = pem::encode("CERTIFICATE REQUEST", &request.csr.der);
+        let (chain_pem, ca_pem) = self
+            .submit(&csr_pem, &request.identities.join(","), request.lifetime)
+            .await?;
+        let mut certs = pem::parse_certificates(chain_pem.as_bytes())
+            .map_err(|e| IssueError::Failed(format!("status.certificate: {e}")))?;
+        // status.ca may hold intermediates the chain left out; verification sorts it out.
+        if let Ok(ca) = pem::parse_certificates(ca_pem.as_bytes()) {
+            certs.extend(ca);
+        }
+        Ok(Issued::External(certs))
+    }
+}
+
+impl CertManagerIssuer {
+    /// Creates a CertificateRequest for `csr_pem` and waits for its outcome on the shared
+    /// watch: (status.certificate, status.ca) as PEM.
+    pub async fn submit(
+        &self,
+        csr_pem: &str,
+        identities: &str,
+        lifetime: Duration,
+    ) -> Result<(String, String), IssueError> {
         if !self.ready() {
             return Err(IssueError::NotReady(
                 "CertificateRequest watch not synced".into(),
@@ -318,10 +343,10 @@ impl Issuer for CertManagerIssuer {
             name: name.clone(),
             preserve: self.settings.preserve_requests,
         };
+        let object = self.request_for(&name, csr_pem, identities, lifetime);
         tokio::time::timeout(
             self.settings.timeout,
-            self.api
-                .create(&PostParams::default(), &self.request_for(&name, &request)),
+            self.api.create(&PostParams::default(), &object),
         )
         .await
         .map_err(|_| IssueError::Timeout)?
@@ -339,15 +364,7 @@ impl Issuer for CertManagerIssuer {
         match outcome {
             Err(_) => Err(IssueError::Timeout),
             Ok(Err(_)) => Err(IssueError::Internal("watch stopped".into())),
-            Ok(Ok(Outcome::Issued { chain_pem, ca_pem })) => {
-                let mut certs = pem::parse_certificates(chain_pem.as_bytes())
-                    .map_err(|e| IssueError::Failed(format!("status.certificate: {e}")))?;
-                // status.ca may hold intermediates the chain left out; verification sorts it.
-                if let Ok(ca) = pem::parse_certificates(ca_pem.as_bytes()) {
-                    certs.extend(ca);
-                }
-                Ok(Issued::External(certs))
-            }
+            Ok(Ok(Outcome::Issued { chain_pem, ca_pem })) => Ok((chain_pem, ca_pem)),
             Ok(Ok(Outcome::Denied(message))) => Err(IssueError::Denied(message)),
             Ok(Ok(Outcome::Failed(message))) => Err(IssueError::Failed(message)),
             Ok(Ok(Outcome::Deleted)) => Err(IssueError::Failed(
