@@ -289,3 +289,90 @@ async fn refuses_untrusted_node_account_syntax() {
     .await;
     assert!(error.contains("namespace/serviceaccount"), "{error}");
 }
+
+/// The serving certificate presented on a fresh TLS handshake.
+async fn presented_certificate(
+    address: std::net::SocketAddr,
+    roots_pem: &Path,
+) -> rustls_pki_types::CertificateDer<'static> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in pem::parse_certificates(&std::fs::read(roots_pem).unwrap()).unwrap() {
+        roots.add(cert).unwrap();
+    }
+    let mut config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(address).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(
+            rustls_pki_types::ServerName::try_from("localhost").unwrap(),
+            tcp,
+        )
+        .await
+        .unwrap();
+    tls.get_ref().1.peer_certificates().unwrap()[0]
+        .clone()
+        .into_owned()
+}
+
+#[tokio::test]
+async fn a_serving_certificate_renewal_keeps_open_connections_and_calls() {
+    install_crypto_provider();
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = TestCa::root("ca", KeyAlg::EcdsaP256);
+    write_ca(&tmp.path().join("ca"), &ca);
+    let pinned = tmp.path().join("roots.pem");
+    std::fs::write(&pinned, ca.cert_pem()).unwrap();
+    let tokens = tmp.path().join("tokens.csv");
+    std::fs::write(&tokens, "t0ken,default,default\n").unwrap();
+    let path = |p: &Path| p.to_str().unwrap().to_owned();
+    let args = serve_args(&[
+        "--signer",
+        "local-ca",
+        "--local-ca-dir",
+        &path(&tmp.path().join("ca")),
+        "--root-ca-file",
+        &path(&pinned),
+        "--token-auth-file",
+        &path(&tokens),
+    ])
+    .unwrap();
+    let (hooks, gate) = GatedIssuer::hooks();
+    let running = app::start(args, hooks).await.unwrap();
+    let gate = gate.get().unwrap().clone();
+    let target = Target {
+        address: running.grpc_address.to_string(),
+        server_name: Some("localhost".into()),
+        root_cert: pinned.clone(),
+        token_file: None,
+        cluster_id: "Kubernetes".into(),
+        timeout: std::time::Duration::from_secs(20),
+    };
+    let before = presented_certificate(running.grpc_address, &pinned).await;
+
+    // A call held in flight on an open connection...
+    let (csr, _) = p256_csr(DEFAULT_ID);
+    let mut client = target.connect().await.unwrap();
+    let request = pilot_agent_request(&target, Some("t0ken"), csr, 3600);
+    let in_flight = tokio::spawn(async move { client.create_certificate(request).await });
+    gate.wait_entered(1).await;
+
+    // ...while the roots change (a second root added), which renews the serving certificate.
+    let next = TestCa::root("next", KeyAlg::EcdsaP256);
+    std::fs::write(&pinned, format!("{}{}", ca.cert_pem(), next.cert_pem())).unwrap();
+    let renewed = eventually(std::time::Duration::from_secs(10), || async {
+        presented_certificate(running.grpc_address, &pinned).await != before
+    })
+    .await;
+    assert!(renewed, "the serving certificate was not renewed");
+
+    gate.release.add_permits(1);
+    let answer = in_flight
+        .await
+        .unwrap()
+        .expect("the open connection's call must complete");
+    let roots =
+        pem::parse_certificates(answer.into_inner().cert_chain.last().unwrap().as_bytes()).unwrap();
+    assert_eq!(roots, vec![ca.cert.clone(), next.cert.clone()]);
+}
