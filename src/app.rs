@@ -16,6 +16,7 @@ use tokio_util::task::AbortOnDropHandle;
 
 use crate::admin::{self, AdminState, ExpiryGauges, Liveness, Readiness};
 use crate::cluster::ClusterRegistry;
+use crate::cluster::api_metrics::ApiMetricsLayer;
 use crate::config::{IssuanceArgs, LogFormat, ServeArgs};
 use crate::fswatch::{self, FileWatch};
 use crate::pki::chain::RootBundle;
@@ -331,7 +332,12 @@ pub async fn start(args: ServeArgs, hooks: Hooks) -> anyhow::Result<Running> {
     };
     let kube = match &plan.standalone {
         Some(_) => None,
-        None => match kube_client(args.server.kubeconfig.as_deref()).await {
+        None => match kube_client(
+            args.server.kubeconfig.as_deref(),
+            &ApiMetricsLayer::register(&mut registry),
+        )
+        .await
+        {
             Ok(client) => Some(client),
             Err(error) if args.server.kubeconfig.is_some() => {
                 return Err(error.context("--kubeconfig"));
@@ -658,8 +664,12 @@ fn watch_root_file(
 const KUBE_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const KUBE_READ_TIMEOUT: Duration = Duration::from_secs(15);
 
-/// A client for the local cluster: `--kubeconfig`, else kube's usual inference.
-async fn kube_client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<kube::Client> {
+/// A client for the local cluster: `--kubeconfig`, else kube's usual inference; every call
+/// counted by `metrics`.
+async fn kube_client(
+    kubeconfig: Option<&std::path::Path>,
+    metrics: &ApiMetricsLayer,
+) -> anyhow::Result<kube::Client> {
     let mut config = match kubeconfig {
         Some(path) => {
             let file = kube::config::Kubeconfig::read_from(path)
@@ -672,7 +682,9 @@ async fn kube_client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<kub
     config.connect_timeout = Some(KUBE_CONNECT_TIMEOUT);
     config.read_timeout = Some(KUBE_READ_TIMEOUT);
     config.write_timeout = Some(KUBE_READ_TIMEOUT);
-    Ok(kube::Client::try_from(config)?)
+    Ok(kube::client::ClientBuilder::try_from(config)?
+        .with_layer(metrics)
+        .build())
 }
 
 /// Keeps the standalone `root-cert.pem` equal to the roots in force.

@@ -372,4 +372,25 @@ async fn two_hundred_service_accounts_at_once_all_get_their_certificates() {
     assert!(empty, "CertificateRequests were left behind");
     let (status, _) = http_get(&format!("http://{}/readyz", running.admin_address)).await;
     assert_eq!(status, 200);
+
+    // What it cost the apiserver: per CSR one create and one delete of a CertificateRequest
+    // and one TokenReview (distinct tokens); no GET and no polling. The serving certificate
+    // accounts for the one extra create and delete.
+    let (_, body) = http_get(&format!("http://{}/metrics", running.admin_address)).await;
+    let metrics = support::openmetrics::parse(&body);
+    let calls = |verb: &str, resource: &str, code: &str| {
+        metrics.value(
+            "istio_csr_kube_api_requests_total",
+            &[("code", code), ("resource", resource), ("verb", verb)],
+        )
+    };
+    assert_eq!(calls("create", "certificaterequests", "201"), 201.0);
+    assert_eq!(calls("delete", "certificaterequests", "200"), 201.0);
+    assert_eq!(calls("create", "tokenreviews", "201"), 200.0);
+    assert_eq!(calls("get", "certificaterequests", "200"), 0.0);
+    assert_eq!(
+        calls("list", "certificaterequests", "200"),
+        1.0,
+        "one initial list for the shared watch"
+    );
 }

@@ -1,6 +1,8 @@
 //! The registry of clusters whose API servers review tokens. Only the local cluster exists for
 //! now; remote clusters from kubeconfig Secrets join it with the multi-cluster bundle work.
 
+pub mod api_metrics;
+
 /// Where a caller's credentials are checked.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ClusterTarget {
