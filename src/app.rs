@@ -158,16 +158,7 @@ impl Plan {
                     .clone()
                     .context("--signer local-ca needs --local-ca-dir")?,
             ),
-            Signer::CertManager => {
-                if args.issuance.root_ca_file.is_none() {
-                    bail!(
-                        "--signer cert-manager needs --root-ca-file: issued chains are verified \
-                         against pinned roots (trusting the issuer's CA on first use is not \
-                         supported yet)"
-                    );
-                }
-                SignerPlan::CertManager(cert_manager_settings(&args.issuance)?)
-            }
+            Signer::CertManager => SignerPlan::CertManager(cert_manager_settings(&args.issuance)?),
             Signer::KubeCsr => bail!(
                 "--signer kube-csr is not available yet; use --signer cert-manager or local-ca"
             ),
@@ -382,8 +373,19 @@ pub async fn start(args: ServeArgs, hooks: Hooks) -> anyhow::Result<Running> {
                 if synced.is_err() {
                     bail!("the CertificateRequest watch did not sync within --issuance-timeout");
                 }
-                let roots = pinned.context("--signer cert-manager needs --root-ca-file")?;
-                let source = pinned_source.unwrap_or_default();
+                let (roots, source) = match (pinned, pinned_source) {
+                    (Some(rx), Some(source)) => (rx, source),
+                    _ => {
+                        let roots = roots_on_first_use(&issuer, &plan.serving_names).await?;
+                        let (tx, rx) = watch::channel(Arc::new(roots));
+                        // Nothing ever changes these roots; the sender lives as long as the process.
+                        tasks.push(liveness.spawn("tofu-roots", async move {
+                            tx.closed().await;
+                            Ok(())
+                        }));
+                        (rx, format!("issuer-tofu:{}", settings.issuer.name))
+                    }
+                };
                 (
                     ServingSource::CertManager(issuer.clone()),
                     issuer,
@@ -658,6 +660,27 @@ fn watch_root_file(
         }
     };
     Ok((rx, task))
+}
+
+/// Without --root-ca-file, trusts the CA cert-manager names in `status.ca` of a first request
+/// (istio-csr's behaviour, with its warning): a hijacked issuer at that moment would be trusted.
+async fn roots_on_first_use(
+    issuer: &CertManagerIssuer,
+    serving_names: &[String],
+) -> anyhow::Result<RootBundle> {
+    tracing::warn!(
+        "no --root-ca-file: trusting the CA the issuer reports now, for the life of this process. \
+         Pin the roots with --root-ca-file to defend against a hijacked signer"
+    );
+    let key = crate::pki::keys::generate_ecdsa_p256()?;
+    let names = ServingNames::from_names(serving_names);
+    let csr = crate::signer::serving::serving_csr(&names, &key)?;
+    let (_, ca_pem) = issuer
+        .submit(&csr, &names.dns.join(","), MIN_CERTIFICATE_DURATION)
+        .await
+        .context("asking the issuer for its CA (status.ca)")?;
+    RootBundle::from_pem(ca_pem.as_bytes())
+        .context("the issuer's status.ca holds no usable root: pin one with --root-ca-file")
 }
 
 /// Every call to an API server has a deadline: a hung apiserver must not hang a CreateCertificate.

@@ -215,7 +215,7 @@ async fn explains_configurations_that_cannot_work() {
             &["--standalone", "--serving-certificate-duration", "0s"],
             "between 1m and 3650d",
         ),
-        (&[], "needs --root-ca-file"),
+        (&["--kubeconfig", "/nonexistent/kubeconfig"], "--kubeconfig"),
         (&["--signer", "kube-csr"], "not available yet"),
         (
             &["--signer", "local-ca", "--token-auth-file", "t"],

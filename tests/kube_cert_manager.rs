@@ -265,6 +265,18 @@ async fn cert_manager_server(
     Arc<TestCa>,
     AbortOnDropHandle<()>,
 ) {
+    cert_manager_server_with(namespace, true).await
+}
+
+async fn cert_manager_server_with(
+    namespace: &str,
+    pin_root: bool,
+) -> (
+    istio_csr_rs::app::Running,
+    tempfile::TempDir,
+    Arc<TestCa>,
+    AbortOnDropHandle<()>,
+) {
     use clap::Parser;
     install_crypto_provider();
     let cluster = shared().await;
@@ -274,21 +286,20 @@ async fn cert_manager_server(
     let foreign = Arc::new(TestCa::root("foreign CA", KeyAlg::EcdsaP256));
     let fixture = start_fixture(cluster.client().await, namespace, root.clone(), foreign);
     let dir = tempfile::tempdir().unwrap();
+    // The client always trusts the fixture's root; the server pins it only when asked to.
     let pinned = dir.path().join("roots.pem");
     std::fs::write(&pinned, root.cert_pem()).unwrap();
     let (pinned, kubeconfig) = (
         pinned.to_str().unwrap().to_owned(),
         cluster.kubeconfig.to_str().unwrap().to_owned(),
     );
-    let argv = [
+    let mut argv = vec![
         "istio-csr-rs",
         "serve",
         "--signer",
         "cert-manager",
         "--kubeconfig",
         &kubeconfig,
-        "--root-ca-file",
-        &pinned,
         "--certificate-namespace",
         namespace,
         "--issuer-name",
@@ -300,6 +311,9 @@ async fn cert_manager_server(
         "--serving-certificate-dns-names",
         "localhost",
     ];
+    if pin_root {
+        argv.extend(["--root-ca-file", pinned.as_str()]);
+    }
     let istio_csr_rs::config::Command::Serve(args) =
         istio_csr_rs::config::Cli::try_parse_from(argv)
             .unwrap()
@@ -393,4 +407,37 @@ async fn two_hundred_service_accounts_at_once_all_get_their_certificates() {
         1.0,
         "one initial list for the shared watch"
     );
+}
+
+#[tokio::test]
+async fn without_pinned_roots_it_trusts_the_issuers_ca_on_first_use() {
+    let namespace = "cm-tofu";
+    let (running, dir, root, _fixture) = cert_manager_server_with(namespace, false).await;
+    let cluster = shared().await;
+    cluster.service_account(namespace, "web").await;
+    let token = cluster
+        .token(namespace, "web", &["istio-ca"], 3600, None)
+        .await;
+    let target = istio_csr_rs::client::Target {
+        address: running.grpc_address.to_string(),
+        server_name: Some("localhost".into()),
+        root_cert: dir.path().join("roots.pem"),
+        token_file: None,
+        cluster_id: "Kubernetes".into(),
+        timeout: Duration::from_secs(20),
+    };
+    let (csr, _) = p256_csr("spiffe://cluster.local/ns/cm-tofu/sa/web");
+    let mut client = target.connect().await.unwrap();
+    let chain = client
+        .create_certificate(pilot_agent_request(&target, Some(&token), csr, 3600))
+        .await
+        .unwrap()
+        .into_inner()
+        .cert_chain;
+    let roots =
+        istio_csr_rs::pki::pem::parse_certificates(chain.last().unwrap().as_bytes()).unwrap();
+    assert_eq!(roots, vec![root.cert.clone()]);
+    let (_, body) = http_get(&format!("http://{}/debug/bundle", running.admin_address)).await;
+    let bundle: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(bundle["roots"]["source"], "issuer-tofu:ca-issuer");
 }

@@ -92,7 +92,7 @@ impl ServingSource {
 }
 
 /// A CSR for the serving names: empty subject, DNS and IP SANs.
-fn serving_csr(names: &ServingNames, key: &KeyPair) -> anyhow::Result<String> {
+pub fn serving_csr(names: &ServingNames, key: &KeyPair) -> anyhow::Result<String> {
     let mut params = rcgen::CertificateParams::default();
     params.distinguished_name = rcgen::DistinguishedName::new();
     for dns in &names.dns {
