@@ -362,8 +362,21 @@ pub async fn start(args: ServeArgs, hooks: Hooks) -> anyhow::Result<Running> {
                     "--signer cert-manager needs a Kubernetes configuration (--kubeconfig, \
                      KUBECONFIG or in-cluster)",
                 )?;
-                let (issuer, watch) = CertManagerIssuer::new(client, settings.clone());
+                let (issuer, watch) = CertManagerIssuer::new(client.clone(), settings.clone());
                 tasks.push(liveness.spawn("certificate-request-watch", watch));
+                if let Some(name) = &args.issuance.runtime_issuance_config_map_name {
+                    let namespace = args
+                        .issuance
+                        .runtime_issuance_config_map_namespace
+                        .clone()
+                        .unwrap_or_else(|| settings.namespace.clone());
+                    let follow = issuer
+                        .clone()
+                        .follow_runtime_config(client, &namespace, name);
+                    tasks.push(liveness.spawn("runtime-issuer", follow));
+                }
+                // The serving certificate needs the watch and an issuer (the runtime ConfigMap's,
+                // when configured); after start-up, losing the issuer only means not ready.
                 let synced = tokio::time::timeout(settings.timeout, async {
                     while !issuer.ready() {
                         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -371,7 +384,10 @@ pub async fn start(args: ServeArgs, hooks: Hooks) -> anyhow::Result<Running> {
                 })
                 .await;
                 if synced.is_err() {
-                    bail!("the CertificateRequest watch did not sync within --issuance-timeout");
+                    bail!(
+                        "no usable issuer within --issuance-timeout (the CertificateRequest watch \
+                         did not sync, or the runtime issuance ConfigMap names no issuer)"
+                    );
                 }
                 let (roots, source) = match (pinned, pinned_source) {
                     (Some(rx), Some(source)) => (rx, source),

@@ -169,6 +169,15 @@ pub struct IssuanceArgs {
     )]
     pub certificate_request_additional_annotations: Vec<String>,
 
+    /// ConfigMap naming the issuer at run time (keys issuer-name, issuer-kind, issuer-group);
+    /// when set, the issuer comes from it alone, and changes apply to new requests at once.
+    #[arg(long, env = "ISTIO_CSR_RUNTIME_ISSUANCE_CONFIG_MAP_NAME")]
+    pub runtime_issuance_config_map_name: Option<String>,
+
+    /// Namespace of that ConfigMap [default: --certificate-namespace].
+    #[arg(long, env = "ISTIO_CSR_RUNTIME_ISSUANCE_CONFIG_MAP_NAMESPACE")]
+    pub runtime_issuance_config_map_namespace: Option<String>,
+
     /// How long a CertificateRequest may take to be answered (then DeadlineExceeded).
     #[arg(long, env = "ISTIO_CSR_ISSUANCE_TIMEOUT", default_value = "30s",
           value_parser = humantime::parse_duration)]

@@ -265,12 +265,13 @@ async fn cert_manager_server(
     Arc<TestCa>,
     AbortOnDropHandle<()>,
 ) {
-    cert_manager_server_with(namespace, true).await
+    cert_manager_server_with(namespace, true, &[]).await
 }
 
 async fn cert_manager_server_with(
     namespace: &str,
     pin_root: bool,
+    extra: &[&str],
 ) -> (
     istio_csr_rs::app::Running,
     tempfile::TempDir,
@@ -314,6 +315,7 @@ async fn cert_manager_server_with(
     if pin_root {
         argv.extend(["--root-ca-file", pinned.as_str()]);
     }
+    argv.extend_from_slice(extra);
     let istio_csr_rs::config::Command::Serve(args) =
         istio_csr_rs::config::Cli::try_parse_from(argv)
             .unwrap()
@@ -412,7 +414,7 @@ async fn two_hundred_service_accounts_at_once_all_get_their_certificates() {
 #[tokio::test]
 async fn without_pinned_roots_it_trusts_the_issuers_ca_on_first_use() {
     let namespace = "cm-tofu";
-    let (running, dir, root, _fixture) = cert_manager_server_with(namespace, false).await;
+    let (running, dir, root, _fixture) = cert_manager_server_with(namespace, false, &[]).await;
     let cluster = shared().await;
     cluster.service_account(namespace, "web").await;
     let token = cluster
@@ -440,4 +442,83 @@ async fn without_pinned_roots_it_trusts_the_issuers_ca_on_first_use() {
     let (_, body) = http_get(&format!("http://{}/debug/bundle", running.admin_address)).await;
     let bundle: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(bundle["roots"]["source"], "issuer-tofu:ca-issuer");
+}
+
+async fn put_issuer_config_map(namespace: &str, issuer: Option<&str>) {
+    use k8s_openapi::api::core::v1::ConfigMap;
+    let api: Api<ConfigMap> = Api::namespaced(shared().await.client().await, namespace);
+    match issuer {
+        Some(name) => {
+            let cm: ConfigMap = serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "istio-issuer", "namespace": namespace},
+                "data": {"issuer-name": name, "issuer-kind": "Issuer", "issuer-group": "cert-manager.io"}
+            }))
+            .unwrap();
+            let params = ::kube::api::PatchParams::apply("istio-csr-rs-tests").force();
+            api.patch("istio-issuer", &params, &::kube::api::Patch::Apply(&cm))
+                .await
+                .unwrap();
+        }
+        None => {
+            api.delete("istio-issuer", &Default::default())
+                .await
+                .unwrap();
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_runtime_issuer_config_map_switches_issuers_for_new_requests() {
+    let namespace = "cm-runtime";
+    let cluster = shared().await;
+    cluster.namespace(namespace).await;
+    put_issuer_config_map(namespace, Some("ca-issuer")).await;
+    let (running, dir, _root, _fixture) = cert_manager_server_with(
+        namespace,
+        true,
+        &["--runtime-issuance-config-map-name", "istio-issuer"],
+    )
+    .await;
+    cluster.service_account(namespace, "web").await;
+    let token = cluster
+        .token(namespace, "web", &["istio-ca"], 3600, None)
+        .await;
+    let target = istio_csr_rs::client::Target {
+        address: running.grpc_address.to_string(),
+        server_name: Some("localhost".into()),
+        root_cert: dir.path().join("roots.pem"),
+        token_file: None,
+        cluster_id: "Kubernetes".into(),
+        timeout: Duration::from_secs(20),
+    };
+    let call = || async {
+        let (csr, _) = p256_csr("spiffe://cluster.local/ns/cm-runtime/sa/web");
+        let mut client = target.connect().await.unwrap();
+        client
+            .create_certificate(pilot_agent_request(&target, Some(&token), csr, 3600))
+            .await
+            .map(|_| ())
+            .map_err(|s| s.code())
+    };
+    assert!(call().await.is_ok());
+
+    put_issuer_config_map(namespace, Some("deny-issuer")).await;
+    let switched = eventually(Duration::from_secs(10), || async {
+        call().await == Err(tonic::Code::PermissionDenied)
+    })
+    .await;
+    assert!(switched, "the new issuer was not used");
+
+    put_issuer_config_map(namespace, None).await;
+    let unavailable = eventually(Duration::from_secs(10), || async {
+        call().await == Err(tonic::Code::Unavailable)
+    })
+    .await;
+    assert!(unavailable, "no issuer must mean Unavailable");
+    let (status, _) = http_get(&format!("http://{}/readyz", running.admin_address)).await;
+    assert_eq!(status, 503);
+
+    put_issuer_config_map(namespace, Some("ca-issuer")).await;
+    let back = eventually(Duration::from_secs(10), || async { call().await.is_ok() }).await;
+    assert!(back, "the issuer did not come back");
 }

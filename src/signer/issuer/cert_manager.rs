@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use arc_swap::ArcSwapOption;
 use async_trait::async_trait;
 use base64::Engine;
 use futures_util::StreamExt;
@@ -168,6 +169,9 @@ pub struct Settings {
 pub struct CertManagerIssuer {
     api: Api<CertificateRequest>,
     settings: Settings,
+    /// The issuer in force: the static one, or the runtime ConfigMap's (None while it has
+    /// none). Read once per request, so a switch never affects requests already waiting.
+    issuer_ref: ArcSwapOption<IssuerRef>,
     waiters: Arc<Mutex<Waiters>>,
     synced: watch::Receiver<bool>,
 }
@@ -186,6 +190,7 @@ impl CertManagerIssuer {
         let (synced_tx, synced) = watch::channel(false);
         let issuer = Arc::new(Self {
             api: api.clone(),
+            issuer_ref: ArcSwapOption::from_pointee(settings.issuer.clone()),
             settings,
             waiters: waiters.clone(),
             synced,
@@ -199,6 +204,7 @@ impl CertManagerIssuer {
         csr_pem: &str,
         identities: &str,
         lifetime: Duration,
+        issuer_ref: IssuerRef,
     ) -> CertificateRequest {
         let mut annotations = self.settings.additional_annotations.clone();
         annotations.insert(IDENTITIES_ANNOTATION.to_owned(), identities.to_owned());
@@ -214,11 +220,74 @@ impl CertManagerIssuer {
                 duration: Some(format!("{}s", lifetime.as_secs())),
                 usages: Some(vec!["client auth".into(), "server auth".into()]),
                 is_ca: false,
-                issuer_ref: self.settings.issuer.clone(),
+                issuer_ref,
             },
             status: None,
         }
     }
+}
+
+impl CertManagerIssuer {
+    /// Follows the runtime issuance ConfigMap (istio-csr's `issuer-name`, `issuer-kind`,
+    /// `issuer-group` keys): each change applies to new requests at once. Without the
+    /// ConfigMap, or with an invalid one, there is no issuer: not ready, Unavailable.
+    pub fn follow_runtime_config(
+        self: Arc<Self>,
+        client: kube::Client,
+        namespace: &str,
+        name: &str,
+    ) -> impl Future<Output = anyhow::Result<()>> + Send + 'static {
+        use k8s_openapi::api::core::v1::ConfigMap;
+        let api: Api<ConfigMap> = Api::namespaced(client, namespace);
+        let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
+        let defaults = self.settings.issuer.clone();
+        self.issuer_ref.store(None);
+        async move {
+            let mut events = watcher(api, config).boxed();
+            while let Some(event) = events.next().await {
+                let next = match event {
+                    Ok(watcher::Event::Apply(cm) | watcher::Event::InitApply(cm)) => {
+                        match issuer_from_config_map(cm.data.as_ref(), &defaults) {
+                            Ok(issuer) => Some(issuer),
+                            Err(reason) => {
+                                tracing::error!(%reason, "runtime issuance ConfigMap is invalid; no issuer");
+                                None
+                            }
+                        }
+                    }
+                    Ok(watcher::Event::Delete(_)) => None,
+                    Ok(_) => continue,
+                    Err(error) => {
+                        tracing::warn!(%error, "runtime issuance ConfigMap watch interrupted");
+                        continue;
+                    }
+                };
+                tracing::info!(issuer = ?next, "runtime issuer changed");
+                self.issuer_ref.store(next.map(Arc::new));
+            }
+            anyhow::bail!("runtime issuance ConfigMap watch ended")
+        }
+    }
+}
+
+/// istio-csr's keys; kind and group default to the static flags' values.
+pub fn issuer_from_config_map(
+    data: Option<&BTreeMap<String, String>>,
+    defaults: &IssuerRef,
+) -> Result<IssuerRef, String> {
+    let get = |key: &str| data.and_then(|d| d.get(key)).map(|v| v.trim().to_owned());
+    let name = get("issuer-name")
+        .filter(|n| !n.is_empty())
+        .ok_or("issuer-name is missing")?;
+    Ok(IssuerRef {
+        name,
+        kind: get("issuer-kind")
+            .filter(|k| !k.is_empty())
+            .unwrap_or_else(|| defaults.kind.clone()),
+        group: get("issuer-group")
+            .filter(|g| !g.is_empty())
+            .unwrap_or_else(|| defaults.group.clone()),
+    })
 }
 
 /// `istio-csr-` and 16 random base-36 characters: a collision would need ~10^12 requests alive.
@@ -303,7 +372,7 @@ impl Issuer for CertManagerIssuer {
     }
 
     fn ready(&self) -> bool {
-        *self.synced.borrow()
+        *self.synced.borrow() && self.issuer_ref.load().is_some()
     }
 
     async fn issue(&self, request: IssueRequest<'_>) -> Result<Issued, IssueError> {
@@ -330,11 +399,16 @@ impl CertManagerIssuer {
         identities: &str,
         lifetime: Duration,
     ) -> Result<(String, String), IssueError> {
-        if !self.ready() {
+        if !*self.synced.borrow() {
             return Err(IssueError::NotReady(
                 "CertificateRequest watch not synced".into(),
             ));
         }
+        let Some(issuer_ref) = self.issuer_ref.load_full() else {
+            return Err(IssueError::NotReady(
+                "no issuer configured (runtime ConfigMap)".into(),
+            ));
+        };
         // The name is chosen here rather than by generateName, so the cleanup guard exists
         // before the create is sent: a caller that goes away mid-create leaves nothing.
         let name = request_name();
@@ -343,7 +417,7 @@ impl CertManagerIssuer {
             name: name.clone(),
             preserve: self.settings.preserve_requests,
         };
-        let object = self.request_for(&name, csr_pem, identities, lifetime);
+        let object = self.request_for(&name, csr_pem, identities, lifetime, (*issuer_ref).clone());
         tokio::time::timeout(
             self.settings.timeout,
             self.api.create(&PostParams::default(), &object),
@@ -424,6 +498,45 @@ mod tests {
             outcome_of(Some(&with(vec![cond("InvalidRequest", "True", None)]))),
             Some(Outcome::Failed("why".into()))
         );
+    }
+
+    #[test]
+    fn reads_the_runtime_issuance_config_map_like_istio_csr() {
+        let defaults = IssuerRef {
+            name: "static".into(),
+            kind: "Issuer".into(),
+            group: "cert-manager.io".into(),
+        };
+        let data = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| ((*k).into(), (*v).into()))
+                .collect()
+        };
+        let full = data(&[
+            ("issuer-name", "vault"),
+            ("issuer-kind", "ClusterIssuer"),
+            ("issuer-group", "example.com"),
+        ]);
+        assert_eq!(
+            issuer_from_config_map(Some(&full), &defaults).unwrap(),
+            IssuerRef {
+                name: "vault".into(),
+                kind: "ClusterIssuer".into(),
+                group: "example.com".into()
+            }
+        );
+        let name_only = data(&[("issuer-name", " vault ")]);
+        let issuer = issuer_from_config_map(Some(&name_only), &defaults).unwrap();
+        assert_eq!(
+            (issuer.name.as_str(), issuer.kind.as_str()),
+            ("vault", "Issuer")
+        );
+        assert!(
+            issuer_from_config_map(Some(&data(&[("issuer-kind", "Issuer")])), &defaults).is_err()
+        );
+        assert!(issuer_from_config_map(Some(&data(&[("issuer-name", "")])), &defaults).is_err());
+        assert!(issuer_from_config_map(None, &defaults).is_err());
     }
 
     #[test]
