@@ -97,17 +97,7 @@ async fn request_metrics_move_by_exactly_the_calls_made_per_code() {
 #[tokio::test]
 async fn metrics_follow_the_openmetrics_format_and_name_no_identities() {
     let server = Server::start(&[]).await;
-    let (csr, _) = p256_csr(DEFAULT_ID);
-    let mut client = server.client().await;
-    client
-        .create_certificate(pilot_agent_request(
-            &server.target(),
-            Some(&server.token()),
-            csr,
-            3600,
-        ))
-        .await
-        .unwrap();
+    server.request_default().await.unwrap();
     let (_, body) = http_get(&server.admin_url("/metrics")).await;
     let exposition = openmetrics::parse(&body);
     for family in exposition.types.keys() {

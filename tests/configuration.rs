@@ -135,14 +135,7 @@ async fn stops_signing_when_the_pinned_roots_no_longer_cover_the_ca_and_recovers
         cluster_id: "Kubernetes".into(),
         timeout: std::time::Duration::from_secs(10),
     };
-    let call = || async {
-        let (csr, _) = p256_csr(DEFAULT_ID);
-        let mut client = target.connect().await.unwrap();
-        client
-            .create_certificate(pilot_agent_request(&target, Some("t0ken"), csr, 3600))
-            .await
-            .map(|r| r.into_inner().cert_chain)
-    };
+    let call = || request_certificate(&target, Some("t0ken"), DEFAULT_ID);
     let readyz = || async {
         http_get(&format!("http://{}/readyz", running.admin_address))
             .await
@@ -250,17 +243,7 @@ async fn standalone_with_its_own_ca_directory_trusts_that_ca_only() {
         vec![own.cert.clone()]
     );
     // The target trusts data/root-cert.pem, as the printed command does.
-    let (csr, _) = p256_csr(DEFAULT_ID);
-    let mut client = server.client().await;
-    client
-        .create_certificate(pilot_agent_request(
-            &server.target(),
-            Some(&server.token()),
-            csr,
-            3600,
-        ))
-        .await
-        .unwrap();
+    server.request_default().await.unwrap();
 }
 
 #[test]

@@ -17,17 +17,7 @@ use time::OffsetDateTime;
 use tonic::Code;
 
 async fn call(server: &Server) -> Result<Vec<String>, tonic::Status> {
-    let (csr, _) = p256_csr(DEFAULT_ID);
-    let mut client = server.client().await;
-    client
-        .create_certificate(pilot_agent_request(
-            &server.target(),
-            Some(&server.token()),
-            csr,
-            3600,
-        ))
-        .await
-        .map(|r| r.into_inner().cert_chain)
+    server.request_default().await
 }
 
 #[tokio::test]

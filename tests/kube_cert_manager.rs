@@ -492,13 +492,14 @@ async fn the_runtime_issuer_config_map_switches_issuers_for_new_requests() {
         timeout: Duration::from_secs(20),
     };
     let call = || async {
-        let (csr, _) = p256_csr("spiffe://cluster.local/ns/cm-runtime/sa/web");
-        let mut client = target.connect().await.unwrap();
-        client
-            .create_certificate(pilot_agent_request(&target, Some(&token), csr, 3600))
-            .await
-            .map(|_| ())
-            .map_err(|s| s.code())
+        request_certificate(
+            &target,
+            Some(&token),
+            "spiffe://cluster.local/ns/cm-runtime/sa/web",
+        )
+        .await
+        .map(|_| ())
+        .map_err(|s| s.code())
     };
     assert!(call().await.is_ok());
 

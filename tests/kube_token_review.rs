@@ -70,13 +70,7 @@ impl Signer {
     }
 
     async fn create(&self, token: &str, identity: &str) -> Result<Vec<String>, tonic::Status> {
-        let target = self.target();
-        let (csr, _) = p256_csr(identity);
-        let mut client = target.connect().await.unwrap();
-        client
-            .create_certificate(pilot_agent_request(&target, Some(token), csr, 3600))
-            .await
-            .map(|r| r.into_inner().cert_chain)
+        request_certificate(&self.target(), Some(token), identity).await
     }
 }
 

@@ -37,19 +37,7 @@ async fn tls_client(server: &Server) -> tokio_rustls::client::TlsStream<TcpStrea
 }
 
 async fn request_ok(server: &Server) {
-    let (csr, _) = p256_csr(DEFAULT_ID);
-    let call = async {
-        let mut client = server.client().await;
-        client
-            .create_certificate(pilot_agent_request(
-                &server.target(),
-                Some(&server.token()),
-                csr,
-                3600,
-            ))
-            .await
-    };
-    tokio::time::timeout(PROMPT, call)
+    tokio::time::timeout(PROMPT, server.request_default())
         .await
         .expect("a real client was held up")
         .unwrap();

@@ -105,6 +105,11 @@ impl Server {
         self.target().connect().await.unwrap()
     }
 
+    /// A certificate for the default identity with the default token.
+    pub async fn request_default(&self) -> Result<Vec<String>, tonic::Status> {
+        request_certificate(&self.target(), Some(&self.token()), DEFAULT_ID).await
+    }
+
     pub fn admin_url(&self, path: &str) -> String {
         format!("http://{}{path}", self.running.admin_address)
     }
@@ -127,6 +132,21 @@ pub fn pilot_agent_request(
             },
         )
         .unwrap()
+}
+
+/// One CreateCertificate as pilot-agent makes it, with a fresh P-256 key: the `cert_chain`.
+/// A connection failure is a test failure, not a status.
+pub async fn request_certificate(
+    target: &Target,
+    token: Option<&str>,
+    identity: &str,
+) -> Result<Vec<String>, tonic::Status> {
+    let (csr, _) = p256_csr(identity);
+    let mut client = target.connect().await.expect("connecting to the server");
+    client
+        .create_certificate(pilot_agent_request(target, token, csr, 3600))
+        .await
+        .map(|r| r.into_inner().cert_chain)
 }
 
 pub fn p256_csr(identity: &str) -> (String, KeyPair) {
