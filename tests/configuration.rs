@@ -3,7 +3,7 @@
 
 mod support;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use clap::Parser;
 use istio_csr_rs::app::{self, Hooks};
@@ -39,6 +39,29 @@ fn write_ca(dir: &Path, ca: &TestCa) {
     std::fs::write(dir.join("ca-key.pem"), ca.key_pem()).unwrap();
 }
 
+/// Arguments of a local-ca server: `ca` in `tmp/ca`, `pinned_pem` as `tmp/roots.pem`, and the
+/// token `t0ken` for default/default. Returns them with the pinned file's path.
+fn pinned_local_ca(tmp: &Path, ca: &TestCa, pinned_pem: &str) -> (ServeArgs, PathBuf) {
+    write_ca(&tmp.join("ca"), ca);
+    let pinned = tmp.join("roots.pem");
+    std::fs::write(&pinned, pinned_pem).unwrap();
+    let tokens = tmp.join("tokens.csv");
+    std::fs::write(&tokens, "t0ken,default,default\n").unwrap();
+    let path = |p: &Path| p.to_str().unwrap().to_owned();
+    let args = serve_args(&[
+        "--signer",
+        "local-ca",
+        "--local-ca-dir",
+        &path(&tmp.join("ca")),
+        "--root-ca-file",
+        &path(&pinned),
+        "--token-auth-file",
+        &path(&tokens),
+    ])
+    .unwrap();
+    (args, pinned)
+}
+
 async fn start_error(extra: &[&str]) -> String {
     install_crypto_provider();
     match app::start(serve_args(extra).unwrap(), Hooks::default()).await {
@@ -53,34 +76,17 @@ async fn answers_every_pinned_root_for_a_rotation() {
     let tmp = tempfile::tempdir().unwrap();
     let current = TestCa::root("current", KeyAlg::EcdsaP256);
     let next = TestCa::root("next", KeyAlg::EcdsaP384);
-    write_ca(&tmp.path().join("ca"), &current);
-    let pinned = tmp.path().join("roots.pem");
-    std::fs::write(
-        &pinned,
-        format!("{}{}", current.cert_pem(), next.cert_pem()),
-    )
-    .unwrap();
-    let tokens = tmp.path().join("tokens.csv");
-    std::fs::write(&tokens, "t0ken,default,default\n").unwrap();
-    let dir = |p: &Path| p.to_str().unwrap().to_owned();
-    let (ca_dir, pinned_s, tokens_s) = (dir(&tmp.path().join("ca")), dir(&pinned), dir(&tokens));
-    let args = serve_args(&[
-        "--signer",
-        "local-ca",
-        "--local-ca-dir",
-        &ca_dir,
-        "--root-ca-file",
-        &pinned_s,
-        "--token-auth-file",
-        &tokens_s,
-    ])
-    .unwrap();
+    let (args, pinned) = pinned_local_ca(
+        tmp.path(),
+        &current,
+        &format!("{}{}", current.cert_pem(), next.cert_pem()),
+    );
     let running = app::start(args, Hooks::default()).await.unwrap();
     let target = Target {
         address: running.grpc_address.to_string(),
         server_name: Some("localhost".into()),
         root_cert: pinned.clone(),
-        token_file: Some(tokens.clone()),
+        token_file: None,
         cluster_id: "Kubernetes".into(),
         timeout: std::time::Duration::from_secs(10),
     };
@@ -101,11 +107,7 @@ async fn stops_signing_when_the_pinned_roots_no_longer_cover_the_ca_and_recovers
     install_crypto_provider();
     let tmp = tempfile::tempdir().unwrap();
     let ca = TestCa::root("ca", KeyAlg::EcdsaP256);
-    write_ca(&tmp.path().join("ca"), &ca);
-    let pinned = tmp.path().join("roots.pem");
-    std::fs::write(&pinned, ca.cert_pem()).unwrap();
-    let tokens = tmp.path().join("tokens.csv");
-    std::fs::write(&tokens, "t0ken,default,default\n").unwrap();
+    let (args, pinned) = pinned_local_ca(tmp.path(), &ca, &ca.cert_pem());
     // The client trusts both bundles: this test is about what the CA answers, not about TLS.
     let foreign = TestCa::root("foreign", KeyAlg::EcdsaP256);
     let client_roots = tmp.path().join("client-roots.pem");
@@ -113,18 +115,6 @@ async fn stops_signing_when_the_pinned_roots_no_longer_cover_the_ca_and_recovers
         &client_roots,
         format!("{}{}", ca.cert_pem(), foreign.cert_pem()),
     )
-    .unwrap();
-    let path = |p: &Path| p.to_str().unwrap().to_owned();
-    let args = serve_args(&[
-        "--signer",
-        "local-ca",
-        "--local-ca-dir",
-        &path(&tmp.path().join("ca")),
-        "--root-ca-file",
-        &path(&pinned),
-        "--token-auth-file",
-        &path(&tokens),
-    ])
     .unwrap();
     let running = app::start(args, Hooks::default()).await.unwrap();
     let target = Target {
@@ -304,23 +294,7 @@ async fn a_serving_certificate_renewal_keeps_open_connections_and_calls() {
     install_crypto_provider();
     let tmp = tempfile::tempdir().unwrap();
     let ca = TestCa::root("ca", KeyAlg::EcdsaP256);
-    write_ca(&tmp.path().join("ca"), &ca);
-    let pinned = tmp.path().join("roots.pem");
-    std::fs::write(&pinned, ca.cert_pem()).unwrap();
-    let tokens = tmp.path().join("tokens.csv");
-    std::fs::write(&tokens, "t0ken,default,default\n").unwrap();
-    let path = |p: &Path| p.to_str().unwrap().to_owned();
-    let args = serve_args(&[
-        "--signer",
-        "local-ca",
-        "--local-ca-dir",
-        &path(&tmp.path().join("ca")),
-        "--root-ca-file",
-        &path(&pinned),
-        "--token-auth-file",
-        &path(&tokens),
-    ])
-    .unwrap();
+    let (args, pinned) = pinned_local_ca(tmp.path(), &ca, &ca.cert_pem());
     let (hooks, gate) = GatedIssuer::hooks();
     let running = app::start(args, hooks).await.unwrap();
     let gate = gate.get().unwrap().clone();

@@ -13,32 +13,6 @@ use istio_csr_rs::proto::istio_v1_auth::istio_certificate_service_client::IstioC
 use support::*;
 use tonic::Code;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
-use x509_parser::prelude::{FromDer, GeneralName, ParsedExtension, X509Certificate};
-
-fn parse_leaf(chain: &[String]) -> (Vec<String>, i64) {
-    let der = pem::parse_certificates(chain[0].as_bytes())
-        .unwrap()
-        .remove(0);
-    let (_, cert) = X509Certificate::from_der(&der).unwrap();
-    let mut uris = Vec::new();
-    for ext in cert.extensions() {
-        if let ParsedExtension::SubjectAlternativeName(san) = ext.parsed_extension() {
-            assert!(ext.critical, "SAN must be critical with an empty subject");
-            for name in &san.general_names {
-                match name {
-                    GeneralName::URI(u) => uris.push((*u).to_owned()),
-                    other => panic!("unexpected SAN {other:?}"),
-                }
-            }
-        }
-    }
-    assert!(
-        cert.subject().iter_attributes().next().is_none(),
-        "subject must be empty"
-    );
-    let lifetime = cert.validity().not_after.timestamp() - cert.validity().not_before.timestamp();
-    (uris, lifetime)
-}
 
 async fn create(
     server: &Server,
@@ -62,7 +36,7 @@ async fn issues_the_token_identity_with_leaf_first_and_root_bundle_last() {
         .await
         .unwrap();
     assert_eq!(chain.len(), 2);
-    let (uris, _) = parse_leaf(&chain);
+    let (uris, _) = leaf_identity(&chain);
     assert_eq!(uris, vec![DEFAULT_ID.to_owned()]);
     let root_file = std::fs::read_to_string(server.data_dir.join("root-cert.pem")).unwrap();
     assert_eq!(
@@ -90,7 +64,7 @@ async fn clamps_lifetimes_to_the_maximum_and_honours_shorter_ones() {
         let chain = create(&server, Some(&server.token()), csr, requested)
             .await
             .unwrap();
-        let (_, lifetime) = parse_leaf(&chain);
+        let (_, lifetime) = leaf_identity(&chain);
         assert_eq!(lifetime, want + skew, "requested {requested}");
     }
 }
@@ -336,7 +310,7 @@ async fn renews_with_a_client_certificate_instead_of_a_token() {
         .unwrap()
         .into_inner();
     assert_eq!(
-        parse_leaf(&renewed.cert_chain).0,
+        leaf_identity(&renewed.cert_chain).0,
         vec![DEFAULT_ID.to_owned()]
     );
 

@@ -8,12 +8,10 @@ use clap::Parser;
 use istio_csr_rs::app::{self, Hooks, Running};
 use istio_csr_rs::client::Target;
 use istio_csr_rs::config::{Cli, Command};
-use istio_csr_rs::pki::pem;
 use istio_csr_rs::pki::testing::{KeyAlg, TestCa};
 use support::kube::{TestCluster, shared};
 use support::*;
 use tonic::Code;
-use x509_parser::prelude::{FromDer, GeneralName, ParsedExtension, X509Certificate};
 
 struct Signer {
     running: Running,
@@ -74,24 +72,6 @@ impl Signer {
     }
 }
 
-fn leaf_uris(chain: &[String]) -> Vec<String> {
-    let der = pem::parse_certificates(chain[0].as_bytes())
-        .unwrap()
-        .remove(0);
-    let (_, cert) = X509Certificate::from_der(&der).unwrap();
-    let mut uris = Vec::new();
-    for ext in cert.extensions() {
-        if let ParsedExtension::SubjectAlternativeName(san) = ext.parsed_extension() {
-            for name in &san.general_names {
-                if let GeneralName::URI(u) = name {
-                    uris.push((*u).to_owned());
-                }
-            }
-        }
-    }
-    uris
-}
-
 #[tokio::test]
 async fn a_token_minted_for_istio_ca_gets_exactly_its_identity() {
     let cluster = shared().await;
@@ -104,7 +84,7 @@ async fn a_token_minted_for_istio_ca_gets_exactly_its_identity() {
     let signer = signer(cluster, &[]).await;
     let id = "spiffe://cluster.local/ns/tr-happy/sa/web";
     let chain = signer.create(&token, id).await.unwrap();
-    assert_eq!(leaf_uris(&chain), vec![id.to_owned()]);
+    assert_eq!(leaf_identity(&chain).0, vec![id.to_owned()]);
     // The token does not entitle its holder to another identity.
     let other = signer
         .create(&token, "spiffe://cluster.local/ns/tr-happy/sa/admin")

@@ -149,6 +149,37 @@ pub async fn request_certificate(
         .map(|r| r.into_inner().cert_chain)
 }
 
+/// The leaf of a `cert_chain` as Istio workloads need it: its URI SANs (any other SAN type,
+/// a non-critical SAN or a subject fails the test) and its lifetime in seconds.
+pub fn leaf_identity(chain: &[String]) -> (Vec<String>, i64) {
+    use x509_parser::prelude::{FromDer, GeneralName, ParsedExtension, X509Certificate};
+    let der = istio_csr_rs::pki::pem::parse_certificates(chain[0].as_bytes())
+        .unwrap()
+        .remove(0);
+    let (_, cert) = X509Certificate::from_der(&der).unwrap();
+    let mut uris = Vec::new();
+    for ext in cert.extensions() {
+        if let ParsedExtension::SubjectAlternativeName(san) = ext.parsed_extension() {
+            assert!(ext.critical, "SAN must be critical with an empty subject");
+            for name in &san.general_names {
+                match name {
+                    GeneralName::URI(u) => uris.push((*u).to_owned()),
+                    other => panic!("unexpected SAN {other:?}"),
+                }
+            }
+        }
+    }
+    assert!(
+        cert.subject().iter_attributes().next().is_none(),
+        "subject must be empty"
+    );
+    let validity = cert.validity();
+    (
+        uris,
+        validity.not_after.timestamp() - validity.not_before.timestamp(),
+    )
+}
+
 pub fn p256_csr(identity: &str) -> (String, KeyPair) {
     let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
     (build_csr(identity, &key).unwrap(), key)
