@@ -273,21 +273,22 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .standalone
         .then(|| DataDir::new(&args.standalone.data_dir));
     let own_tokens = args.server.token_auth_file.is_none();
+    // Handlers go in before anything is printed or bound: a SIGTERM that arrives while
+    // starting must drain cleanly, not kill the process with the default action.
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let running = start(args, Hooks::default()).await?;
     if let Some(data) = &standalone {
         print_try_it(data, running.grpc_address, own_tokens);
     }
     let stop = running.stop.clone();
     tokio::spawn(async move {
-        if let Ok(mut sigterm) =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        {
-            tokio::select! {
-                _ = sigterm.recv() => tracing::info!("SIGTERM: shutting down"),
-                _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
-            }
-            stop.cancel();
+        tokio::select! {
+            _ = sigterm.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = sigint.recv() => tracing::info!("SIGINT: shutting down"),
         }
+        stop.cancel();
     });
     running.wait().await
 }
