@@ -103,6 +103,15 @@ pub struct ServerArgs {
     #[arg(long, env = "ISTIO_CSR_KUBECONFIG")]
     pub kubeconfig: Option<PathBuf>,
 
+    /// Kubernetes API calls per second per cluster, on average (client-side token bucket; 0 =
+    /// unlimited). Generous on purpose: a restart storm must not queue behind it.
+    #[arg(long, env = "ISTIO_CSR_KUBE_API_QPS", default_value_t = 1000.0)]
+    pub kube_api_qps: f64,
+
+    /// Kubernetes API calls per cluster allowed at once above --kube-api-qps.
+    #[arg(long, env = "ISTIO_CSR_KUBE_API_BURST", default_value_t = 2000)]
+    pub kube_api_burst: u32,
+
     /// CreateCertificate calls handled at once; beyond it callers get ResourceExhausted and retry.
     #[arg(long, env = "ISTIO_CSR_MAX_INFLIGHT", default_value_t = 1024)]
     pub max_inflight: usize,

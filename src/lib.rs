@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod backoff;
 pub mod client;
 pub mod cluster;
 pub mod config;

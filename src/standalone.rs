@@ -177,6 +177,37 @@ fn random_token() -> anyhow::Result<String> {
     Ok(hex::encode(bytes))
 }
 
+/// The newcomer's next step: the exact `request` and `openssl verify` commands to run.
+pub fn print_try_it(data: &DataDir, grpc: std::net::SocketAddr, own_tokens: bool) {
+    let host = if grpc.ip().is_unspecified() {
+        "127.0.0.1".to_owned()
+    } else {
+        grpc.ip().to_string()
+    };
+    let address = std::net::SocketAddr::new(host.parse().unwrap_or(grpc.ip()), grpc.port());
+    let exe = std::env::current_exe()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| "istio-csr-rs".into());
+    let dir = data.root.display();
+    let token_file = if own_tokens {
+        format!("{dir}/token")
+    } else {
+        "<a file holding one token of --token-auth-file>".to_owned()
+    };
+    // Not println!: that panics when stdout is a closed pipe (`serve | head -1`), and this
+    // message is a convenience, never worth the process.
+    let _ = writeln!(
+        std::io::stdout().lock(),
+        "\nistio-csr-rs (standalone) is serving Istio's CA API on {address}.\n\
+         Request a certificate for spiffe://<trust-domain>/ns/default/sa/default with:\n\n  \
+         {exe} request --address {address} --root-cert {dir}/root-cert.pem \
+         --token-file {token_file} --out-dir {dir}/workload\n\n\
+         then check it with:\n\n  \
+         openssl verify -CAfile {dir}/root-cert.pem -untrusted {dir}/workload/cert-chain.pem \
+         {dir}/workload/cert-chain.pem\n"
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -18,7 +18,8 @@ pub struct BundleStatus {
 
 #[derive(Debug, Serialize)]
 pub struct RootsStatus {
-    /// Where the roots come from: `file:<path>` (pinned) or `local-ca:<dir>`.
+    /// Where the roots come from: `file:<path>` (pinned), `local-ca:<dir>`,
+    /// `issuer-tofu:<issuer>` (trusted on first use), or `pending` (not known yet).
     pub source: String,
     pub certificates: Vec<CertificateStatus>,
 }

@@ -4,7 +4,7 @@
 pub mod bundle;
 pub mod health;
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use axum::Json;
 use axum::Router;
@@ -64,9 +64,16 @@ pub struct AdminState {
     pub liveness: Arc<Liveness>,
     pub registry: Registry,
     pub gauges: ExpiryGauges,
+    /// Set once the roots are known: at start, or after the issuer's first answer when they
+    /// are trusted on first use.
+    pub trust: OnceLock<Trust>,
+}
+
+/// The roots in force and where they come from.
+pub struct Trust {
     pub roots: watch::Receiver<Arc<RootBundle>>,
-    /// Where the roots come from, for `/debug/bundle`.
-    pub root_source: String,
+    /// `file:<path>`, `local-ca:<dir>` or `issuer-tofu:<issuer>`, for `/debug/bundle`.
+    pub source: String,
 }
 
 pub fn router(state: Arc<AdminState>) -> Router {
@@ -117,10 +124,12 @@ async fn metrics(State(state): State<Arc<AdminState>>) -> Response {
         .gauges
         .serving_certificate
         .set(state.readiness.serving_cert.not_after_unix());
-    state
-        .gauges
-        .root_certificate
-        .set(bundle::earliest_expiry(&state.roots.borrow()));
+    if let Some(trust) = state.trust.get() {
+        state
+            .gauges
+            .root_certificate
+            .set(bundle::earliest_expiry(&trust.roots.borrow()));
+    }
     let mut body = String::new();
     match prometheus_client::encoding::text::encode(&mut body, &state.registry) {
         Ok(()) => ([(header::CONTENT_TYPE, OPENMETRICS_CONTENT_TYPE)], body).into_response(),
@@ -129,10 +138,15 @@ async fn metrics(State(state): State<Arc<AdminState>>) -> Response {
 }
 
 async fn debug_bundle(State(state): State<Arc<AdminState>>) -> Json<bundle::BundleStatus> {
-    let roots = state.roots.borrow().clone();
     let serving = state.readiness.serving_cert.not_after_unix();
     Json(bundle::BundleStatus {
-        roots: bundle::roots_status(&state.root_source, &roots),
+        roots: match state.trust.get() {
+            Some(trust) => bundle::roots_status(&trust.source, &trust.roots.borrow()),
+            None => bundle::RootsStatus {
+                source: "pending".into(),
+                certificates: Vec::new(),
+            },
+        },
         issuer: bundle::IssuerStatus {
             kind: state.readiness.issuer.label(),
             ready: state.readiness.issuer.ready(),
@@ -207,8 +221,10 @@ mod tests {
             liveness: Arc::new(Liveness::default()),
             registry,
             gauges,
-            roots: rx,
-            root_source: "file:/etc/roots.pem".into(),
+            trust: OnceLock::from(Trust {
+                roots: rx,
+                source: "file:/etc/roots.pem".into(),
+            }),
         });
         Fixture { state, root }
     }

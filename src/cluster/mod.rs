@@ -2,6 +2,8 @@
 //! now; remote clusters from kubeconfig Secrets join it with the multi-cluster bundle work.
 
 pub mod api_metrics;
+pub mod client;
+pub mod rate_limit;
 
 /// Where a caller's credentials are checked.
 #[derive(Clone, Debug, PartialEq, Eq)]

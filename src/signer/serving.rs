@@ -16,13 +16,12 @@ use rustls_pki_types::UnixTime;
 use super::issuer::cert_manager::CertManagerIssuer;
 use super::issuer::local_ca::LocalCa;
 use super::tls::ServingCertResolver;
+use crate::backoff;
 use crate::pki::chain::RootBundle;
 use crate::pki::keys;
 use crate::pki::{chain, pem};
 
-/// Retry delays after a failed renewal: start small, never hammer the issuer.
-const RETRY_MIN: Duration = Duration::from_secs(1);
-const RETRY_MAX: Duration = Duration::from_secs(60);
+/// Keeps a CA about to expire (so short leaves) from a busy renewal loop.
 const RENEW_FLOOR: Duration = Duration::from_secs(1);
 
 /// Names the serving certificate is valid for.
@@ -47,6 +46,7 @@ impl ServingNames {
 }
 
 /// Where serving certificates come from: the active issuer.
+#[derive(Clone)]
 pub enum ServingSource {
     LocalCa(Arc<LocalCa>),
     CertManager(Arc<CertManagerIssuer>),
@@ -159,18 +159,18 @@ impl ServingCerts {
         })
     }
 
-    /// Obtains the first certificate; the listener must not open before this succeeds.
-    /// Then renews at two thirds of each certificate's life, with backoff on failure, for as
-    /// long as the returned task runs.
-    pub async fn start(
-        self: Arc<Self>,
-    ) -> anyhow::Result<impl Future<Output = anyhow::Result<()>> + use<>> {
+    /// Obtains the first certificate, retrying with backoff for as long as it takes (the
+    /// listener must not open before). Then renews at two thirds of each certificate's life,
+    /// with backoff on failure, for as long as the returned task runs.
+    pub async fn start(self: Arc<Self>) -> impl Future<Output = anyhow::Result<()>> + use<> {
         // Taken before the first certificate, so no root change between the two is missed
         // (the task below may first run much later).
         let mut roots = self.roots.clone();
         roots.mark_unchanged();
-        let first = self.renew().await?;
-        Ok(self.renew_forever(first, roots))
+        let first =
+            backoff::retry_forever("obtaining the first serving certificate", || self.renew())
+                .await;
+        self.renew_forever(first, roots)
     }
 
     async fn renew_forever(
@@ -197,17 +197,8 @@ impl ServingCerts {
                     tracing::info!("trust roots changed; renewing the serving certificate");
                 }
             }
-            let mut delay = RETRY_MIN;
-            let installed = loop {
-                match self.renew().await {
-                    Ok(installed) => break installed,
-                    Err(error) => {
-                        tracing::error!(%error, retry_in = ?delay, "serving certificate renewal failed");
-                        tokio::time::sleep(jitter(delay)).await;
-                        delay = (delay * 2).min(RETRY_MAX);
-                    }
-                }
-            };
+            let installed =
+                backoff::retry_forever("serving certificate renewal", || self.renew()).await;
             not_before = installed.not_before;
             not_after = installed.not_after;
         }
@@ -221,13 +212,6 @@ fn install(
 ) -> anyhow::Result<()> {
     resolver.install(certs, key)?;
     Ok(())
-}
-
-/// Up to 20% random extra delay, so replicas do not retry in lockstep.
-fn jitter(delay: Duration) -> Duration {
-    let mut byte = [0u8; 1];
-    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut byte);
-    delay + delay.mul_f64(f64::from(byte[0]) / 255.0 * 0.2)
 }
 
 #[cfg(test)]

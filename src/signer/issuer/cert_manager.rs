@@ -14,7 +14,7 @@ use kube::api::{Api, DeleteParams, ObjectMeta, PostParams};
 use kube::runtime::watcher;
 use kube::{CustomResource, ResourceExt};
 use serde::{Deserialize, Serialize};
-use tokio::sync::{oneshot, watch};
+use tokio::sync::{Notify, oneshot, watch};
 
 use super::{IssueError, IssueRequest, Issued, Issuer};
 use crate::pki::pem;
@@ -174,6 +174,8 @@ pub struct CertManagerIssuer {
     issuer_ref: ArcSwapOption<IssuerRef>,
     waiters: Arc<Mutex<Waiters>>,
     synced: watch::Receiver<bool>,
+    /// Woken when the watch syncs or the issuer in force changes: what `wait_ready` waits on.
+    ready_changed: Arc<Notify>,
 }
 
 impl CertManagerIssuer {
@@ -188,14 +190,29 @@ impl CertManagerIssuer {
         let api: Api<CertificateRequest> = Api::namespaced(client, &settings.namespace);
         let waiters = Arc::new(Mutex::new(Waiters::default()));
         let (synced_tx, synced) = watch::channel(false);
+        let ready_changed = Arc::new(Notify::new());
         let issuer = Arc::new(Self {
             api: api.clone(),
             issuer_ref: ArcSwapOption::from_pointee(settings.issuer.clone()),
             settings,
             waiters: waiters.clone(),
             synced,
+            ready_changed: ready_changed.clone(),
         });
-        (issuer, run_watch(api, waiters, synced_tx))
+        (issuer, run_watch(api, waiters, synced_tx, ready_changed))
+    }
+
+    /// Returns once the watch has synced and an issuer is configured.
+    pub async fn wait_ready(&self) {
+        loop {
+            let changed = self.ready_changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if Issuer::ready(self) {
+                return;
+            }
+            changed.await;
+        }
     }
 
     fn request_for(
@@ -264,6 +281,7 @@ impl CertManagerIssuer {
                 };
                 tracing::info!(issuer = ?next, "runtime issuer changed");
                 self.issuer_ref.store(next.map(Arc::new));
+                self.ready_changed.notify_waiters();
             }
             anyhow::bail!("runtime issuance ConfigMap watch ended")
         }
@@ -309,6 +327,7 @@ async fn run_watch(
     api: Api<CertificateRequest>,
     waiters: Arc<Mutex<Waiters>>,
     synced: watch::Sender<bool>,
+    ready_changed: Arc<Notify>,
 ) -> anyhow::Result<()> {
     let mut events = watcher(api, watcher::Config::default()).boxed();
     while let Some(event) = events.next().await {
@@ -327,6 +346,7 @@ async fn run_watch(
             }
             Ok(watcher::Event::InitDone) => {
                 synced.send_replace(true);
+                ready_changed.notify_waiters();
             }
             Ok(watcher::Event::Init) => {}
             // The watcher re-lists and resumes by itself; its errors are worth a line only.

@@ -1,0 +1,609 @@
+//! Wiring: resolve the configuration, build the parts, run them, shut down gracefully.
+
+mod plan;
+mod roots;
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
+
+use crate::admin::{self, AdminState, ExpiryGauges, Liveness, Readiness, Trust};
+use crate::backoff;
+use crate::cluster::client::ClientFactory;
+use crate::cluster::{self, ClusterRegistry};
+use crate::config::{LogFormat, ServeArgs};
+use crate::pki::chain::RootBundle;
+use crate::proto::istio_v1_auth::istio_certificate_service_server::IstioCertificateServiceServer;
+use crate::signer::authn::Authenticator;
+use crate::signer::authn::client_cert::ClientCertAuthenticator;
+use crate::signer::authn::static_tokens::StaticTokens;
+use crate::signer::authn::token_review::{TokenReviewMetrics, TokenReviewer};
+use crate::signer::issuer::Issuer;
+use crate::signer::issuer::cert_manager::CertManagerIssuer;
+use crate::signer::issuer::local_ca::LocalCa;
+use crate::signer::listener;
+use crate::signer::metrics::SignerMetrics;
+use crate::signer::service::{CaService, Settings};
+use crate::signer::serving::{ServingCerts, ServingNames, ServingSource};
+use crate::signer::tls::{self, MeshClientVerifier, ServingCertResolver};
+use crate::standalone::{self, DataDir, Wants};
+use plan::{Plan, SignerPlan};
+use prometheus_client::registry::Registry;
+
+/// Istio CSRs are about 1 KiB; 64 KiB CSR + metadata fit well under this. Bigger is hostile.
+const MAX_GRPC_MESSAGE_BYTES: usize = 128 * 1024;
+/// Dead peers are found within interval + timeout.
+const HTTP2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// pilot-agent sends one call at a time and ztunnel at most 8; 128 is generous. The bound
+/// on work in progress is --max-inflight.
+const MAX_STREAMS_PER_CONNECTION: u32 = 128;
+/// Service-account JWTs are 1 to 2 KiB; 32 KiB of headers is plenty and bounds hpack memory.
+const MAX_HEADER_LIST_BYTES: u32 = 32 * 1024;
+pub fn init_logging(format: LogFormat, filter: &str) -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter).context("--log-level")?;
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi)
+        .with_writer(std::io::stderr);
+    let result = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+    result.map_err(|e| anyhow::anyhow!("logging: {e}"))
+}
+
+/// Replaces the issuer with one that wraps it.
+pub type IssuerWrapper = Box<dyn FnOnce(Arc<dyn Issuer>) -> Arc<dyn Issuer> + Send>;
+
+/// Test seams: lets tests wrap the real issuer (e.g. to hold requests in flight).
+#[derive(Default)]
+pub struct Hooks {
+    pub wrap_issuer: Option<IssuerWrapper>,
+}
+
+/// A server whose admin API is up, while the rest starts in the background: waiting for an
+/// issuer or a first certificate shows as "not ready", never as a crash loop.
+pub struct Launched {
+    pub admin_address: SocketAddr,
+    stop: CancellationToken,
+    serving: oneshot::Receiver<SocketAddr>,
+    done: JoinHandle<anyhow::Result<()>>,
+}
+
+impl Launched {
+    /// Stops the start-up (or, once serving, starts a graceful shutdown).
+    pub fn shutdown(&self) {
+        self.stop.cancel();
+    }
+
+    /// Waits until the gRPC port serves. `None`: stopped before that; an error: start-up failed.
+    pub async fn serving(self) -> anyhow::Result<Option<Running>> {
+        match self.serving.await {
+            Ok(grpc_address) => Ok(Some(Running {
+                grpc_address,
+                admin_address: self.admin_address,
+                stop: self.stop,
+                done: self.done,
+            })),
+            Err(_) => {
+                self.done.await??;
+                Ok(None)
+            }
+        }
+    }
+}
+
+/// A serving server.
+pub struct Running {
+    pub grpc_address: SocketAddr,
+    pub admin_address: SocketAddr,
+    stop: CancellationToken,
+    done: JoinHandle<anyhow::Result<()>>,
+}
+
+impl Running {
+    /// Starts a graceful shutdown, as SIGTERM does.
+    pub fn shutdown(&self) {
+        self.stop.cancel();
+    }
+
+    /// Waits until the server has stopped: `Ok` after a clean shutdown.
+    pub async fn wait(self) -> anyhow::Result<()> {
+        self.done.await?
+    }
+}
+
+/// `istio-csr-rs serve`: runs until SIGTERM or SIGINT, then drains and exits.
+pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    init_logging(args.log.log_format, &args.log.log_level)?;
+    let standalone = args
+        .standalone
+        .standalone
+        .then(|| DataDir::new(&args.standalone.data_dir));
+    let own_tokens = args.server.token_auth_file.is_none();
+    // Handlers go in before anything is printed or bound: a SIGTERM that arrives while
+    // starting must stop cleanly, not kill the process with the default action.
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let launched = launch(args, Hooks::default()).await?;
+    let stop = launched.stop.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = sigterm.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = sigint.recv() => tracing::info!("SIGINT: shutting down"),
+        }
+        stop.cancel();
+    });
+    let Some(running) = launched.serving().await? else {
+        tracing::info!("stopped before serving");
+        return Ok(());
+    };
+    if let Some(data) = &standalone {
+        standalone::print_try_it(data, running.grpc_address, own_tokens);
+    }
+    running.wait().await
+}
+
+/// Builds every part and returns once the gRPC port serves.
+pub async fn start(args: ServeArgs, hooks: Hooks) -> anyhow::Result<Running> {
+    launch(args, hooks)
+        .await?
+        .serving()
+        .await?
+        .context("stopped before serving")
+}
+
+/// Checks the configuration, builds what needs no waiting, binds the admin API, and leaves
+/// the rest (an issuer, the roots, the first serving certificate, the gRPC port) to a
+/// background task. Configuration errors fail here, at once.
+pub async fn launch(args: ServeArgs, hooks: Hooks) -> anyhow::Result<Launched> {
+    let plan = Plan::resolve(&args)?;
+    plan.log(&args);
+    if let Some(data) = &plan.standalone {
+        let wants = Wants {
+            ca: args.issuance.local_ca_dir.is_none(),
+            tokens: args.server.token_auth_file.is_none(),
+        };
+        data.bootstrap(wants)
+            .with_context(|| format!("preparing {}", data.root.display()))?;
+    }
+    let liveness = Arc::new(Liveness::default());
+    let mut tasks = Vec::new();
+    let mut registry = Registry::with_prefix("istio_csr");
+    admin::register_build_info(&mut registry);
+    let signer_metrics = SignerMetrics::register(&mut registry);
+    let gauges = ExpiryGauges::register(&mut registry);
+    let clients = ClientFactory::new(
+        &mut registry,
+        args.server.kube_api_qps,
+        args.server.kube_api_burst,
+    );
+
+    // Trust roots: the pinned file when given, else the built-in CA's own roots.
+    let pinned = match &args.issuance.root_ca_file {
+        Some(path) => {
+            let (rx, task) = roots::watch_root_file(path.clone())?;
+            tasks.push(liveness.spawn("root-file", task));
+            Some((rx, format!("file:{}", path.display())))
+        }
+        None => None,
+    };
+    let kube = match &plan.standalone {
+        Some(_) => None,
+        None => {
+            let config = cluster::client::local_config(args.server.kubeconfig.as_deref()).await;
+            match config.and_then(|config| clients.build(config)) {
+                Ok(client) => Some(client),
+                Err(error) if args.server.kubeconfig.is_some() => {
+                    return Err(error.context("--kubeconfig"));
+                }
+                Err(error) => {
+                    tracing::info!(error = %format!("{error:#}"), "no Kubernetes configuration found");
+                    None
+                }
+            }
+        }
+    };
+    let signer = build_signer(&plan, &args, kube.as_ref(), pinned, &liveness, &mut tasks)?;
+    let mut issuer = signer.issuer.clone();
+    if let Some(wrap) = hooks.wrap_issuer {
+        issuer = wrap(issuer);
+    }
+
+    let mut authenticators: Vec<Arc<dyn Authenticator>> = Vec::new();
+    if let Some(path) = &plan.token_auth_file {
+        let tokens = StaticTokens::load(path, &args.server.trust_domain)?;
+        tasks.push(liveness.spawn("token-reload", tokens.clone().watch()?));
+        authenticators.push(tokens);
+    }
+    match &kube {
+        Some(client) => authenticators.push(Arc::new(TokenReviewer::new(
+            client.clone(),
+            args.server.token_audiences.clone(),
+            &args.server.trust_domain,
+            args.server.token_review_cache_ttl,
+            TokenReviewMetrics::register(&mut registry),
+        ))),
+        None if plan.standalone.is_none() => tracing::info!("TokenReview is off"),
+        None => {}
+    }
+    if authenticators.is_empty() && !args.server.enable_client_cert_authenticator {
+        bail!(
+            "no way to authenticate callers: give a Kubernetes configuration (--kubeconfig, \
+             KUBECONFIG or in-cluster) for TokenReview, --token-auth-file, or \
+             --enable-client-cert-authenticator"
+        );
+    }
+
+    let resolver = Arc::new(ServingCertResolver::default());
+    let readiness = Arc::new(Readiness::new(resolver.clone(), issuer.clone()));
+    let admin_listener = TcpListener::bind(plan.admin_address)
+        .await
+        .with_context(|| format!("binding the admin address {}", plan.admin_address))?;
+    let admin_address = admin_listener.local_addr()?;
+    let admin_state = Arc::new(AdminState {
+        readiness: readiness.clone(),
+        liveness: liveness.clone(),
+        registry,
+        gauges,
+        trust: OnceLock::new(),
+    });
+    let admin_router = admin::router(admin_state.clone());
+    // The admin API outlives the gRPC drain: probes must see "not ready", not a closed port.
+    let admin_shutdown = CancellationToken::new();
+    let admin_stop = admin_shutdown.clone();
+    tasks.push(liveness.spawn("admin", async move {
+        axum::serve(admin_listener, admin_router)
+            .with_graceful_shutdown(admin_shutdown.cancelled_owned())
+            .await?;
+        Ok(())
+    }));
+
+    let stop = CancellationToken::new();
+    let (serving_tx, serving) = oneshot::channel();
+    let starting = Starting {
+        args,
+        plan,
+        signer,
+        issuer,
+        authenticators,
+        signer_metrics,
+        resolver,
+        readiness,
+        liveness,
+        admin_state,
+        tasks,
+    };
+    let stop_requested = stop.clone();
+    let done = tokio::spawn(async move {
+        let result = starting.run(stop_requested, serving_tx).await;
+        admin_stop.cancel();
+        result
+    });
+    Ok(Launched {
+        admin_address,
+        stop,
+        serving,
+        done,
+    })
+}
+
+/// The signer's parts that exist before anything is waited for.
+struct SignerParts {
+    issuer: Arc<dyn Issuer>,
+    serving_source: ServingSource,
+    /// Set for `--signer cert-manager`: start-up waits for it to be usable.
+    cert_manager: Option<Arc<CertManagerIssuer>>,
+    /// `None`: trust the issuer's CA on first use.
+    roots: Option<(watch::Receiver<Arc<RootBundle>>, String)>,
+}
+
+fn build_signer(
+    plan: &Plan,
+    args: &ServeArgs,
+    kube: Option<&kube::Client>,
+    pinned: Option<(watch::Receiver<Arc<RootBundle>>, String)>,
+    liveness: &Arc<Liveness>,
+    tasks: &mut Vec<AbortOnDropHandle<()>>,
+) -> anyhow::Result<SignerParts> {
+    match &plan.signer {
+        SignerPlan::LocalCa(dir) => {
+            let mut ca = LocalCa::load(dir, pinned.as_ref().map(|(rx, _)| rx.clone()))
+                .with_context(|| format!("loading the CA in {}", dir.display()))?;
+            let roots = match pinned {
+                Some(pinned) => pinned,
+                None => (ca.publish_roots(), format!("local-ca:{}", dir.display())),
+            };
+            let ca = Arc::new(ca);
+            tasks.push(liveness.spawn("ca-reload", ca.clone().watch()?));
+            Ok(SignerParts {
+                issuer: ca.clone(),
+                serving_source: ServingSource::LocalCa(ca),
+                cert_manager: None,
+                roots: Some(roots),
+            })
+        }
+        SignerPlan::CertManager(settings) => {
+            let client = kube.cloned().context(
+                "--signer cert-manager needs a Kubernetes configuration (--kubeconfig, \
+                 KUBECONFIG or in-cluster)",
+            )?;
+            let (issuer, watch) = CertManagerIssuer::new(client.clone(), settings.clone());
+            tasks.push(liveness.spawn("certificate-request-watch", watch));
+            if let Some(name) = &args.issuance.runtime_issuance_config_map_name {
+                let namespace = args
+                    .issuance
+                    .runtime_issuance_config_map_namespace
+                    .clone()
+                    .unwrap_or_else(|| settings.namespace.clone());
+                let follow = issuer
+                    .clone()
+                    .follow_runtime_config(client, &namespace, name);
+                tasks.push(liveness.spawn("runtime-issuer", follow));
+            }
+            Ok(SignerParts {
+                issuer: issuer.clone(),
+                serving_source: ServingSource::CertManager(issuer.clone()),
+                cert_manager: Some(issuer),
+                roots: pinned,
+            })
+        }
+    }
+}
+
+/// Everything built by `launch`, on its way to serving.
+struct Starting {
+    args: ServeArgs,
+    plan: Plan,
+    signer: SignerParts,
+    issuer: Arc<dyn Issuer>,
+    authenticators: Vec<Arc<dyn Authenticator>>,
+    signer_metrics: SignerMetrics,
+    resolver: Arc<ServingCertResolver>,
+    readiness: Arc<Readiness>,
+    liveness: Arc<Liveness>,
+    admin_state: Arc<AdminState>,
+    tasks: Vec<AbortOnDropHandle<()>>,
+}
+
+impl Starting {
+    /// Finishes start-up (unless stopped first), reports the gRPC address, then serves until
+    /// stopped.
+    async fn run(
+        mut self,
+        stop: CancellationToken,
+        serving: oneshot::Sender<SocketAddr>,
+    ) -> anyhow::Result<()> {
+        let started = tokio::select! {
+            started = self.until_serving() => started?,
+            _ = stop.cancelled() => return Ok(()),
+        };
+        let _ = serving.send(started.grpc_address);
+        run_until_stopped(
+            stop,
+            self.args.server.shutdown_delay,
+            self.tasks,
+            self.liveness,
+            self.readiness,
+            started.health,
+            started.shutdown,
+            started.grpc,
+            self.args.server.shutdown_grace,
+        )
+        .await
+    }
+
+    async fn until_serving(&mut self) -> anyhow::Result<Started> {
+        let args = &self.args;
+        if let Some(issuer) = &self.signer.cert_manager {
+            // The serving certificate needs the watch and an issuer (the runtime ConfigMap's,
+            // when configured). Until then: not ready, and say so now and then.
+            let warn_every = args.issuance.issuance_timeout;
+            while tokio::time::timeout(warn_every, issuer.wait_ready())
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    "waiting for a usable issuer: the CertificateRequest watch has not synced, \
+                     or the runtime issuance ConfigMap names no issuer"
+                );
+            }
+        }
+        let (roots, source) = match (self.signer.roots.take(), &self.signer.cert_manager) {
+            (Some(known), _) => known,
+            (None, Some(issuer)) => {
+                let bundle =
+                    backoff::retry_forever("trusting the issuer's CA on first use", || {
+                        roots::roots_on_first_use(issuer, &self.plan.serving_names)
+                    })
+                    .await;
+                let (tx, rx) = watch::channel(Arc::new(bundle));
+                // Nothing ever changes these roots; the sender lives as long as the process.
+                self.tasks
+                    .push(self.liveness.spawn("tofu-roots", async move {
+                        tx.closed().await;
+                        Ok(())
+                    }));
+                (rx, format!("issuer-tofu:{}", args.issuance.issuer_name))
+            }
+            (None, None) => bail!("no trust roots: give --root-ca-file"),
+        };
+        let _ = self.admin_state.trust.set(Trust {
+            roots: roots.clone(),
+            source,
+        });
+        if let Some(data) = &self.plan.standalone {
+            // Written before the port opens, so the printed command works at once.
+            standalone::write_root_bundle(&data.root_cert(), roots.borrow().pem())?;
+            self.tasks.push(self.liveness.spawn(
+                "root-bundle-file",
+                roots::follow_root_bundle_file(data.root_cert(), roots.clone()),
+            ));
+        }
+
+        let mut authenticators = std::mem::take(&mut self.authenticators);
+        let client_verifier = if args.server.enable_client_cert_authenticator {
+            authenticators.push(Arc::new(ClientCertAuthenticator::new(
+                roots.clone(),
+                &args.server.trust_domain,
+            )));
+            let verifier = MeshClientVerifier::new(&roots.borrow())?;
+            let follow = verifier.clone().follow(roots.clone());
+            self.tasks
+                .push(self.liveness.spawn("client-roots", async move {
+                    follow.await;
+                    Ok(())
+                }));
+            Some(verifier)
+        } else {
+            None
+        };
+
+        let serving_certs = Arc::new(ServingCerts::new(
+            self.signer.serving_source.clone(),
+            ServingNames::from_names(&self.plan.serving_names),
+            args.serving_tls.serving_certificate_duration,
+            self.resolver.clone(),
+            roots.clone(),
+        ));
+        let renewals = serving_certs.start().await;
+        self.tasks
+            .push(self.liveness.spawn("serving-cert", renewals));
+
+        let service = CaService::new(
+            Settings {
+                max_lifetime: args.server.max_client_certificate_duration,
+                trusted_node_accounts: args.server.ca_trusted_node_accounts.clone(),
+                max_inflight: args.server.max_inflight,
+            },
+            self.signer_metrics.clone(),
+            ClusterRegistry::new(args.server.cluster_id.clone()),
+            authenticators,
+            self.issuer.clone(),
+            roots,
+        );
+        let tls_config = Arc::new(tls::server_config(self.resolver.clone(), client_verifier)?);
+        let listener = TcpListener::bind(self.plan.serving_address)
+            .await
+            .with_context(|| format!("binding the gRPC address {}", self.plan.serving_address))?;
+        let grpc_address = listener.local_addr()?;
+        let shutdown = CancellationToken::new();
+        let (conn_tx, conn_rx) = mpsc::channel(128);
+        let max_connections = listener::connection_cap(args.server.max_connections);
+        self.tasks.push(self.liveness.spawn("accept", {
+            let shutdown = shutdown.clone();
+            async move {
+                listener::accept_loop(listener, tls_config, max_connections, conn_tx, shutdown)
+                    .await;
+                Ok(())
+            }
+        }));
+
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health
+            .set_serving::<IstioCertificateServiceServer<CaService>>()
+            .await;
+        let grpc = tonic::transport::Server::builder()
+            // Reap peers that vanished without closing (node crash, partition).
+            .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
+            .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
+            .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+            .http2_max_header_list_size(Some(MAX_HEADER_LIST_BYTES))
+            .add_service(health_service)
+            .add_service(
+                IstioCertificateServiceServer::new(service)
+                    .max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES)
+                    .max_encoding_message_size(MAX_GRPC_MESSAGE_BYTES),
+            )
+            .serve_with_incoming_shutdown(
+                ReceiverStream::new(conn_rx),
+                shutdown.clone().cancelled_owned(),
+            );
+        let grpc = tokio::spawn(grpc);
+        self.readiness.grpc_listening.store(true, Ordering::Release);
+        tracing::info!(grpc = %grpc_address, "serving");
+        Ok(Started {
+            grpc_address,
+            health,
+            shutdown,
+            grpc,
+        })
+    }
+}
+
+struct Started {
+    grpc_address: SocketAddr,
+    health: tonic_health::server::HealthReporter,
+    /// Cancelled to close the gRPC listener and drain.
+    shutdown: CancellationToken,
+    grpc: JoinHandle<Result<(), tonic::transport::Error>>,
+}
+
+/// Serves until asked to stop, then: readiness off, health NOT_SERVING, no new connections,
+/// in-flight requests finish within the grace period. The gRPC server ending by itself is an
+/// error (the process cannot serve any more); other critical tasks only fail `/livez`.
+#[allow(clippy::too_many_arguments)]
+async fn run_until_stopped(
+    stop: CancellationToken,
+    shutdown_delay: Duration,
+    tasks: Vec<AbortOnDropHandle<()>>,
+    liveness: Arc<Liveness>,
+    readiness: Arc<Readiness>,
+    health: tonic_health::server::HealthReporter,
+    shutdown: CancellationToken,
+    mut grpc: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+    grace: Duration,
+) -> anyhow::Result<()> {
+    let early_end = tokio::select! {
+        _ = stop.cancelled() => None,
+        ended = &mut grpc => Some(ended),
+    };
+    liveness.stopping();
+    readiness.shutting_down.store(true, Ordering::Release);
+    health
+        .set_not_serving::<IstioCertificateServiceServer<CaService>>()
+        .await;
+    // gRPC health probes ask about the whole server ("") by default.
+    health
+        .set_service_status("", tonic_health::ServingStatus::NotServing)
+        .await;
+    if early_end.is_none() && !shutdown_delay.is_zero() {
+        tracing::info!(
+            ?shutdown_delay,
+            "not ready; serving on while endpoints update"
+        );
+        tokio::time::sleep(shutdown_delay).await;
+    }
+    shutdown.cancel();
+    if let Some(ended) = early_end {
+        drop(tasks);
+        return match ended {
+            Ok(Ok(())) => Err(anyhow::anyhow!("the gRPC server stopped unexpectedly")),
+            Ok(Err(error)) => Err(anyhow::Error::new(error).context("the gRPC server failed")),
+            Err(error) => Err(anyhow::Error::new(error).context("the gRPC server task failed")),
+        };
+    }
+    match tokio::time::timeout(grace, grpc).await {
+        Ok(Ok(Ok(()))) => tracing::info!("in-flight requests finished; exiting"),
+        Ok(Ok(Err(error))) => tracing::error!(%error, "gRPC server failed"),
+        Ok(Err(error)) => tracing::error!(%error, "gRPC server task failed"),
+        Err(_) => tracing::warn!(
+            ?grace,
+            "shutdown grace period over; abandoning in-flight requests"
+        ),
+    }
+    drop(tasks);
+    Ok(())
+}

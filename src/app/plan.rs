@@ -1,0 +1,191 @@
+//! The effective configuration: flags checked and standalone defaults applied, before anything
+//! is built.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+
+use crate::config::{IssuanceArgs, ServeArgs};
+use crate::pki::identity;
+use crate::signer::Signer;
+use crate::signer::issuer::cert_manager;
+use crate::standalone::DataDir;
+
+/// Certificate lifetimes accepted in flags: below a minute renewals would never rest; beyond
+/// ten years the CA's own lifetime is the real limit anyway.
+pub(super) const MIN_CERTIFICATE_DURATION: Duration = Duration::from_secs(60);
+const MAX_CERTIFICATE_DURATION: Duration = Duration::from_secs(3650 * 86_400);
+const DEFAULT_SERVING_ADDRESS: &str = "0.0.0.0:6443";
+const STANDALONE_SERVING_ADDRESS: &str = "127.0.0.1:6443";
+const DEFAULT_ADMIN_ADDRESS: &str = "0.0.0.0:9402";
+const STANDALONE_ADMIN_ADDRESS: &str = "127.0.0.1:9402";
+const DEFAULT_SERVING_DNS_NAME: &str = "cert-manager-istio-csr.cert-manager.svc";
+
+/// Which signer, with what it needs.
+pub(super) enum SignerPlan {
+    LocalCa(PathBuf),
+    CertManager(cert_manager::Settings),
+}
+
+/// The effective configuration, after standalone defaults are applied.
+pub(super) struct Plan {
+    pub serving_address: SocketAddr,
+    pub admin_address: SocketAddr,
+    pub signer: SignerPlan,
+    pub token_auth_file: Option<PathBuf>,
+    pub serving_names: Vec<String>,
+    pub standalone: Option<DataDir>,
+}
+
+impl Plan {
+    pub(super) fn resolve(args: &ServeArgs) -> anyhow::Result<Self> {
+        identity::validate_trust_domain(&args.server.trust_domain).context("--trust-domain")?;
+        for account in &args.server.ca_trusted_node_accounts {
+            let valid = account.split_once('/').is_some_and(|(ns, sa)| {
+                identity::is_dns1123_label(ns) && identity::is_dns1123_subdomain(sa)
+            });
+            if !valid {
+                bail!("--ca-trusted-node-accounts: {account:?} is not namespace/serviceaccount");
+            }
+        }
+        if !(args.server.kube_api_qps.is_finite() && args.server.kube_api_qps >= 0.0) {
+            bail!("--kube-api-qps must be a number >= 0 (0 turns the limit off)");
+        }
+        if args.server.max_inflight == 0 {
+            bail!("--max-inflight must be at least 1");
+        }
+        for (flag, value) in [
+            (
+                "--max-client-certificate-duration",
+                args.server.max_client_certificate_duration,
+            ),
+            (
+                "--serving-certificate-duration",
+                args.serving_tls.serving_certificate_duration,
+            ),
+        ] {
+            if !(MIN_CERTIFICATE_DURATION..=MAX_CERTIFICATE_DURATION).contains(&value) {
+                bail!(
+                    "{flag} must be between 1m and 3650d, not {}",
+                    humantime::format_duration(value)
+                );
+            }
+        }
+        let standalone = args.standalone.standalone;
+        let address = |given: Option<SocketAddr>, default: &str, standalone_default: &str| {
+            given.map_or_else(
+                || {
+                    if standalone {
+                        standalone_default
+                    } else {
+                        default
+                    }
+                    .parse()
+                },
+                Ok,
+            )
+        };
+        let serving_address = address(
+            args.server.serving_address,
+            DEFAULT_SERVING_ADDRESS,
+            STANDALONE_SERVING_ADDRESS,
+        )?;
+        let admin_address = address(
+            args.admin.admin_address,
+            DEFAULT_ADMIN_ADDRESS,
+            STANDALONE_ADMIN_ADDRESS,
+        )?;
+        let mut serving_names = args.serving_tls.serving_certificate_dns_names.clone();
+        if standalone {
+            let data = DataDir::new(&args.standalone.data_dir);
+            if serving_names.is_empty() {
+                serving_names = vec!["localhost".into(), "127.0.0.1".into(), "::1".into()];
+            }
+            return Ok(Self {
+                serving_address,
+                admin_address,
+                signer: SignerPlan::LocalCa(
+                    args.issuance.local_ca_dir.clone().unwrap_or(data.ca_dir()),
+                ),
+                token_auth_file: Some(
+                    args.server
+                        .token_auth_file
+                        .clone()
+                        .unwrap_or(data.tokens_csv()),
+                ),
+                serving_names,
+                standalone: Some(data),
+            });
+        }
+        let signer = match args.issuance.signer {
+            Signer::LocalCa => SignerPlan::LocalCa(
+                args.issuance
+                    .local_ca_dir
+                    .clone()
+                    .context("--signer local-ca needs --local-ca-dir")?,
+            ),
+            Signer::CertManager => SignerPlan::CertManager(cert_manager_settings(&args.issuance)?),
+            Signer::KubeCsr => bail!(
+                "--signer kube-csr is not available yet; use --signer cert-manager or local-ca"
+            ),
+        };
+        if serving_names.is_empty() {
+            serving_names = vec![DEFAULT_SERVING_DNS_NAME.into()];
+        }
+        Ok(Self {
+            serving_address,
+            admin_address,
+            signer,
+            token_auth_file: args.server.token_auth_file.clone(),
+            serving_names,
+            standalone: None,
+        })
+    }
+}
+
+fn cert_manager_settings(args: &IssuanceArgs) -> anyhow::Result<cert_manager::Settings> {
+    let mut annotations = std::collections::BTreeMap::new();
+    for pair in &args.certificate_request_additional_annotations {
+        let (key, value) = pair.split_once('=').with_context(|| {
+            format!("--certificate-request-additional-annotations: {pair:?} is not key=value")
+        })?;
+        annotations.insert(key.trim().to_owned(), value.trim().to_owned());
+    }
+    Ok(cert_manager::Settings {
+        namespace: args.certificate_namespace.clone(),
+        issuer: cert_manager::IssuerRef {
+            name: args.issuer_name.clone(),
+            kind: args.issuer_kind.clone(),
+            group: args.issuer_group.clone(),
+        },
+        additional_annotations: annotations,
+        preserve_requests: args.preserve_certificate_requests,
+        timeout: args.issuance_timeout,
+    })
+}
+
+impl Plan {
+    /// The effective configuration, once, at start-up. Paths only: never file contents.
+    pub(super) fn log(&self, args: &ServeArgs) {
+        tracing::info!(
+            standalone = self.standalone.is_some(),
+            signer = args.issuance.signer.label(),
+            local_ca_dir = ?args.issuance.local_ca_dir,
+            issuer = %format!("{}/{}.{}", args.issuance.issuer_name, args.issuance.issuer_kind, args.issuance.issuer_group),
+            root_ca_file = ?args.issuance.root_ca_file,
+            token_auth_file = ?self.token_auth_file,
+            client_cert_authenticator = args.server.enable_client_cert_authenticator,
+            trust_domain = %args.server.trust_domain,
+            cluster_id = %args.server.cluster_id,
+            max_certificate_duration = ?args.server.max_client_certificate_duration,
+            trusted_node_accounts = ?args.server.ca_trusted_node_accounts,
+            serving_address = %self.serving_address,
+            admin_address = %self.admin_address,
+            serving_names = ?self.serving_names,
+            max_inflight = args.server.max_inflight,
+            "effective configuration"
+        );
+    }
+}

@@ -1,0 +1,97 @@
+//! Where the trust roots come from: the pinned file (followed on disk), or the issuer's CA on
+//! first use; and the standalone bundle file that mirrors them.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio::sync::watch;
+
+use super::plan::MIN_CERTIFICATE_DURATION;
+use crate::fswatch::{self, FileWatch};
+use crate::pki::chain::RootBundle;
+use crate::signer::issuer::cert_manager::CertManagerIssuer;
+use crate::signer::serving::ServingNames;
+use crate::standalone;
+
+/// Loads the pinned root file and follows its changes: the watch is in place when this returns,
+/// so no change after the load is missed. A broken update keeps the previous roots.
+pub(super) fn watch_root_file(
+    path: PathBuf,
+) -> anyhow::Result<(
+    watch::Receiver<Arc<RootBundle>>,
+    impl Future<Output = anyhow::Result<()>>,
+)> {
+    let load = |path: &PathBuf| -> anyhow::Result<RootBundle> {
+        let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        RootBundle::from_pem(&bytes).with_context(|| format!("parsing {}", path.display()))
+    };
+    let initial = load(&path)?;
+    tracing::info!(path = %path.display(), roots = initial.certs().len(), "pinned root bundle loaded");
+    let mut files = FileWatch::new(std::slice::from_ref(&path), fswatch::DEFAULT_RESYNC)?;
+    let (tx, rx) = watch::channel(Arc::new(initial));
+    let task = async move {
+        let mut failed = None;
+        loop {
+            let on_disk = fswatch::fingerprint(std::slice::from_ref(&path));
+            if Some(on_disk) != failed {
+                match load(&path) {
+                    Ok(bundle) => {
+                        failed = None;
+                        let changed = tx.send_if_modified(|current| {
+                            let differs = current.certs() != bundle.certs();
+                            if differs {
+                                *current = Arc::new(bundle);
+                            }
+                            differs
+                        });
+                        if changed {
+                            tracing::info!(path = %path.display(), "pinned root bundle changed");
+                        }
+                    }
+                    Err(error) => {
+                        failed = Some(on_disk);
+                        tracing::error!(error = %format!("{error:#}"), "pinned roots not reloaded; keeping the previous roots");
+                    }
+                }
+            }
+            files.changed().await;
+        }
+    };
+    Ok((rx, task))
+}
+
+/// Without --root-ca-file, trusts the CA cert-manager names in `status.ca` of a first request
+/// (istio-csr's behaviour, with its warning): a hijacked issuer at that moment would be trusted.
+pub(super) async fn roots_on_first_use(
+    issuer: &CertManagerIssuer,
+    serving_names: &[String],
+) -> anyhow::Result<RootBundle> {
+    tracing::warn!(
+        "no --root-ca-file: trusting the CA the issuer reports now, for the life of this process. \
+         Pin the roots with --root-ca-file to defend against a hijacked signer"
+    );
+    let key = crate::pki::keys::generate_ecdsa_p256()?;
+    let names = ServingNames::from_names(serving_names);
+    let csr = crate::signer::serving::serving_csr(&names, &key)?;
+    let (_, ca_pem) = issuer
+        .submit(&csr, &names.dns.join(","), MIN_CERTIFICATE_DURATION)
+        .await
+        .context("asking the issuer for its CA (status.ca)")?;
+    RootBundle::from_pem(ca_pem.as_bytes())
+        .context("the issuer's status.ca holds no usable root: pin one with --root-ca-file")
+}
+
+/// Keeps the standalone `root-cert.pem` equal to the roots in force.
+pub(super) async fn follow_root_bundle_file(
+    path: PathBuf,
+    mut roots: watch::Receiver<Arc<RootBundle>>,
+) -> anyhow::Result<()> {
+    while roots.changed().await.is_ok() {
+        let pem = roots.borrow_and_update().pem().to_owned();
+        if let Err(error) = standalone::write_root_bundle(&path, &pem) {
+            tracing::error!(error = %format!("{error:#}"), path = %path.display(), "root bundle file not updated");
+        }
+    }
+    Ok(())
+}

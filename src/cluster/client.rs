@@ -1,0 +1,66 @@
+//! Kubernetes clients: every call has a deadline, is counted, and goes through the cluster's
+//! own client-side rate limit.
+
+use std::path::Path;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use anyhow::Context;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::registry::Registry;
+
+use super::api_metrics::ApiMetricsLayer;
+use super::rate_limit::RateLimitLayer;
+
+/// A hung API server must not hang a CreateCertificate.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const READ_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Builds clients for any cluster with the same limits and metrics; each client gets its own
+/// rate-limit bucket, since the limit protects that cluster's API server.
+#[derive(Clone)]
+pub struct ClientFactory {
+    metrics: ApiMetricsLayer,
+    qps: f64,
+    burst: u32,
+    rate_limit_waits: Counter<f64, AtomicU64>,
+}
+
+impl ClientFactory {
+    pub fn new(registry: &mut Registry, qps: f64, burst: u32) -> Self {
+        Self {
+            metrics: ApiMetricsLayer::register(registry),
+            qps,
+            burst,
+            rate_limit_waits: RateLimitLayer::register_wait_counter(registry),
+        }
+    }
+
+    pub fn build(&self, mut config: kube::Config) -> anyhow::Result<kube::Client> {
+        config.connect_timeout = Some(CONNECT_TIMEOUT);
+        config.read_timeout = Some(READ_TIMEOUT);
+        config.write_timeout = Some(READ_TIMEOUT);
+        let limit = RateLimitLayer::new(self.qps, self.burst, self.rate_limit_waits.clone());
+        Ok(kube::client::ClientBuilder::try_from(config)?
+            .with_layer(&self.metrics)
+            .with_layer(&limit)
+            .build())
+    }
+}
+
+/// The local cluster's configuration: `--kubeconfig`, else kube's usual inference
+/// (`KUBECONFIG`, `~/.kube/config`, in-cluster).
+pub async fn local_config(kubeconfig: Option<&Path>) -> anyhow::Result<kube::Config> {
+    match kubeconfig {
+        Some(path) => {
+            let file = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            Ok(kube::Config::from_custom_kubeconfig(
+                file,
+                &kube::config::KubeConfigOptions::default(),
+            )
+            .await?)
+        }
+        None => Ok(kube::Config::infer().await?),
+    }
+}
