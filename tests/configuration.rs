@@ -263,32 +263,6 @@ async fn refuses_untrusted_node_account_syntax() {
     assert!(error.contains("namespace/serviceaccount"), "{error}");
 }
 
-/// The serving certificate presented on a fresh TLS handshake.
-async fn presented_certificate(
-    address: std::net::SocketAddr,
-    roots_pem: &Path,
-) -> rustls_pki_types::CertificateDer<'static> {
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in pem::parse_certificates(&std::fs::read(roots_pem).unwrap()).unwrap() {
-        roots.add(cert).unwrap();
-    }
-    let mut config = rustls::ClientConfig::builder()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    let tcp = tokio::net::TcpStream::connect(address).await.unwrap();
-    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
-        .connect(
-            rustls_pki_types::ServerName::try_from("localhost").unwrap(),
-            tcp,
-        )
-        .await
-        .unwrap();
-    tls.get_ref().1.peer_certificates().unwrap()[0]
-        .clone()
-        .into_owned()
-}
-
 #[tokio::test]
 async fn a_serving_certificate_renewal_keeps_open_connections_and_calls() {
     install_crypto_provider();

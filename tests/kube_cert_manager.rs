@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ::kube::api::{Api, ListParams};
+use istio_csr_rs::app::Hooks;
 use istio_csr_rs::pki::chain::{self, ChainError, Expected, RootBundle};
 use istio_csr_rs::pki::csr::{self, CheckedCsr};
 use istio_csr_rs::pki::testing::{CsrBuilder, KeyAlg, TestCa};
@@ -278,6 +279,24 @@ async fn cert_manager_server_with(
     Arc<TestCa>,
     AbortOnDropHandle<()>,
 ) {
+    let (launched, dir, root, fixture) =
+        launch_cert_manager_server(namespace, pin_root, extra, Hooks::default()).await;
+    let running = launched.serving().await.unwrap().unwrap();
+    (running, dir, root, fixture)
+}
+
+/// Like `cert_manager_server_with`, but returns as soon as the admin API is up.
+async fn launch_cert_manager_server(
+    namespace: &str,
+    pin_root: bool,
+    extra: &[&str],
+    hooks: Hooks,
+) -> (
+    istio_csr_rs::app::Launched,
+    tempfile::TempDir,
+    Arc<TestCa>,
+    AbortOnDropHandle<()>,
+) {
     use clap::Parser;
     install_crypto_provider();
     let cluster = shared().await;
@@ -323,10 +342,8 @@ async fn cert_manager_server_with(
     else {
         unreachable!()
     };
-    let running = istio_csr_rs::app::start(*args, Default::default())
-        .await
-        .unwrap();
-    (running, dir, root, fixture)
+    let launched = istio_csr_rs::app::launch(*args, hooks).await.unwrap();
+    (launched, dir, root, fixture)
 }
 
 #[tokio::test]
@@ -522,4 +539,273 @@ async fn the_runtime_issuer_config_map_switches_issuers_for_new_requests() {
     put_issuer_config_map(namespace, Some("ca-issuer")).await;
     let back = eventually(Duration::from_secs(10), || async { call().await.is_ok() }).await;
     assert!(back, "the issuer did not come back");
+}
+
+fn target_for(
+    running: &istio_csr_rs::app::Running,
+    dir: &tempfile::TempDir,
+) -> istio_csr_rs::client::Target {
+    istio_csr_rs::client::Target {
+        address: running.grpc_address.to_string(),
+        server_name: Some("localhost".into()),
+        root_cert: dir.path().join("roots.pem"),
+        token_file: None,
+        cluster_id: "Kubernetes".into(),
+        timeout: Duration::from_secs(20),
+    }
+}
+
+async fn bundle_json(admin: std::net::SocketAddr) -> serde_json::Value {
+    let (status, body) = http_get(&format!("http://{admin}/debug/bundle")).await;
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+#[tokio::test]
+async fn without_an_issuer_it_is_up_but_not_ready_until_one_appears() {
+    let namespace = "cm-startup";
+    let cluster = shared().await;
+    cluster.namespace(namespace).await;
+    // No runtime ConfigMap yet, and no pinned roots: nothing to sign with, nothing to trust.
+    let (launched, dir, root, _fixture) = launch_cert_manager_server(
+        namespace,
+        false,
+        &["--runtime-issuance-config-map-name", "istio-issuer"],
+        Hooks::default(),
+    )
+    .await;
+    let admin = launched.admin_address;
+    let (status, body) = http_get(&format!("http://{admin}/readyz?verbose")).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("[-] issuer"), "{body}");
+    assert!(body.contains("[-] serving-certificate"), "{body}");
+    let (status, _) = http_get(&format!("http://{admin}/livez")).await;
+    assert_eq!(status, 200, "waiting is not dying");
+    let bundle = bundle_json(admin).await;
+    assert_eq!(bundle["roots"]["source"], "pending");
+    assert_eq!(bundle["issuer"]["ready"], false);
+
+    put_issuer_config_map(namespace, Some("ca-issuer")).await;
+    let running = tokio::time::timeout(Duration::from_secs(30), launched.serving())
+        .await
+        .expect("the server did not start once the issuer appeared")
+        .unwrap()
+        .expect("it was not stopped");
+    let (status, body) = http_get(&format!("http://{admin}/readyz?verbose")).await;
+    assert_eq!(status, 200, "{body}");
+    let bundle = bundle_json(admin).await;
+    assert_eq!(bundle["roots"]["source"], "issuer-tofu:ca-issuer");
+    assert_eq!(
+        bundle["roots"]["certificates"][0]["sha256"],
+        hex::encode(ring::digest::digest(
+            &ring::digest::SHA256,
+            root.cert.as_ref()
+        ))
+    );
+
+    cluster.service_account(namespace, "web").await;
+    let token = cluster
+        .token(namespace, "web", &["istio-ca"], 3600, None)
+        .await;
+    let chain = request_certificate(
+        &target_for(&running, &dir),
+        Some(&token),
+        "spiffe://cluster.local/ns/cm-startup/sa/web",
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        leaf_identity(&chain).0,
+        vec!["spiffe://cluster.local/ns/cm-startup/sa/web"]
+    );
+}
+
+#[tokio::test]
+async fn a_stop_while_waiting_for_an_issuer_ends_cleanly() {
+    let namespace = "cm-startup-stop";
+    let (launched, _dir, _root, _fixture) = launch_cert_manager_server(
+        namespace,
+        true,
+        &["--runtime-issuance-config-map-name", "never-created"],
+        Hooks::default(),
+    )
+    .await;
+    launched.shutdown();
+    let outcome = tokio::time::timeout(Duration::from_secs(10), launched.serving())
+        .await
+        .expect("start-up did not stop");
+    assert!(
+        matches!(outcome, Ok(None)),
+        "{:?}",
+        outcome.map(|r| r.is_some())
+    );
+}
+
+#[tokio::test]
+async fn a_serving_certificate_renewal_through_cert_manager_keeps_an_in_flight_call() {
+    let namespace = "cm-renew";
+    let cluster = shared().await;
+    cluster.namespace(namespace).await;
+    let (hooks, gate) = GatedIssuer::hooks();
+    let (launched, dir, root, _fixture) =
+        launch_cert_manager_server(namespace, true, &[], hooks).await;
+    let running = launched.serving().await.unwrap().unwrap();
+    let gate = gate.get().unwrap().clone();
+    let target = target_for(&running, &dir);
+    let pinned = dir.path().join("roots.pem");
+    let before = presented_certificate(running.grpc_address, &pinned).await;
+
+    cluster.service_account(namespace, "web").await;
+    let token = cluster
+        .token(namespace, "web", &["istio-ca"], 3600, None)
+        .await;
+    let identity = "spiffe://cluster.local/ns/cm-renew/sa/web";
+    let (csr, _) = p256_csr(identity);
+    let mut client = target.connect().await.unwrap();
+    let request = pilot_agent_request(&target, Some(&token), csr, 3600);
+    let in_flight = tokio::spawn(async move { client.create_certificate(request).await });
+    gate.wait_entered(1).await;
+
+    // A second pinned root makes the server fetch a new serving certificate from cert-manager.
+    let next = TestCa::root("next root", KeyAlg::EcdsaP256);
+    std::fs::write(&pinned, format!("{}{}", root.cert_pem(), next.cert_pem())).unwrap();
+    let renewed = eventually(Duration::from_secs(20), || async {
+        presented_certificate(running.grpc_address, &pinned).await != before
+    })
+    .await;
+    assert!(renewed, "the serving certificate was not renewed");
+    let after = presented_certificate(running.grpc_address, &pinned).await;
+    let (_, cert) = x509_parser::parse_x509_certificate(&after).unwrap();
+    assert_eq!(
+        cert.issuer().to_string(),
+        x509_parser::parse_x509_certificate(root.cert.as_ref())
+            .unwrap()
+            .1
+            .subject()
+            .to_string(),
+        "the new serving certificate comes from the cert-manager CA"
+    );
+
+    gate.release.add_permits(1);
+    let answer = in_flight
+        .await
+        .unwrap()
+        .expect("the call in flight on the old connection must finish");
+    assert_eq!(
+        leaf_identity(&answer.into_inner().cert_chain).0,
+        vec![identity]
+    );
+}
+
+#[tokio::test]
+async fn a_denied_renewal_keeps_the_current_certificate_and_retries_until_it_succeeds() {
+    let namespace = "cm-renew-denied";
+    let cluster = shared().await;
+    cluster.namespace(namespace).await;
+    put_issuer_config_map(namespace, Some("ca-issuer")).await;
+    let (running, dir, root, _fixture) = cert_manager_server_with(
+        namespace,
+        true,
+        &["--runtime-issuance-config-map-name", "istio-issuer"],
+    )
+    .await;
+    let admin = running.admin_address;
+    let pinned = dir.path().join("roots.pem");
+    let before = presented_certificate(running.grpc_address, &pinned).await;
+    let creates = || async {
+        let (_, body) = http_get(&format!("http://{admin}/metrics")).await;
+        support::openmetrics::parse(&body).value(
+            "istio_csr_kube_api_requests_total",
+            &[
+                ("code", "201"),
+                ("resource", "certificaterequests"),
+                ("verb", "create"),
+            ],
+        )
+    };
+
+    // The issuer now denies; a denied workload request shows the switch has been seen.
+    put_issuer_config_map(namespace, Some("deny-issuer")).await;
+    cluster.service_account(namespace, "web").await;
+    let token = cluster
+        .token(namespace, "web", &["istio-ca"], 3600, None)
+        .await;
+    let target = target_for(&running, &dir);
+    let identity = "spiffe://cluster.local/ns/cm-renew-denied/sa/web";
+    let denied = eventually(Duration::from_secs(10), || async {
+        request_certificate(&target, Some(&token), identity)
+            .await
+            .is_err_and(|s| s.code() == tonic::Code::PermissionDenied)
+    })
+    .await;
+    assert!(denied, "the denying issuer was not used");
+
+    // A root change asks for a new serving certificate: denied, so retried with backoff.
+    let creates_before = creates().await;
+    let next = TestCa::root("next root", KeyAlg::EcdsaP256);
+    std::fs::write(&pinned, format!("{}{}", root.cert_pem(), next.cert_pem())).unwrap();
+    let retried = eventually(Duration::from_secs(20), || async {
+        creates().await >= creates_before + 2.0
+    })
+    .await;
+    assert!(retried, "a denied renewal was not retried");
+    assert_eq!(
+        presented_certificate(running.grpc_address, &pinned).await,
+        before,
+        "the current certificate stays in use while renewals fail"
+    );
+    let (status, body) = http_get(&format!("http://{admin}/readyz?verbose")).await;
+    assert_eq!(
+        status, 200,
+        "a valid certificate and a configured issuer: still ready, {body}"
+    );
+
+    put_issuer_config_map(namespace, Some("ca-issuer")).await;
+    let renewed = eventually(Duration::from_secs(90), || async {
+        presented_certificate(running.grpc_address, &pinned).await != before
+    })
+    .await;
+    assert!(
+        renewed,
+        "the renewal did not succeed once the issuer signed again"
+    );
+}
+
+#[tokio::test]
+async fn a_dns_san_is_invalid_argument_and_never_reaches_cert_manager() {
+    let namespace = "cm-dns-san";
+    let (running, dir, _root, _fixture) = cert_manager_server(namespace).await;
+    let cluster = shared().await;
+    cluster.service_account(namespace, "web").await;
+    let token = cluster
+        .token(namespace, "web", &["istio-ca"], 3600, None)
+        .await;
+    let (csr, _) = CsrBuilder::new(KeyAlg::EcdsaP256)
+        .uri("spiffe://cluster.local/ns/cm-dns-san/sa/web")
+        .dns("web.cm-dns-san.svc")
+        .build();
+    let target = target_for(&running, &dir);
+    let mut client = target.connect().await.unwrap();
+    let status = client
+        .create_certificate(pilot_agent_request(&target, Some(&token), csr, 3600))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+
+    // Only the serving certificate's request was ever created, and nothing is left.
+    let (_, body) = http_get(&format!("http://{}/metrics", running.admin_address)).await;
+    let creates = support::openmetrics::parse(&body).value(
+        "istio_csr_kube_api_requests_total",
+        &[
+            ("code", "201"),
+            ("resource", "certificaterequests"),
+            ("verb", "create"),
+        ],
+    );
+    assert_eq!(creates, 1.0);
+    let left = Api::<CertificateRequest>::namespaced(cluster.client().await, namespace)
+        .list(&ListParams::default())
+        .await
+        .unwrap();
+    assert!(left.items.is_empty(), "{:?}", left.items);
 }

@@ -133,6 +133,31 @@ async fn refuses_wrong_audience_garbage_and_deleted_service_accounts() {
 }
 
 #[tokio::test]
+async fn an_expired_token_is_unauthenticated() {
+    let cluster = shared().await;
+    cluster.namespace("tr-expired").await;
+    cluster.service_account("tr-expired", "web").await;
+    let signer = signer(cluster, &[]).await;
+    let id = "spiffe://cluster.local/ns/tr-expired/sa/web";
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+
+    // The same kind of token, signed the same way, is accepted while it is valid...
+    let valid = cluster
+        .signed_token("tr-expired", "web", "istio-ca", now - 60, now + 600)
+        .await;
+    signer.create(&valid, id).await.expect("a valid token");
+    // ...and refused once it has expired.
+    let expired = cluster
+        .signed_token("tr-expired", "web", "istio-ca", now - 7200, now - 3600)
+        .await;
+    let status = signer.create(&expired, id).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated, "expired token");
+}
+
+#[tokio::test]
 async fn an_unknown_cluster_is_unauthenticated() {
     let cluster = shared().await;
     cluster.namespace("tr-cluster").await;

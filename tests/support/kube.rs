@@ -23,6 +23,9 @@ pub struct TestCluster {
     pub url: String,
     pub admin_token: String,
     pub kubeconfig: PathBuf,
+    /// The service-account signing key (PKCS#8 PEM), for tokens the TokenRequest API refuses
+    /// to mint (already expired).
+    sa_key: PathBuf,
     _processes: Vec<Guarded>,
     _dir: tempfile::TempDir,
 }
@@ -167,6 +170,7 @@ impl TestCluster {
             url,
             admin_token,
             kubeconfig,
+            sa_key,
             _processes: vec![apiserver, etcd],
             _dir: dir,
         }
@@ -243,6 +247,59 @@ impl TestCluster {
             .await
             .unwrap();
         response.status.unwrap().token
+    }
+}
+
+impl TestCluster {
+    /// A bound service-account token signed with the cluster's own key, valid from `iat` to
+    /// `exp` (unix seconds): the way to get an expired token the apiserver itself issued.
+    pub async fn signed_token(
+        &self,
+        namespace: &str,
+        service_account: &str,
+        audience: &str,
+        iat: i64,
+        exp: i64,
+    ) -> String {
+        use base64::Engine as _;
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let sa = Api::<ServiceAccount>::namespaced(self.client().await, namespace)
+            .get(service_account)
+            .await
+            .unwrap();
+        let claims = serde_json::json!({
+            "iss": SA_ISSUER,
+            "sub": format!("system:serviceaccount:{namespace}:{service_account}"),
+            "aud": [audience],
+            "iat": iat,
+            "nbf": iat,
+            "exp": exp,
+            "kubernetes.io": {
+                "namespace": namespace,
+                "serviceaccount": {"name": service_account, "uid": sa.metadata.uid.unwrap()},
+            },
+        });
+        let header = serde_json::json!({"alg": "RS256", "typ": "JWT"});
+        let signing_input = format!(
+            "{}.{}",
+            b64.encode(header.to_string()),
+            b64.encode(claims.to_string())
+        );
+        let pem = std::fs::read_to_string(&self.sa_key).unwrap();
+        let body: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+        let der = base64::engine::general_purpose::STANDARD
+            .decode(body)
+            .unwrap();
+        let key = ring::signature::RsaKeyPair::from_pkcs8(&der).expect("a PKCS#8 RSA key");
+        let mut signature = vec![0u8; key.public().modulus_len()];
+        key.sign(
+            &ring::signature::RSA_PKCS1_SHA256,
+            &ring::rand::SystemRandom::new(),
+            signing_input.as_bytes(),
+            &mut signature,
+        )
+        .unwrap();
+        format!("{signing_input}.{}", b64.encode(signature))
     }
 }
 
