@@ -1,9 +1,24 @@
 #!/usr/bin/env bash
 # Measures the signer and prints a report for docs/benchmarks.md. Everything runs on this
 # machine in one go, so the crypto limit (openssl speed) and our figures share its noise.
-#   scripts/bench.sh > /tmp/bench.txt
+#   scripts/bench.sh > /tmp/bench.txt        the signer core (built-in CA)
+#   scripts/bench.sh kube > /tmp/kube.txt    cert-manager on a real kube-apiserver, with the
+#                                            API server's own floor measured in the same run
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+if [ "${1:-}" = "kube" ]; then
+  scripts/provision.sh >/dev/null
+  ISTIO_CSR_KUBE_BIN="$(scripts/provision-kube.sh | tail -n 1)"
+  export ISTIO_CSR_KUBE_BIN
+  echo "## machine"
+  echo "$(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')"
+  echo "kube-apiserver and etcd from $ISTIO_CSR_KUBE_BIN, $(rustc --version)"
+  echo
+  cargo test --release --locked --quiet --test kube_bench -- --ignored --nocapture 2>&1 |
+    grep -vE '^(running|test |$)'
+  exit 0
+fi
 
 cargo build --release --locked --quiet --bin istio-csr-rs
 bin=target/release/istio-csr-rs

@@ -17,7 +17,10 @@ use istio_csr_rs::signer::issuer::cert_manager::{
 };
 use istio_csr_rs::signer::issuer::{IssueError, IssueRequest, Issued, Issuer};
 use rustls_pki_types::UnixTime;
-use support::cert_manager::{install_crd, start_fixture};
+use support::cert_manager::{
+    cert_manager_server, cert_manager_server_with, install_crd, launch_cert_manager_server,
+    start_fixture, target_for,
+};
 use support::kube::shared;
 use support::*;
 use tokio_util::task::AbortOnDropHandle;
@@ -256,96 +259,6 @@ async fn fifty_concurrent_requests_share_one_watch_and_all_succeed() {
     assert_none_left(&setup).await;
 }
 
-/// A whole server: `serve --signer cert-manager`, TokenReview in the same cluster, the pinned
-/// root of the fixture's CA, and its serving certificate obtained through cert-manager too.
-async fn cert_manager_server(
-    namespace: &str,
-) -> (
-    istio_csr_rs::app::Running,
-    tempfile::TempDir,
-    Arc<TestCa>,
-    AbortOnDropHandle<()>,
-) {
-    cert_manager_server_with(namespace, true, &[]).await
-}
-
-async fn cert_manager_server_with(
-    namespace: &str,
-    pin_root: bool,
-    extra: &[&str],
-) -> (
-    istio_csr_rs::app::Running,
-    tempfile::TempDir,
-    Arc<TestCa>,
-    AbortOnDropHandle<()>,
-) {
-    let (launched, dir, root, fixture) =
-        launch_cert_manager_server(namespace, pin_root, extra, Hooks::default()).await;
-    let running = launched.serving().await.unwrap().unwrap();
-    (running, dir, root, fixture)
-}
-
-/// Like `cert_manager_server_with`, but returns as soon as the admin API is up.
-async fn launch_cert_manager_server(
-    namespace: &str,
-    pin_root: bool,
-    extra: &[&str],
-    hooks: Hooks,
-) -> (
-    istio_csr_rs::app::Launched,
-    tempfile::TempDir,
-    Arc<TestCa>,
-    AbortOnDropHandle<()>,
-) {
-    use clap::Parser;
-    install_crypto_provider();
-    let cluster = shared().await;
-    install_crd(cluster).await;
-    cluster.namespace(namespace).await;
-    let root = Arc::new(TestCa::root("cert-manager CA", KeyAlg::EcdsaP256));
-    let foreign = Arc::new(TestCa::root("foreign CA", KeyAlg::EcdsaP256));
-    let fixture = start_fixture(cluster.client().await, namespace, root.clone(), foreign);
-    let dir = tempfile::tempdir().unwrap();
-    // The client always trusts the fixture's root; the server pins it only when asked to.
-    let pinned = dir.path().join("roots.pem");
-    std::fs::write(&pinned, root.cert_pem()).unwrap();
-    let (pinned, kubeconfig) = (
-        pinned.to_str().unwrap().to_owned(),
-        cluster.kubeconfig.to_str().unwrap().to_owned(),
-    );
-    let mut argv = vec![
-        "istio-csr-rs",
-        "serve",
-        "--signer",
-        "cert-manager",
-        "--kubeconfig",
-        &kubeconfig,
-        "--certificate-namespace",
-        namespace,
-        "--issuer-name",
-        "ca-issuer",
-        "--serving-address",
-        "127.0.0.1:0",
-        "--admin-address",
-        "127.0.0.1:0",
-        "--serving-certificate-dns-names",
-        "localhost",
-    ];
-    if pin_root {
-        argv.extend(["--root-ca-file", pinned.as_str()]);
-    }
-    argv.extend_from_slice(extra);
-    let istio_csr_rs::config::Command::Serve(args) =
-        istio_csr_rs::config::Cli::try_parse_from(argv)
-            .unwrap()
-            .command
-    else {
-        unreachable!()
-    };
-    let launched = istio_csr_rs::app::launch(*args, hooks).await.unwrap();
-    (launched, dir, root, fixture)
-}
-
 #[tokio::test]
 async fn two_hundred_service_accounts_at_once_all_get_their_certificates() {
     let namespace = "cm-serve";
@@ -539,20 +452,6 @@ async fn the_runtime_issuer_config_map_switches_issuers_for_new_requests() {
     put_issuer_config_map(namespace, Some("ca-issuer")).await;
     let back = eventually(Duration::from_secs(10), || async { call().await.is_ok() }).await;
     assert!(back, "the issuer did not come back");
-}
-
-fn target_for(
-    running: &istio_csr_rs::app::Running,
-    dir: &tempfile::TempDir,
-) -> istio_csr_rs::client::Target {
-    istio_csr_rs::client::Target {
-        address: running.grpc_address.to_string(),
-        server_name: Some("localhost".into()),
-        root_cert: dir.path().join("roots.pem"),
-        token_file: None,
-        cluster_id: "Kubernetes".into(),
-        timeout: Duration::from_secs(20),
-    }
 }
 
 async fn bundle_json(admin: std::net::SocketAddr) -> serde_json::Value {

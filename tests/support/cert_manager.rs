@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use base64::Engine;
 use futures_util::StreamExt;
-use istio_csr_rs::pki::testing::TestCa;
+use istio_csr_rs::app::Hooks;
+use istio_csr_rs::pki::testing::{KeyAlg, TestCa};
 use istio_csr_rs::pki::{leaf, pem};
 use istio_csr_rs::signer::issuer::cert_manager::CertificateRequest;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -19,7 +20,8 @@ use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::watcher;
 use tokio_util::task::AbortOnDropHandle;
 
-use super::kube::TestCluster;
+use super::install_crypto_provider;
+use super::kube::{TestCluster, shared};
 
 pub async fn install_crd(cluster: &TestCluster) {
     let crd: CustomResourceDefinition = serde_json::from_value(serde_json::json!({
@@ -75,8 +77,13 @@ pub fn start_fixture(
 ) -> AbortOnDropHandle<()> {
     let api: Api<CertificateRequest> = Api::namespaced(client, namespace);
     AbortOnDropHandle::new(tokio::spawn(async move {
+        // Requests are answered concurrently, as cert-manager's workers do, so the fixture is
+        // never what a latency measurement measures.
+        let workers = Arc::new(tokio::sync::Semaphore::new(64));
+        let mut answering = tokio::task::JoinSet::new();
         let mut events = watcher(api.clone(), watcher::Config::default()).boxed();
         while let Some(event) = events.next().await {
+            while answering.try_join_next().is_some() {}
             let (Ok(watcher::Event::Apply(cr)) | Ok(watcher::Event::InitApply(cr))) = event else {
                 continue;
             };
@@ -88,29 +95,45 @@ pub fn start_fixture(
             {
                 continue;
             }
-            let status = match cr.spec.issuer_ref.name.as_str() {
-                "ca-issuer" => signed(&cr, &root, &root),
-                "foreign-issuer" => signed(&cr, &foreign, &foreign),
-                "deny-issuer" => serde_json::json!({"conditions": [
-                    {"type": "Denied", "status": "True", "reason": "PolicyDenied", "message": "not allowed"},
-                    {"type": "Ready", "status": "False", "reason": "Denied", "message": "denied"}
-                ]}),
-                "fail-issuer" => serde_json::json!({"conditions": [
-                    {"type": "Approved", "status": "True", "reason": "Approved"},
-                    {"type": "Ready", "status": "False", "reason": "Failed", "message": "backend error"}
-                ]}),
-                _ => continue,
+            let Ok(permit) = workers.clone().acquire_owned().await else {
+                break;
             };
-            let patch = serde_json::json!({"status": status});
-            let _ = api
-                .patch_status(
-                    &cr.name_any(),
-                    &PatchParams::default(),
-                    &Patch::Merge(&patch),
-                )
-                .await;
+            let (api, root, foreign) = (api.clone(), root.clone(), foreign.clone());
+            answering.spawn(async move {
+                answer(&api, &cr, &root, &foreign).await;
+                drop(permit);
+            });
         }
     }))
+}
+
+async fn answer(
+    api: &Api<CertificateRequest>,
+    cr: &CertificateRequest,
+    root: &TestCa,
+    foreign: &TestCa,
+) {
+    let status = match cr.spec.issuer_ref.name.as_str() {
+        "ca-issuer" => signed(cr, root, root),
+        "foreign-issuer" => signed(cr, foreign, foreign),
+        "deny-issuer" => serde_json::json!({"conditions": [
+            {"type": "Denied", "status": "True", "reason": "PolicyDenied", "message": "not allowed"},
+            {"type": "Ready", "status": "False", "reason": "Denied", "message": "denied"}
+        ]}),
+        "fail-issuer" => serde_json::json!({"conditions": [
+            {"type": "Approved", "status": "True", "reason": "Approved"},
+            {"type": "Ready", "status": "False", "reason": "Failed", "message": "backend error"}
+        ]}),
+        _ => return,
+    };
+    let patch = serde_json::json!({"status": status});
+    let _ = api
+        .patch_status(
+            &cr.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await;
 }
 
 fn signed(cr: &CertificateRequest, ca: &TestCa, root: &TestCa) -> serde_json::Value {
@@ -143,4 +166,109 @@ fn signed(cr: &CertificateRequest, ca: &TestCa, root: &TestCa) -> serde_json::Va
         "certificate": b64.encode(pem::encode_certificate(&leaf)),
         "ca": b64.encode(root.cert_pem()),
     })
+}
+
+/// A whole server: `serve --signer cert-manager`, TokenReview in the same cluster, the pinned
+/// root of the fixture's CA, and its serving certificate obtained through cert-manager too.
+pub async fn cert_manager_server(
+    namespace: &str,
+) -> (
+    istio_csr_rs::app::Running,
+    tempfile::TempDir,
+    Arc<TestCa>,
+    AbortOnDropHandle<()>,
+) {
+    cert_manager_server_with(namespace, true, &[]).await
+}
+
+pub async fn cert_manager_server_with(
+    namespace: &str,
+    pin_root: bool,
+    extra: &[&str],
+) -> (
+    istio_csr_rs::app::Running,
+    tempfile::TempDir,
+    Arc<TestCa>,
+    AbortOnDropHandle<()>,
+) {
+    let (launched, dir, root, fixture) =
+        launch_cert_manager_server(namespace, pin_root, extra, Hooks::default()).await;
+    let running = launched.serving().await.unwrap().unwrap();
+    (running, dir, root, fixture)
+}
+
+/// Like `cert_manager_server_with`, but returns as soon as the admin API is up.
+pub async fn launch_cert_manager_server(
+    namespace: &str,
+    pin_root: bool,
+    extra: &[&str],
+    hooks: Hooks,
+) -> (
+    istio_csr_rs::app::Launched,
+    tempfile::TempDir,
+    Arc<TestCa>,
+    AbortOnDropHandle<()>,
+) {
+    use clap::Parser;
+    install_crypto_provider();
+    let cluster = shared().await;
+    install_crd(cluster).await;
+    cluster.namespace(namespace).await;
+    let root = Arc::new(TestCa::root("cert-manager CA", KeyAlg::EcdsaP256));
+    let foreign = Arc::new(TestCa::root("foreign CA", KeyAlg::EcdsaP256));
+    let fixture = start_fixture(cluster.client().await, namespace, root.clone(), foreign);
+    let dir = tempfile::tempdir().unwrap();
+    // The client always trusts the fixture's root; the server pins it only when asked to.
+    let pinned = dir.path().join("roots.pem");
+    std::fs::write(&pinned, root.cert_pem()).unwrap();
+    let (pinned, kubeconfig) = (
+        pinned.to_str().unwrap().to_owned(),
+        cluster.kubeconfig.to_str().unwrap().to_owned(),
+    );
+    let mut argv = vec![
+        "istio-csr-rs",
+        "serve",
+        "--signer",
+        "cert-manager",
+        "--kubeconfig",
+        &kubeconfig,
+        "--certificate-namespace",
+        namespace,
+        "--issuer-name",
+        "ca-issuer",
+        "--serving-address",
+        "127.0.0.1:0",
+        "--admin-address",
+        "127.0.0.1:0",
+        "--serving-certificate-dns-names",
+        "localhost",
+    ];
+    if pin_root {
+        argv.extend(["--root-ca-file", pinned.as_str()]);
+    }
+    argv.extend_from_slice(extra);
+    let istio_csr_rs::config::Command::Serve(args) =
+        istio_csr_rs::config::Cli::try_parse_from(argv)
+            .unwrap()
+            .command
+    else {
+        unreachable!()
+    };
+    let launched = istio_csr_rs::app::launch(*args, hooks).await.unwrap();
+    (launched, dir, root, fixture)
+}
+
+/// A client target for a server from `cert_manager_server`, trusting the fixture's root.
+pub fn target_for(
+    running: &istio_csr_rs::app::Running,
+    dir: &tempfile::TempDir,
+) -> istio_csr_rs::client::Target {
+    istio_csr_rs::client::Target {
+        address: running.grpc_address.to_string(),
+        server_name: Some("localhost".into()),
+        root_cert: dir.path().join("roots.pem"),
+        token_file: None,
+        cluster_id: "Kubernetes".into(),
+        timeout: Duration::from_secs(20),
+    }
 }

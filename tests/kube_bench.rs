@@ -1,0 +1,350 @@
+//! The cost of a CSR on a real kube-apiserver: latency at 1, 10 and 50 concurrent requests,
+//! 1,000 requests at once, and the API requests each CSR makes. Ignored by `cargo test`; run:
+//!
+//!   ISTIO_CSR_KUBE_BIN=... cargo test --release --test kube_bench -- --ignored --nocapture
+//!
+//! (`scripts/bench.sh kube` does this). Every pod has its own token, as after a restart, so
+//! every request pays for one TokenReview.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use support::cert_manager::{cert_manager_server_with, target_for};
+use support::kube::shared;
+use support::*;
+
+type IstioClient = istio_csr_rs::proto::istio_v1_auth::istio_certificate_service_client::IstioCertificateServiceClient<tonic::transport::Channel>;
+
+const NAMESPACE: &str = "bench";
+const ACCOUNTS: usize = 2000;
+/// Connections the simulated pods share (as pods on 16 nodes would through ztunnel); each
+/// carries at most 128 concurrent calls, the server's stream limit.
+const CONNECTIONS: usize = 16;
+
+/// API requests made so far, by (verb, resource), from the server's own metric.
+async fn api_calls(admin: std::net::SocketAddr) -> openmetrics::Exposition {
+    let (_, body) = http_get(&format!("http://{admin}/metrics")).await;
+    openmetrics::parse(&body)
+}
+
+fn calls(metrics: &openmetrics::Exposition, verb: &str, resource: &str, code: &str) -> f64 {
+    metrics.value(
+        "istio_csr_kube_api_requests_total",
+        &[("code", code), ("resource", resource), ("verb", verb)],
+    )
+}
+
+/// The API work of one CSR done directly, back to back: TokenReview, create the request,
+/// set its status as cert-manager would, delete it. What the API server needs per CSR,
+/// whoever sends it: the floor our latency is compared with.
+async fn floor_cycle(
+    client: ::kube::Client,
+    token: String,
+    name: String,
+    status: serde_json::Value,
+) -> Duration {
+    use ::kube::api::{Api, Patch, PatchParams, PostParams};
+    use istio_csr_rs::signer::issuer::cert_manager::CertificateRequest;
+    use k8s_openapi::api::authentication::v1::TokenReview;
+    let review: TokenReview = serde_json::from_value(serde_json::json!({
+        "spec": {"token": token, "audiences": ["istio-ca"]}
+    }))
+    .unwrap();
+    let request: CertificateRequest = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": name, "namespace": NAMESPACE},
+        "spec": {"request": "Zmxvb3I=", "issuerRef": {"name": "floor", "kind": "Issuer", "group": "cert-manager.io"}}
+    }))
+    .unwrap();
+    let reviews: Api<TokenReview> = Api::all(client.clone());
+    let requests: Api<CertificateRequest> = Api::namespaced(client, NAMESPACE);
+    let started = Instant::now();
+    let reviewed = reviews
+        .create(&PostParams::default(), &review)
+        .await
+        .unwrap();
+    assert_eq!(reviewed.status.and_then(|s| s.authenticated), Some(true));
+    requests
+        .create(&PostParams::default(), &request)
+        .await
+        .unwrap();
+    requests
+        .patch_status(&name, &PatchParams::default(), &Patch::Merge(&status))
+        .await
+        .unwrap();
+    let elapsed = started.elapsed();
+    requests.delete(&name, &Default::default()).await.unwrap();
+    elapsed
+}
+
+/// CreateCertificate for each (service account, token), `concurrency` at a time over the
+/// shared connections: each call's latency, and the wall time of the whole batch.
+async fn csr_phase(
+    target: &istio_csr_rs::client::Target,
+    clients: &[IstioClient],
+    batch: &[(String, String)],
+    concurrency: usize,
+) -> (Vec<Duration>, Duration) {
+    let started = Instant::now();
+    let latencies = futures_util::stream::iter(batch.iter().cloned())
+        .enumerate()
+        .map(|(i, (sa, token))| {
+            let mut client = clients[i % clients.len()].clone();
+            async move {
+                let identity = format!("spiffe://cluster.local/ns/{NAMESPACE}/sa/{sa}");
+                let (csr, _) = p256_csr(&identity);
+                let request = pilot_agent_request(target, Some(&token), csr, 3600);
+                let t = Instant::now();
+                let answer = client.create_certificate(request).await;
+                let elapsed = t.elapsed();
+                let chain = answer
+                    .expect("every CSR must succeed")
+                    .into_inner()
+                    .cert_chain;
+                assert_eq!(leaf_identity(&chain).0, vec![identity]);
+                elapsed
+            }
+        })
+        .buffer_unordered(concurrency)
+        .collect()
+        .await;
+    (latencies, started.elapsed())
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let rank = ((sorted.len() as f64) * p).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.1}", d.as_secs_f64() * 1000.0)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "a benchmark: run with --ignored --nocapture (scripts/bench.sh kube)"]
+async fn csr_latency_and_api_cost_on_a_real_apiserver() {
+    let cluster = shared().await;
+    cluster.namespace(NAMESPACE).await;
+    let (running, dir, _root, _fixture) = cert_manager_server_with(NAMESPACE, true, &[]).await;
+    let target = target_for(&running, &dir);
+
+    // One service account and token per simulated pod, made concurrently.
+    let prepared = Instant::now();
+    let tokens: Vec<(String, String)> = futures_util::stream::iter(0..ACCOUNTS)
+        .map(|i| async move {
+            let sa = format!("pod-{i}");
+            cluster.service_account(NAMESPACE, &sa).await;
+            let token = cluster
+                .token(NAMESPACE, &sa, &["istio-ca"], 3600, None)
+                .await;
+            (sa, token)
+        })
+        .buffered(32)
+        .collect()
+        .await;
+    eprintln!(
+        "prepared {ACCOUNTS} service accounts and tokens in {:?}",
+        prepared.elapsed()
+    );
+
+    // The floor: the same API requests sent directly, with fresh tokens too (the API server
+    // caches token authentication for a few seconds).
+    let (floor_tokens, tokens) = tokens.split_at(500);
+    let kube_client = cluster.client().await;
+    let status = {
+        let ca = istio_csr_rs::pki::testing::TestCa::root(
+            "floor",
+            istio_csr_rs::pki::testing::KeyAlg::EcdsaP256,
+        );
+        let (leaf, _) = ca.leaf("spiffe://cluster.local/ns/bench/sa/floor");
+        let b64 = |text: String| {
+            use base64::Engine as _;
+            base64::engine::general_purpose::STANDARD.encode(text)
+        };
+        serde_json::json!({"status": {
+            "conditions": [
+                {"type": "Approved", "status": "True", "reason": "cert-manager.io"},
+                {"type": "Ready", "status": "True", "reason": "Issued", "message": "issued"}
+            ],
+            "certificate": b64(istio_csr_rs::pki::pem::encode_certificate(&leaf)),
+            "ca": b64(ca.cert_pem()),
+        }})
+    };
+    println!(
+        "Floor: the API requests of one CSR sent directly (TokenReview, create, status, delete).\n"
+    );
+    println!("| concurrency | requests | p50 ms | p99 ms | wall s |");
+    println!("|---|---|---|---|---|");
+    let mut floor_rest = floor_tokens;
+    let mut floor_p50 = Vec::new();
+    for (concurrency, count) in [(1, 100), (10, 200), (50, 200)] {
+        let (batch, remaining) = floor_rest.split_at(count);
+        floor_rest = remaining;
+        let started = Instant::now();
+        let mut latencies: Vec<Duration> = futures_util::stream::iter(batch.iter().cloned())
+            .enumerate()
+            .map(|(i, (_, token))| {
+                floor_cycle(
+                    kube_client.clone(),
+                    token,
+                    format!("floor-{concurrency}-{i}"),
+                    status.clone(),
+                )
+            })
+            .buffer_unordered(concurrency)
+            .collect()
+            .await;
+        let wall = started.elapsed();
+        latencies.sort();
+        floor_p50.push(percentile(&latencies, 0.50));
+        println!(
+            "| {concurrency} | {count} | {} | {} | {:.2} |",
+            ms(percentile(&latencies, 0.50)),
+            ms(percentile(&latencies, 0.99)),
+            wall.as_secs_f64()
+        );
+    }
+    // The issuer alone (no gRPC, TLS, authentication or CSR checks): create, wait on the
+    // shared watch for the fixture's answer, delete. What is left of a call once the API
+    // server's part is known.
+    let (issuer, watch) = istio_csr_rs::signer::issuer::cert_manager::CertManagerIssuer::new(
+        cluster.client().await,
+        istio_csr_rs::signer::issuer::cert_manager::Settings {
+            namespace: NAMESPACE.into(),
+            issuer: istio_csr_rs::signer::issuer::cert_manager::IssuerRef {
+                name: "ca-issuer".into(),
+                kind: "Issuer".into(),
+                group: "cert-manager.io".into(),
+            },
+            additional_annotations: Default::default(),
+            preserve_requests: false,
+            timeout: Duration::from_secs(30),
+        },
+    );
+    let _watch = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(watch));
+    tokio::time::timeout(Duration::from_secs(30), issuer.wait_ready())
+        .await
+        .unwrap();
+    println!("\nThe cert-manager issuer alone: create, wait on the shared watch, delete.\n");
+    println!("| concurrency | requests | p50 ms | p99 ms | wall s |");
+    println!("|---|---|---|---|---|");
+    for (concurrency, count) in [(1, 100), (10, 200), (50, 200)] {
+        let started = Instant::now();
+        let mut latencies: Vec<Duration> = futures_util::stream::iter(0..count)
+            .map(|i| {
+                let issuer = issuer.clone();
+                async move {
+                    let identity = format!("spiffe://cluster.local/ns/{NAMESPACE}/sa/direct-{i}");
+                    let (csr, _) = p256_csr(&identity);
+                    let t = Instant::now();
+                    issuer
+                        .submit(&csr, &identity, Duration::from_secs(3600))
+                        .await
+                        .unwrap();
+                    t.elapsed()
+                }
+            })
+            .buffer_unordered(concurrency)
+            .collect()
+            .await;
+        let wall = started.elapsed();
+        latencies.sort();
+        println!(
+            "| {concurrency} | {count} | {} | {} | {:.2} |",
+            ms(percentile(&latencies, 0.50)),
+            ms(percentile(&latencies, 0.99)),
+            wall.as_secs_f64()
+        );
+    }
+
+    println!(
+        "\nistio-csr-rs: CreateCertificate over gRPC/TLS, cert-manager fixture signing at once.\n"
+    );
+
+    let mut clients = Vec::new();
+    for _ in 0..CONNECTIONS {
+        clients.push(target.connect().await.unwrap());
+    }
+    let mut rest = tokens;
+    println!(
+        "| concurrency | requests | p50 ms | p99 ms | max ms | wall s | creates/CSR | deletes/CSR | TokenReviews/CSR | GETs | lists |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    for (concurrency, count) in [(1, 100), (10, 200), (50, 200), (1000, 1000)] {
+        let (batch, remaining) = rest.split_at(count.min(rest.len()));
+        rest = remaining;
+        let before = api_calls(running.admin_address).await;
+        let (mut latencies, wall) = csr_phase(&target, &clients, batch, concurrency).await;
+        let after = api_calls(running.admin_address).await;
+        latencies.sort();
+        let n = latencies.len() as f64;
+        let per_csr = |verb: &str, resource: &str, code: &str| {
+            (calls(&after, verb, resource, code) - calls(&before, verb, resource, code)) / n
+        };
+        let gets = [
+            "certificaterequests",
+            "tokenreviews",
+            "serviceaccounts",
+            "pods",
+        ]
+        .iter()
+        .map(|r| calls(&after, "get", r, "200") - calls(&before, "get", r, "200"))
+        .sum::<f64>();
+        let lists = calls(&after, "list", "certificaterequests", "200")
+            - calls(&before, "list", "certificaterequests", "200");
+        let label = if concurrency >= count {
+            "all at once".to_owned()
+        } else {
+            concurrency.to_string()
+        };
+        println!(
+            "| {label} | {} | {} | {} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {gets} | {lists} |",
+            latencies.len(),
+            ms(percentile(&latencies, 0.50)),
+            ms(percentile(&latencies, 0.99)),
+            ms(*latencies.last().unwrap()),
+            wall.as_secs_f64(),
+            per_csr("create", "certificaterequests", "201"),
+            per_csr("delete", "certificaterequests", "200"),
+            per_csr("create", "tokenreviews", "201"),
+        );
+    }
+
+    // The same 500 pods again within the cache TTL: no TokenReview at all.
+    let again = &tokens[tokens.len() - 500..];
+    let before = api_calls(running.admin_address).await;
+    let (mut latencies, _) = csr_phase(&target, &clients, again, 10).await;
+    latencies.sort();
+    let after = api_calls(running.admin_address).await;
+    let reviews = calls(&after, "create", "tokenreviews", "201")
+        - calls(&before, "create", "tokenreviews", "201");
+    println!(
+        "\nrepeat of 500 cached tokens at concurrency 10: {reviews} TokenReviews, p50 {} ms, p99 {} ms",
+        ms(percentile(&latencies, 0.50)),
+        ms(percentile(&latencies, 0.99)),
+    );
+
+    let waited = after.value("istio_csr_kube_api_rate_limit_wait_seconds_total", &[]);
+    println!("client-side rate-limit wait over the whole run: {waited:.2} s");
+
+    // Deletions run after each answer; under load they trail it, but none is lost.
+    let requests =
+        ::kube::Api::<istio_csr_rs::signer::issuer::cert_manager::CertificateRequest>::namespaced(
+            cluster.client().await,
+            NAMESPACE,
+        );
+    let drained = eventually(Duration::from_secs(60), || async {
+        requests
+            .list(&Default::default())
+            .await
+            .is_ok_and(|list| list.items.is_empty())
+    })
+    .await;
+    assert!(drained, "CertificateRequests were left behind");
+    let last = api_calls(running.admin_address).await;
+    let created = calls(&last, "create", "certificaterequests", "201");
+    let deleted = calls(&last, "delete", "certificaterequests", "200");
+    println!("whole run: {created} CertificateRequests created, {deleted} deleted, none left");
+    assert_eq!(created, deleted);
+}
