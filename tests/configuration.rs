@@ -307,3 +307,15 @@ async fn a_serving_certificate_renewal_keeps_open_connections_and_calls() {
         pem::parse_certificates(answer.into_inner().cert_chain.last().unwrap().as_bytes()).unwrap();
     assert_eq!(roots, vec![ca.cert.clone(), next.cert.clone()]);
 }
+
+#[tokio::test]
+async fn refuses_a_negative_or_absurd_api_rate() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let data = data.to_str().unwrap();
+    for qps in ["-1", "NaN", "inf"] {
+        let flag = format!("--kube-api-qps={qps}");
+        let error = start_error(&["--standalone", "--data-dir", data, &flag]).await;
+        assert!(error.contains("--kube-api-qps"), "{qps}: {error}");
+    }
+}
