@@ -41,9 +41,62 @@ pub struct ServeArgs {
     #[command(flatten)]
     pub standalone: StandaloneArgs,
     #[command(flatten)]
+    pub bundle: BundleArgs,
+    #[command(flatten)]
     pub admin: AdminArgs,
     #[command(flatten)]
     pub log: LogArgs,
+}
+
+#[derive(Debug, Args)]
+#[command(next_help_heading = "Trust bundle, leader election and remote clusters")]
+pub struct BundleArgs {
+    /// Namespace of the leader Lease (`istio-csr-rs`). Only the leader writes
+    /// istio-ca-root-cert ConfigMaps; every replica signs.
+    #[arg(
+        long,
+        env = "ISTIO_CSR_LEADER_ELECTION_NAMESPACE",
+        default_value = "istio-system"
+    )]
+    pub leader_election_namespace: String,
+
+    /// How long a leader's Lease lasts without renewal before another replica may take it.
+    #[arg(long, env = "ISTIO_CSR_LEADER_ELECTION_LEASE_DURATION", default_value = "15s",
+          value_parser = humantime::parse_duration)]
+    pub leader_election_lease_duration: Duration,
+
+    /// A leader that cannot renew within this long steps down (and keeps competing).
+    #[arg(long, env = "ISTIO_CSR_LEADER_ELECTION_RENEW_DEADLINE", default_value = "10s",
+          value_parser = humantime::parse_duration)]
+    pub leader_election_renew_deadline: Duration,
+
+    /// How often replicas try to acquire or renew the Lease.
+    #[arg(long, env = "ISTIO_CSR_LEADER_ELECTION_RETRY_PERIOD", default_value = "2s",
+          value_parser = humantime::parse_duration)]
+    pub leader_election_retry_period: Duration,
+
+    /// Label selector of the namespaces that get the istio-ca-root-cert ConfigMap [default:
+    /// all]. ConfigMaps in namespaces that leave the selection are left as they are.
+    #[arg(
+        long,
+        env = "ISTIO_CSR_CONFIGMAP_NAMESPACE_SELECTOR",
+        default_value = ""
+    )]
+    pub configmap_namespace_selector: String,
+
+    /// Namespaces reconciled at once, per cluster.
+    #[arg(long, env = "ISTIO_CSR_MAX_CONCURRENT_RECONCILES", default_value_t = 8)]
+    pub max_concurrent_reconciles: usize,
+
+    /// Namespace of the remote-cluster Secrets (label istio/multiCluster=true; each key a
+    /// cluster ID, each value a kubeconfig) [default: --leader-election-namespace].
+    #[arg(long, env = "ISTIO_CSR_MULTICLUSTER_SECRET_NAMESPACE")]
+    pub multicluster_secret_namespace: Option<String>,
+
+    /// Accept remote kubeconfigs with exec plugins, auth providers or file paths. Anyone who
+    /// can write a Secret there could then run programs or read files in this pod.
+    #[arg(long, env = "ISTIO_CSR_ALLOW_INSECURE_KUBECONFIG")]
+    pub allow_insecure_kubeconfig: bool,
 }
 
 #[derive(Debug, Args)]

@@ -4,10 +4,12 @@
 pub mod admin;
 pub mod app;
 pub mod backoff;
+pub mod bundle;
 pub mod client;
 pub mod cluster;
 pub mod config;
 pub mod fswatch;
+pub mod leader;
 pub mod pki;
 pub mod signer;
 pub mod standalone;

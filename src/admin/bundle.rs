@@ -10,10 +10,33 @@ pub struct BundleStatus {
     pub roots: RootsStatus,
     pub issuer: IssuerStatus,
     pub serving_certificate: Option<ServingStatus>,
-    /// Filled when leader election runs (Kubernetes); null until then.
-    pub leader: Option<serde_json::Value>,
-    /// Per-cluster trust-bundle sync state (Kubernetes); empty until then.
-    pub clusters: Vec<serde_json::Value>,
+    /// The leader election (Kubernetes); null without it.
+    pub leader: Option<LeaderStatus>,
+    /// Every cluster, local first, with its trust-bundle state (Kubernetes); empty without.
+    pub clusters: Vec<crate::cluster::ClusterReport>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct LeaderStatus {
+    /// This replica's identity in the Lease.
+    pub identity: String,
+    pub is_leader: bool,
+    /// The current holder's identity, when known.
+    pub holder: Option<String>,
+    /// When the holder acquired the Lease, RFC 3339 UTC.
+    pub holder_since: Option<String>,
+}
+
+pub fn leader_status(leadership: &crate::leader::Leadership) -> LeaderStatus {
+    LeaderStatus {
+        identity: leadership.identity.clone(),
+        is_leader: leadership.is_leader,
+        holder: leadership.holder.clone(),
+        holder_since: leadership.holder_since.and_then(|t| {
+            let unix = t.duration_since(std::time::UNIX_EPOCH).ok()?.as_secs();
+            Some(rfc3339(i64::try_from(unix).ok()?))
+        }),
+    }
 }
 
 #[derive(Debug, Serialize)]

@@ -19,6 +19,8 @@ use tokio::sync::watch;
 
 pub use health::{Liveness, Readiness};
 
+use crate::cluster::ClusterRegistry;
+use crate::leader::Leadership;
 use crate::pki::chain::RootBundle;
 
 /// The OpenMetrics text format, which prometheus-client writes.
@@ -67,6 +69,10 @@ pub struct AdminState {
     /// Set once the roots are known: at start, or after the issuer's first answer when they
     /// are trusted on first use.
     pub trust: OnceLock<Trust>,
+    /// The clusters whose bundles are kept (Kubernetes only).
+    pub clusters: Option<ClusterRegistry>,
+    /// The leader election (Kubernetes only).
+    pub leadership: Option<watch::Receiver<Leadership>>,
 }
 
 /// The roots in force and where they come from.
@@ -155,8 +161,15 @@ async fn debug_bundle(State(state): State<Arc<AdminState>>) -> Json<bundle::Bund
             not_after: bundle::rfc3339(serving),
             not_after_unix: serving,
         }),
-        leader: None,
-        clusters: Vec::new(),
+        leader: state
+            .leadership
+            .as_ref()
+            .map(|l| bundle::leader_status(&l.borrow())),
+        clusters: state
+            .clusters
+            .as_ref()
+            .map(|c| c.reports())
+            .unwrap_or_default(),
     })
 }
 
@@ -225,6 +238,8 @@ mod tests {
                 roots: rx,
                 source: "file:/etc/roots.pem".into(),
             }),
+            clusters: None,
+            leadership: None,
         });
         Fixture { state, root }
     }

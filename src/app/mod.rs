@@ -18,9 +18,12 @@ use tokio_util::task::AbortOnDropHandle;
 
 use crate::admin::{self, AdminState, ExpiryGauges, Liveness, Readiness, Trust};
 use crate::backoff;
+use crate::bundle::{BundleMetrics, reconciler};
 use crate::cluster::client::ClientFactory;
+use crate::cluster::remote::{ClusterWork, RemoteSecrets};
 use crate::cluster::{self, ClusterRegistry};
 use crate::config::{LogFormat, ServeArgs};
+use crate::leader::{self, Elector, LeaderMetrics, Leadership};
 use crate::pki::chain::RootBundle;
 use crate::proto::istio_v1_auth::istio_certificate_service_server::IstioCertificateServiceServer;
 use crate::signer::authn::Authenticator;
@@ -217,6 +220,25 @@ pub async fn launch(args: ServeArgs, hooks: Hooks) -> anyhow::Result<Launched> {
         }
     };
     let signer = build_signer(&plan, &args, kube.as_ref(), pinned, &liveness, &mut tasks)?;
+    let clusters = ClusterRegistry::new(args.server.cluster_id.clone());
+    let stop = CancellationToken::new();
+    // Every replica competes for the Lease; only the leader writes trust bundles.
+    let leader = match &kube {
+        Some(client) => {
+            let (elector, leadership) = Elector::new(
+                client.clone(),
+                &args.bundle.leader_election_namespace,
+                leader::identity(),
+                plan.leader_timing.clone(),
+                LeaderMetrics::register(&mut registry),
+            );
+            tracing::info!(identity = %leadership.borrow().identity, namespace = %args.bundle.leader_election_namespace, "competing for the leader Lease");
+            let task = liveness.spawn("leader-election", elector.run(stop.clone()));
+            Some(LeaderTask { leadership, task })
+        }
+        None => None,
+    };
+    let bundle_metrics = BundleMetrics::register(&mut registry);
     let mut issuer = signer.issuer.clone();
     if let Some(wrap) = hooks.wrap_issuer {
         issuer = wrap(issuer);
@@ -259,6 +281,8 @@ pub async fn launch(args: ServeArgs, hooks: Hooks) -> anyhow::Result<Launched> {
         registry,
         gauges,
         trust: OnceLock::new(),
+        clusters: kube.as_ref().map(|_| clusters.clone()),
+        leadership: leader.as_ref().map(|l| l.leadership.clone()),
     });
     let admin_router = admin::router(admin_state.clone());
     // The admin API outlives the gRPC drain: probes must see "not ready", not a closed port.
@@ -271,7 +295,6 @@ pub async fn launch(args: ServeArgs, hooks: Hooks) -> anyhow::Result<Launched> {
         Ok(())
     }));
 
-    let stop = CancellationToken::new();
     let (serving_tx, serving) = oneshot::channel();
     let starting = Starting {
         args,
@@ -285,6 +308,11 @@ pub async fn launch(args: ServeArgs, hooks: Hooks) -> anyhow::Result<Launched> {
         liveness,
         admin_state,
         tasks,
+        kube,
+        clients,
+        clusters,
+        leader,
+        bundle_metrics,
     };
     let stop_requested = stop.clone();
     let done = tokio::spawn(async move {
@@ -364,6 +392,12 @@ fn build_signer(
 }
 
 /// Everything built by `launch`, on its way to serving.
+/// The election task and what it publishes.
+struct LeaderTask {
+    leadership: watch::Receiver<Leadership>,
+    task: AbortOnDropHandle<()>,
+}
+
 struct Starting {
     args: ServeArgs,
     plan: Plan,
@@ -376,6 +410,11 @@ struct Starting {
     liveness: Arc<Liveness>,
     admin_state: Arc<AdminState>,
     tasks: Vec<AbortOnDropHandle<()>>,
+    kube: Option<kube::Client>,
+    clients: ClientFactory,
+    clusters: ClusterRegistry,
+    leader: Option<LeaderTask>,
+    bundle_metrics: BundleMetrics,
 }
 
 impl Starting {
@@ -391,7 +430,7 @@ impl Starting {
             _ = stop.cancelled() => return Ok(()),
         };
         let _ = serving.send(started.grpc_address);
-        run_until_stopped(
+        let result = run_until_stopped(
             stop,
             self.args.server.shutdown_delay,
             self.tasks,
@@ -402,7 +441,55 @@ impl Starting {
             started.grpc,
             self.args.server.shutdown_grace,
         )
-        .await
+        .await;
+        // The election saw the same stop and releases the Lease; let it finish.
+        if let Some(leader) = self.leader {
+            let bound = self.args.bundle.leader_election_renew_deadline;
+            let _ = tokio::time::timeout(bound, leader.task).await;
+        }
+        result
+    }
+
+    /// The local cluster's trust bundle and the remote clusters, once the roots are known.
+    fn cluster_work(&self, roots: &watch::Receiver<Arc<RootBundle>>) -> Vec<AbortOnDropHandle<()>> {
+        let (Some(client), Some(leader)) = (&self.kube, &self.leader) else {
+            return Vec::new();
+        };
+        let work = ClusterWork {
+            leadership: leader.leadership.clone(),
+            roots: roots.clone(),
+            bundle: reconciler::Settings {
+                cluster: String::new(),
+                selector: self.plan.namespace_selector.clone(),
+                workers: self.args.bundle.max_concurrent_reconciles,
+                metrics: self.bundle_metrics.clone(),
+            },
+        };
+        let local = self.clusters.local_status();
+        let local_work = self.liveness.spawn(
+            "bundle-local",
+            work.clone().run(
+                self.clusters.local_id().to_owned(),
+                client.clone(),
+                local.bundle.clone(),
+            ),
+        );
+        let remotes = RemoteSecrets {
+            namespace: self
+                .args
+                .bundle
+                .multicluster_secret_namespace
+                .clone()
+                .unwrap_or_else(|| self.args.bundle.leader_election_namespace.clone()),
+            allow_insecure: self.args.bundle.allow_insecure_kubeconfig,
+            registry: self.clusters.clone(),
+            clients: self.clients.clone(),
+            work,
+        };
+        let remote_work = self
+            .liveness
+            .spawn("remote-clusters", remotes.run(client.clone()));
+        vec![local_work, remote_work]
     }
 
     async fn until_serving(&mut self) -> anyhow::Result<Started> {
@@ -453,6 +540,9 @@ impl Starting {
             ));
         }
 
+        let cluster_work = self.cluster_work(&roots);
+        self.tasks.extend(cluster_work);
+
         let mut authenticators = std::mem::take(&mut self.authenticators);
         let client_verifier = if args.server.enable_client_cert_authenticator {
             authenticators.push(Arc::new(ClientCertAuthenticator::new(
@@ -489,7 +579,7 @@ impl Starting {
                 max_inflight: args.server.max_inflight,
             },
             self.signer_metrics.clone(),
-            ClusterRegistry::new(args.server.cluster_id.clone()),
+            self.clusters.clone(),
             authenticators,
             self.issuer.clone(),
             roots,

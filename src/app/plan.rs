@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 
+use crate::bundle::selector::Selector;
 use crate::config::{IssuanceArgs, ServeArgs};
+use crate::leader::Timing;
 use crate::pki::identity;
 use crate::signer::Signer;
 use crate::signer::issuer::cert_manager;
@@ -37,6 +39,8 @@ pub(super) struct Plan {
     pub token_auth_file: Option<PathBuf>,
     pub serving_names: Vec<String>,
     pub standalone: Option<DataDir>,
+    pub namespace_selector: Selector,
+    pub leader_timing: Timing,
 }
 
 impl Plan {
@@ -52,6 +56,24 @@ impl Plan {
         }
         if !(args.server.kube_api_qps.is_finite() && args.server.kube_api_qps >= 0.0) {
             bail!("--kube-api-qps must be a number >= 0 (0 turns the limit off)");
+        }
+        let namespace_selector: Selector = args
+            .bundle
+            .configmap_namespace_selector
+            .parse()
+            .context("--configmap-namespace-selector")?;
+        let leader_timing = Timing {
+            lease_duration: args.bundle.leader_election_lease_duration,
+            renew_deadline: args.bundle.leader_election_renew_deadline,
+            retry_period: args.bundle.leader_election_retry_period,
+        };
+        leader_timing.validate().map_err(|reason| {
+            anyhow::anyhow!(
+                "--leader-election-lease-duration / -renew-deadline / -retry-period: {reason}"
+            )
+        })?;
+        if args.bundle.max_concurrent_reconciles == 0 {
+            bail!("--max-concurrent-reconciles must be at least 1");
         }
         if args.server.max_inflight == 0 {
             bail!("--max-inflight must be at least 1");
@@ -117,6 +139,8 @@ impl Plan {
                 ),
                 serving_names,
                 standalone: Some(data),
+                namespace_selector,
+                leader_timing,
             });
         }
         let signer = match args.issuance.signer {
@@ -141,6 +165,8 @@ impl Plan {
             token_auth_file: args.server.token_auth_file.clone(),
             serving_names,
             standalone: None,
+            namespace_selector,
+            leader_timing,
         })
     }
 }

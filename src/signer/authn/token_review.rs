@@ -126,7 +126,12 @@ impl TokenReviewer {
         cache.insert(key, (caller.clone(), Instant::now() + keep));
     }
 
-    async fn review(&self, token: &str) -> Result<TokenReviewStatus, AuthnError> {
+    /// Asks the API server of `cluster` (the local one, or a registered remote).
+    async fn review(
+        &self,
+        cluster: &ClusterTarget,
+        token: &str,
+    ) -> Result<TokenReviewStatus, AuthnError> {
         let review = TokenReview {
             spec: TokenReviewSpec {
                 token: Some(token.to_owned()),
@@ -134,7 +139,11 @@ impl TokenReviewer {
             },
             ..Default::default()
         };
-        let api: Api<TokenReview> = Api::all(self.client.clone());
+        let client = match cluster {
+            ClusterTarget::Local => self.client.clone(),
+            ClusterTarget::Remote(remote) => remote.client.clone(),
+        };
+        let api: Api<TokenReview> = Api::all(client);
         let answer =
             tokio::time::timeout(REVIEW_TIMEOUT, api.create(&PostParams::default(), &review))
                 .await
@@ -226,7 +235,7 @@ impl Authenticator for TokenReviewer {
         if let Some(caller) = self.cached(&key) {
             return Ok(Some(caller));
         }
-        let status = match self.review(token).await {
+        let status = match self.review(credentials.cluster, token).await {
             Ok(status) => status,
             Err(error) => {
                 self.metrics.count("error");

@@ -1,0 +1,240 @@
+//! Remote clusters from Secrets labelled `istio/multiCluster: "true"` (istiod's convention):
+//! each data key is a cluster ID, its value a kubeconfig. Runs on every replica (all of them
+//! review tokens); the bundle work inside each cluster runs only on the leader.
+//!
+//! An unchanged kubeconfig (same SHA-256) rebuilds nothing. A changed one is built beside the
+//! old one and replaces it only once its API server answers; a broken one is reported and the
+//! old one (if any) keeps working. A removed key or Secret stops that cluster. Each cluster
+//! runs in its own task, so a slow or broken one never holds up the others.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use k8s_openapi::api::core::v1::Secret;
+use kube::runtime::watcher;
+use kube::{Api, ResourceExt};
+use tokio::sync::watch;
+use tokio_util::task::AbortOnDropHandle;
+
+use super::client::ClientFactory;
+use super::{ClusterRegistry, RemoteCluster, kubeconfig};
+use crate::backoff::Backoff;
+use crate::bundle::{self, reconciler};
+use crate::leader::Leadership;
+use crate::pki::chain::RootBundle;
+
+pub const SECRET_LABEL: &str = "istio/multiCluster=true";
+/// How long a new API server may take to answer before it counts as unreachable (and is tried
+/// again with backoff).
+const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What every cluster runs: the leader-only trust-bundle reconciler.
+#[derive(Clone)]
+pub struct ClusterWork {
+    pub leadership: watch::Receiver<Leadership>,
+    pub roots: watch::Receiver<Arc<RootBundle>>,
+    pub bundle: reconciler::Settings,
+}
+
+impl ClusterWork {
+    /// The bundle reconciler of one cluster, run while leading; never ends by itself.
+    pub async fn run(
+        self,
+        cluster: String,
+        client: kube::Client,
+        view: Arc<reconciler::BundleView>,
+    ) -> anyhow::Result<()> {
+        let mut settings = self.bundle.clone();
+        settings.cluster = cluster.clone();
+        let roots = self.roots.clone();
+        bundle::run_while_leader(self.leadership, "trust bundle reconciler", move || {
+            reconciler::run(
+                client.clone(),
+                settings.clone(),
+                roots.clone(),
+                view.clone(),
+            )
+        })
+        .await
+    }
+}
+
+pub struct RemoteSecrets {
+    pub namespace: String,
+    pub allow_insecure: bool,
+    pub registry: ClusterRegistry,
+    pub clients: ClientFactory,
+    pub work: ClusterWork,
+}
+
+struct Running {
+    secret: String,
+    hash: [u8; 32],
+    _task: AbortOnDropHandle<()>,
+}
+
+static GENERATION: AtomicU64 = AtomicU64::new(1);
+
+impl RemoteSecrets {
+    pub async fn run(self, local: kube::Client) -> anyhow::Result<()> {
+        let api: Api<Secret> = Api::namespaced(local, &self.namespace);
+        let config = watcher::Config::default().labels(SECRET_LABEL);
+        let mut events = watcher(api, config).boxed();
+        let mut clusters: BTreeMap<String, Running> = BTreeMap::new();
+        let mut listed: Option<BTreeSet<String>> = None;
+        while let Some(event) = events.next().await {
+            match event {
+                Ok(watcher::Event::Init) => listed = Some(BTreeSet::new()),
+                Ok(watcher::Event::InitApply(secret)) => {
+                    if let Some(listed) = &mut listed {
+                        listed.insert(secret.name_any());
+                    }
+                    self.apply(&mut clusters, &secret);
+                }
+                Ok(watcher::Event::InitDone) => {
+                    // After a re-list: Secrets deleted while the watch was down.
+                    if let Some(listed) = listed.take() {
+                        let gone: BTreeSet<String> = clusters
+                            .values()
+                            .map(|r| r.secret.clone())
+                            .filter(|s| !listed.contains(s))
+                            .collect();
+                        for secret in gone {
+                            self.remove_secret(&mut clusters, &secret);
+                        }
+                    }
+                }
+                Ok(watcher::Event::Apply(secret)) => self.apply(&mut clusters, &secret),
+                Ok(watcher::Event::Delete(secret)) => {
+                    self.remove_secret(&mut clusters, &secret.name_any())
+                }
+                Err(error) => tracing::warn!(%error, "remote cluster Secret watch interrupted"),
+            }
+        }
+        anyhow::bail!("the remote cluster Secret watch ended")
+    }
+
+    fn apply(&self, clusters: &mut BTreeMap<String, Running>, secret: &Secret) {
+        let name = secret.name_any();
+        let data = secret.data.clone().unwrap_or_default();
+        for (id, kubeconfig) in &data {
+            if id == self.registry.local_id() {
+                tracing::warn!(secret = %name, cluster = %id, "a remote Secret names the local cluster; ignored");
+                continue;
+            }
+            if let Some(running) = clusters.get(id)
+                && running.secret != name
+            {
+                tracing::error!(secret = %name, cluster = %id, owner = %running.secret, "cluster ID already defined by another Secret; ignored");
+                continue;
+            }
+            let hash = sha256(&kubeconfig.0);
+            if clusters.get(id).is_some_and(|r| r.hash == hash) {
+                continue;
+            }
+            let previous = clusters.remove(id).map(|r| r._task);
+            tracing::info!(secret = %name, cluster = %id, "remote cluster kubeconfig {}", if previous.is_some() { "changed" } else { "added" });
+            let task = tokio::spawn(self.run_cluster(id.clone(), kubeconfig.0.clone(), previous));
+            clusters.insert(
+                id.clone(),
+                Running {
+                    secret: name.clone(),
+                    hash,
+                    _task: AbortOnDropHandle::new(task),
+                },
+            );
+        }
+        let dropped: Vec<String> = clusters
+            .iter()
+            .filter(|(id, r)| r.secret == name && !data.contains_key(*id))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in dropped {
+            self.remove_cluster(clusters, &id);
+        }
+    }
+
+    fn remove_secret(&self, clusters: &mut BTreeMap<String, Running>, secret: &str) {
+        let ids: Vec<String> = clusters
+            .iter()
+            .filter(|(_, r)| r.secret == secret)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in ids {
+            self.remove_cluster(clusters, &id);
+        }
+    }
+
+    fn remove_cluster(&self, clusters: &mut BTreeMap<String, Running>, id: &str) {
+        clusters.remove(id);
+        self.registry.remove(id);
+        tracing::info!(cluster = %id, "remote cluster removed");
+    }
+
+    /// One cluster's life: check and build its client, wait until its API server answers,
+    /// take over from `previous`, then run its bundle work.
+    fn run_cluster(
+        &self,
+        id: String,
+        kubeconfig: Vec<u8>,
+        previous: Option<AbortOnDropHandle<()>>,
+    ) -> impl Future<Output = ()> + Send + 'static {
+        let registry = self.registry.clone();
+        let clients = self.clients.clone();
+        let allow_insecure = self.allow_insecure;
+        let work = self.work.clone();
+        async move {
+            let status = registry.remote_status(&id);
+            let built = async {
+                let config = kubeconfig::parse(&kubeconfig, allow_insecure)?;
+                let config = kubeconfig::client_config(config).await?;
+                clients
+                    .build(config)
+                    .map_err(|e| kubeconfig::KubeconfigError::Unusable(format!("{e:#}")))
+            };
+            let client = match built.await {
+                Ok(client) => client,
+                Err(error) => {
+                    tracing::error!(cluster = %id, %error, "remote cluster kubeconfig refused");
+                    status.set_error(format!("kubeconfig {error}"));
+                    // Whatever ran before keeps running until a better kubeconfig comes.
+                    let _keep = previous;
+                    std::future::pending::<()>().await;
+                    return;
+                }
+            };
+            let mut backoff = Backoff::default();
+            loop {
+                match tokio::time::timeout(PROBE_TIMEOUT, client.apiserver_version()).await {
+                    Ok(Ok(_)) => break,
+                    Ok(Err(error)) => status.set_error(format!("API server unreachable: {error}")),
+                    Err(_) => status.set_error("API server unreachable: timed out"),
+                }
+                let delay = backoff.next_delay();
+                tracing::warn!(cluster = %id, retry_in = ?delay, "remote cluster API server not answering");
+                tokio::time::sleep(delay).await;
+            }
+            registry.register(Arc::new(RemoteCluster {
+                id: id.clone(),
+                generation: GENERATION.fetch_add(1, Ordering::Relaxed),
+                client: client.clone(),
+            }));
+            status.set_connected();
+            drop(previous);
+            tracing::info!(cluster = %id, "remote cluster connected");
+            if let Err(error) = work.run(id.clone(), client, status.bundle.clone()).await {
+                tracing::error!(cluster = %id, error = %format!("{error:#}"), "remote cluster work stopped");
+                status.set_error(format!("{error:#}"));
+            }
+        }
+    }
+}
+
+fn sha256(bytes: &[u8]) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    out.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref());
+    out
+}
