@@ -27,6 +27,8 @@ pub struct TestCluster {
     /// to mint (already expired).
     sa_key: PathBuf,
     _processes: Vec<Guarded>,
+    /// Its own etcd, unless it shares one (`TestClusters`).
+    _etcd: Option<Etcd>,
     _dir: tempfile::TempDir,
 }
 
@@ -99,13 +101,20 @@ pub async fn shared() -> &'static TestCluster {
     SHARED.get_or_init(TestCluster::start).await
 }
 
-impl TestCluster {
-    pub async fn start() -> Self {
+/// etcd for one or more apiservers (each under its own `--etcd-prefix`).
+pub struct Etcd {
+    url: String,
+    _process: Guarded,
+    _dir: tempfile::TempDir,
+}
+
+impl Etcd {
+    pub fn start() -> Self {
         let bin = binaries();
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
-        let (etcd_port, peer_port, api_port) = (free_port(), free_port(), free_port());
-        let etcd = guarded(
+        let (etcd_port, peer_port) = (free_port(), free_port());
+        let process = guarded(
             &bin.join("etcd"),
             &[
                 format!("--data-dir={}", d.join("etcd").display()),
@@ -117,6 +126,49 @@ impl TestCluster {
             &d.join("etcd.log"),
             d,
         );
+        Self {
+            url: format!("http://127.0.0.1:{etcd_port}"),
+            _process: process,
+            _dir: dir,
+        }
+    }
+}
+
+/// Several clusters on one etcd: the first is the local one, the others are remotes.
+pub struct TestClusters {
+    pub clusters: Vec<TestCluster>,
+    _etcd: Etcd,
+}
+
+impl TestClusters {
+    pub async fn start(count: usize) -> Self {
+        let etcd = Etcd::start();
+        let mut clusters = Vec::new();
+        for i in 0..count {
+            clusters.push(TestCluster::start_on(&etcd.url, &format!("/cluster-{i}")).await);
+        }
+        Self {
+            clusters,
+            _etcd: etcd,
+        }
+    }
+}
+
+impl TestCluster {
+    /// A cluster with its own etcd.
+    pub async fn start() -> Self {
+        let etcd = Etcd::start();
+        let mut cluster = Self::start_on(&etcd.url, "/registry").await;
+        cluster._etcd = Some(etcd);
+        cluster
+    }
+
+    /// A kube-apiserver storing under `prefix` in the etcd at `etcd_url`.
+    pub async fn start_on(etcd_url: &str, prefix: &str) -> Self {
+        let bin = binaries();
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let api_port = free_port();
         let sa_key = d.join("sa.key");
         let ok = Command::new("openssl")
             .args(["genrsa", "-out"])
@@ -137,7 +189,8 @@ impl TestCluster {
         let apiserver = guarded(
             &bin.join("kube-apiserver"),
             &[
-                format!("--etcd-servers=http://127.0.0.1:{etcd_port}"),
+                format!("--etcd-servers={etcd_url}"),
+                format!("--etcd-prefix={prefix}"),
                 format!("--secure-port={api_port}"),
                 "--bind-address=127.0.0.1".into(),
                 "--advertise-address=127.0.0.1".into(),
@@ -171,7 +224,8 @@ impl TestCluster {
             admin_token,
             kubeconfig,
             sa_key,
-            _processes: vec![apiserver, etcd],
+            _processes: vec![apiserver],
+            _etcd: None,
             _dir: dir,
         }
     }
