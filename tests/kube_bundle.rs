@@ -12,13 +12,13 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use ::kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use clap::Parser;
 use istio_csr_rs::app::{self, Hooks, Running};
 use istio_csr_rs::client::Target;
 use istio_csr_rs::config::{Cli, Command};
 use istio_csr_rs::pki::testing::{KeyAlg, TestCa};
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret};
-use ::kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use support::kube::{TestCluster, TestClusters};
 use support::*;
 use tokio::sync::OnceCell;

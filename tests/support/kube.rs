@@ -236,6 +236,18 @@ impl TestCluster {
         client_for(&self.kubeconfig).await
     }
 
+    /// A client of this cluster that authenticates with `token` (e.g. a service account's).
+    pub async fn client_with_token(&self, token: &str) -> kube::Client {
+        let mut config = kube::Config::from_custom_kubeconfig(
+            Kubeconfig::read_from(&self.kubeconfig).unwrap(),
+            &KubeConfigOptions::default(),
+        )
+        .await
+        .unwrap();
+        config.auth_info.token = Some(token.to_owned().into());
+        kube::Client::try_from(config).unwrap()
+    }
+
     pub async fn namespace(&self, name: &str) {
         let ns: Namespace = serde_json::from_value(serde_json::json!({
             "metadata": {"name": name}
