@@ -337,6 +337,26 @@ async fn every_namespace_of_all_clusters_gets_the_bundle_and_drift_is_repaired()
         .collect();
     assert_eq!(ids, ["Kubernetes", "remote-1", "remote-2"]);
     assert_eq!(bundle["clusters"][2]["bundle"]["namespaces"], 3);
+    for (cluster, state, value) in [
+        ("remote-2", "synced", 1.0),
+        ("remote-2", "error", 0.0),
+        ("Kubernetes", "synced", 1.0),
+    ] {
+        let got = server
+            .metric(
+                "istio_csr_cluster_state",
+                &[("cluster", cluster), ("state", state)],
+            )
+            .await;
+        assert_eq!(got, value, "{cluster} {state}");
+    }
+    let in_sync = server
+        .metric(
+            "istio_csr_bundle_namespaces",
+            &[("cluster", "remote-1"), ("status", "in_sync")],
+        )
+        .await;
+    assert_eq!(in_sync, 2.0);
 }
 
 #[tokio::test]
@@ -438,6 +458,45 @@ async fn remote_secrets_come_and_go_at_runtime_and_a_broken_one_harms_no_other()
     assert_eq!(
         server.cluster_report("remote-1").await.unwrap()["state"],
         "synced"
+    );
+
+    // The same kubeconfig again (only the Secret's metadata changed): nothing is rebuilt, so
+    // no new client lists the remote's namespaces again.
+    let namespace_lists = || async {
+        server
+            .metric(
+                "istio_csr_kube_api_requests_total",
+                &[
+                    ("code", "200"),
+                    ("resource", "namespaces"),
+                    ("verb", "list"),
+                ],
+            )
+            .await
+    };
+    let lists_before = namespace_lists().await;
+    Api::<Secret>::namespaced(all[0].client().await, test)
+        .patch(
+            "istio-remote-secret-remote-1",
+            &PatchParams::default(),
+            &Patch::Merge(&serde_json::json!({"metadata": {"annotations": {"touched": "yes"}}})),
+        )
+        .await
+        .unwrap();
+    // Witness: a Secret event after it on the same watch.
+    server.add_remote("witness", b"not a kubeconfig").await;
+    let witnessed = eventually(WAIT, || async {
+        server
+            .cluster_report("witness")
+            .await
+            .is_some_and(|c| c["state"] == "error")
+    })
+    .await;
+    assert!(witnessed, "{:#}", server.debug_bundle().await);
+    assert_eq!(
+        namespace_lists().await,
+        lists_before,
+        "an unchanged kubeconfig was rebuilt"
     );
 
     // Added at runtime: synced. Removed: stopped and gone.

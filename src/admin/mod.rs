@@ -12,6 +12,8 @@ use axum::extract::{Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::{Registry, Unit};
@@ -31,6 +33,20 @@ const OPENMETRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.
 pub struct ExpiryGauges {
     serving_certificate: Gauge,
     root_certificate: Gauge,
+    cluster_state: Family<ClusterStateLabels, Gauge>,
+    bundle_namespaces: Family<BundleNamespaceLabels, Gauge>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClusterStateLabels {
+    cluster: String,
+    state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BundleNamespaceLabels {
+    cluster: String,
+    status: &'static str,
 }
 
 impl ExpiryGauges {
@@ -48,7 +64,48 @@ impl ExpiryGauges {
             Unit::Seconds,
             gauges.root_certificate.clone(),
         );
+        registry.register(
+            "cluster_state",
+            "1 for each cluster's current state (connecting, connected, syncing, synced, error), 0 for the others.",
+            gauges.cluster_state.clone(),
+        );
+        registry.register(
+            "bundle_namespaces",
+            "Namespaces of each cluster by trust-bundle status (selected, in_sync, pending, error); leader only.",
+            gauges.bundle_namespaces.clone(),
+        );
         gauges
+    }
+
+    /// Refreshed at every scrape from the registry's reports: clusters that left disappear.
+    fn set_clusters(&self, reports: &[crate::cluster::ClusterReport]) {
+        self.cluster_state.clear();
+        self.bundle_namespaces.clear();
+        for report in reports {
+            for state in crate::cluster::ClusterState::ALL {
+                self.cluster_state
+                    .get_or_create(&ClusterStateLabels {
+                        cluster: report.id.clone(),
+                        state: state.label(),
+                    })
+                    .set(i64::from(state == report.state));
+            }
+            if let Some(counts) = &report.bundle {
+                for (status, value) in [
+                    ("selected", counts.namespaces),
+                    ("in_sync", counts.in_sync),
+                    ("pending", counts.pending),
+                    ("error", counts.errors),
+                ] {
+                    self.bundle_namespaces
+                        .get_or_create(&BundleNamespaceLabels {
+                            cluster: report.id.clone(),
+                            status,
+                        })
+                        .set(i64::try_from(value).unwrap_or(i64::MAX));
+                }
+            }
+        }
     }
 }
 
@@ -135,6 +192,9 @@ async fn metrics(State(state): State<Arc<AdminState>>) -> Response {
             .gauges
             .root_certificate
             .set(bundle::earliest_expiry(&trust.roots.borrow()));
+    }
+    if let Some(clusters) = &state.clusters {
+        state.gauges.set_clusters(&clusters.reports());
     }
     let mut body = String::new();
     match prometheus_client::encoding::text::encode(&mut body, &state.registry) {
