@@ -319,3 +319,34 @@ async fn refuses_a_negative_or_absurd_api_rate() {
         assert!(error.contains("--kube-api-qps"), "{qps}: {error}");
     }
 }
+
+/// The Helm chart passes flags by name; a renamed or removed flag would only fail in a cluster.
+/// (helm itself is not available here to render the chart.)
+#[test]
+fn every_flag_the_helm_chart_passes_exists() {
+    use clap::CommandFactory;
+    let cli = Cli::command();
+    let serve = cli.find_subcommand("serve").unwrap();
+    let known: Vec<&str> = serve.get_arguments().filter_map(|a| a.get_long()).collect();
+    let template = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/charts/istio-csr-rs/templates/deployment.yaml"
+    ))
+    .unwrap();
+    let mut passed = 0;
+    for line in template.lines() {
+        let Some(flag) = line.trim().strip_prefix("- --") else {
+            continue;
+        };
+        let name = flag.split(['=', ' ']).next().unwrap();
+        assert!(
+            known.contains(&name),
+            "the chart passes --{name}, which serve does not know"
+        );
+        passed += 1;
+    }
+    assert!(
+        passed > 20,
+        "only {passed} flags found: is the template still there?"
+    );
+}
