@@ -313,7 +313,7 @@ async fn refuses_a_negative_or_absurd_api_rate() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
     let data = data.to_str().unwrap();
-    for qps in ["-1", "NaN", "inf"] {
+    for qps in ["-1", "NaN", "inf", "1e-310"] {
         let flag = format!("--kube-api-qps={qps}");
         let error = start_error(&["--standalone", "--data-dir", data, &flag]).await;
         assert!(error.contains("--kube-api-qps"), "{qps}: {error}");

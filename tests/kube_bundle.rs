@@ -629,3 +629,39 @@ async fn a_new_leader_resyncs_everything_with_zero_writes() {
         }
     }
 }
+
+#[tokio::test]
+async fn a_duplicate_cluster_id_is_ignored_until_its_first_owner_goes() {
+    let test = "dup";
+    let all = clusters().await;
+    let server = BundleServer::start(test).await;
+    let pem = server.pem();
+    server.add_remote("remote-1", &kubeconfig_of(&all[1])).await;
+    managed_namespace(&all[1], test, "dup-a").await;
+    expect_bundle(&all[1], "dup-a", &pem).await;
+
+    // A second Secret names the same cluster ID: ignored while the first one has it.
+    let second: Secret = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "second-definition", "labels": {"istio/multiCluster": "true"}},
+        "stringData": {"remote-1": String::from_utf8_lossy(&kubeconfig_of(&all[1]))},
+    }))
+    .unwrap();
+    let secrets: Api<Secret> = Api::namespaced(all[0].client().await, test);
+    secrets
+        .create(&PostParams::default(), &second)
+        .await
+        .unwrap();
+    server.remove_remote("remote-1").await;
+
+    // The ID is free again: the second definition takes it and the cluster keeps its bundle.
+    managed_namespace(&all[1], test, "dup-b").await;
+    expect_bundle(&all[1], "dup-b", &pem).await;
+    let synced = eventually(WAIT, || async {
+        server
+            .cluster_report("remote-1")
+            .await
+            .is_some_and(|c| c["state"] == "synced")
+    })
+    .await;
+    assert!(synced, "{:#}", server.debug_bundle().await);
+}

@@ -232,9 +232,11 @@ pub async fn launch(args: ServeArgs, hooks: Hooks) -> anyhow::Result<Launched> {
                 plan.leader_timing.clone(),
                 LeaderMetrics::register(&mut registry),
             );
-            tracing::info!(identity = %leadership.borrow().identity, namespace = %args.bundle.leader_election_namespace, "competing for the leader Lease");
-            let task = liveness.spawn("leader-election", elector.run(stop.clone()));
-            Some(LeaderTask { leadership, task })
+            Some(LeaderTask {
+                leadership,
+                elector: Some(elector),
+                task: None,
+            })
         }
         None => None,
     };
@@ -391,11 +393,12 @@ fn build_signer(
     }
 }
 
-/// Everything built by `launch`, on its way to serving.
-/// The election task and what it publishes.
+/// The election and what it publishes. It starts only once this replica serves: one that
+/// cannot do the leader's work must not hold the Lease.
 struct LeaderTask {
     leadership: watch::Receiver<Leadership>,
-    task: AbortOnDropHandle<()>,
+    elector: Option<Elector>,
+    task: Option<AbortOnDropHandle<()>>,
 }
 
 struct Starting {
@@ -430,6 +433,15 @@ impl Starting {
             _ = stop.cancelled() => return Ok(()),
         };
         let _ = serving.send(started.grpc_address);
+        if let Some(leader) = &mut self.leader
+            && let Some(elector) = leader.elector.take()
+        {
+            tracing::info!(identity = %leader.leadership.borrow().identity, namespace = %self.args.bundle.leader_election_namespace, "competing for the leader Lease");
+            leader.task = Some(
+                self.liveness
+                    .spawn("leader-election", elector.run(stop.clone())),
+            );
+        }
         let result = run_until_stopped(
             stop,
             self.args.server.shutdown_delay,
@@ -443,9 +455,9 @@ impl Starting {
         )
         .await;
         // The election saw the same stop and releases the Lease; let it finish.
-        if let Some(leader) = self.leader {
+        if let Some(task) = self.leader.and_then(|l| l.task) {
             let bound = self.args.bundle.leader_election_renew_deadline;
-            let _ = tokio::time::timeout(bound, leader.task).await;
+            let _ = tokio::time::timeout(bound, task).await;
         }
         result
     }

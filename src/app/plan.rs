@@ -54,8 +54,9 @@ impl Plan {
                 bail!("--ca-trusted-node-accounts: {account:?} is not namespace/serviceaccount");
             }
         }
-        if !(args.server.kube_api_qps.is_finite() && args.server.kube_api_qps >= 0.0) {
-            bail!("--kube-api-qps must be a number >= 0 (0 turns the limit off)");
+        let qps = args.server.kube_api_qps;
+        if !(qps.is_finite() && (qps == 0.0 || qps >= 0.1)) {
+            bail!("--kube-api-qps must be 0 (no limit) or at least 0.1");
         }
         let namespace_selector: Selector = args
             .bundle

@@ -45,7 +45,7 @@ impl BundleMetrics {
         };
         registry.register(
             "bundle_reconciles",
-            "Namespace trust-bundle reconciles by cluster and result (unchanged, written, skipped, error).",
+            "Namespace trust-bundle reconciles by cluster and result (unchanged, written, skipped, stale, error).",
             metrics.reconciles.clone(),
         );
         registry.register(
@@ -89,8 +89,12 @@ where
 {
     let mut backoff = Backoff::default();
     loop {
+        let regained = !leadership.borrow().is_leader;
         if !wait_for_leadership(&mut leadership, true).await {
             anyhow::bail!("leader election stopped");
+        }
+        if regained {
+            backoff.reset();
         }
         let mut running = AbortOnDropHandle::new(tokio::spawn(work()));
         tokio::select! {

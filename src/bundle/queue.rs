@@ -3,7 +3,7 @@
 //! failed name comes back after a per-name exponential backoff.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use tokio::sync::Notify;
@@ -81,11 +81,14 @@ impl WorkQueue {
         let delay = RETRY_MIN
             .saturating_mul(1u32 << failures.saturating_sub(1).min(20))
             .min(RETRY_MAX);
-        let queue = self.clone();
+        // Weak: a queue whose reconciler stopped (leadership lost) is not kept alive by retries.
+        let queue: Weak<Self> = Arc::downgrade(self);
         let key = key.to_owned();
         tokio::spawn(async move {
             tokio::time::sleep(delay).await;
-            queue.add(&key);
+            if let Some(queue) = queue.upgrade() {
+                queue.add(&key);
+            }
         });
         delay
     }
@@ -97,7 +100,8 @@ impl WorkQueue {
                 if succeeded {
                     inner.failures.remove(key);
                 }
-                inner.dirty.remove(key)
+                // A failed name comes back after its backoff, changed or not.
+                inner.dirty.remove(key) && succeeded
             }
             Err(_) => false,
         };
@@ -145,6 +149,19 @@ mod tests {
         queue.done("a");
         queue.done("b");
         assert_eq!(queue.pending(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_change_during_a_failed_reconcile_waits_for_the_backoff() {
+        let queue = Arc::new(WorkQueue::default());
+        queue.add("a");
+        let key = queue.next().await;
+        queue.add("a"); // changed meanwhile
+        queue.retry_later(&key);
+        assert_eq!(queue.pending(), 0, "requeued at once despite the failure");
+        let back = tokio::time::timeout(Duration::from_millis(49), queue.next()).await;
+        assert!(back.is_err(), "came back before its backoff");
+        assert_eq!(queue.next().await, "a");
     }
 
     #[tokio::test(start_paused = true)]

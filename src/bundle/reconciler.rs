@@ -11,7 +11,7 @@ use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
 use kube::api::PostParams;
 use kube::runtime::reflector::{self, ObjectRef, Store};
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, ResourceExt};
 use serde::Serialize;
 use tokio::sync::watch;
@@ -129,10 +129,13 @@ pub async fn run(
     };
     let cluster = settings.cluster.clone();
 
+    // Backoff between failed re-lists: a missing permission or a dead remote must not become
+    // a hot loop that starves the other clusters.
     let ns_watch = watcher(
         Api::<Namespace>::all(client.clone()),
         watcher::Config::default(),
-    );
+    )
+    .default_backoff();
     let ns_events = {
         let queue = queue.clone();
         let cluster = cluster.clone();
@@ -151,7 +154,8 @@ pub async fn run(
     let cm_watch = watcher(
         Api::<ConfigMap>::all(client.clone()),
         watcher::Config::default().fields(&format!("metadata.name={CONFIG_MAP_NAME}")),
-    );
+    )
+    .default_backoff();
     let cm_events = {
         let queue = queue.clone();
         let cluster = cluster.clone();
@@ -263,6 +267,7 @@ async fn worker(
             Ok(Outcome::Unchanged) => "unchanged",
             Ok(Outcome::Skipped) => "skipped",
             Ok(Outcome::Written) => "written",
+            Ok(Outcome::Stale) => "stale",
             Err(_) => "error",
         };
         settings.metrics.reconciled(&settings.cluster, result);
@@ -280,6 +285,9 @@ enum Outcome {
     Unchanged,
     Skipped,
     Written,
+    /// The cache was behind (the object exists after all, changed, or is gone): its watch
+    /// event queues the namespace again, so this is no failure to back off from.
+    Stale,
 }
 
 async fn reconcile(
@@ -313,6 +321,9 @@ async fn reconcile(
             settings.metrics.wrote(&settings.cluster, op);
             tracing::debug!(cluster = %settings.cluster, namespace = %name, op, "trust bundle written");
             Ok(Outcome::Written)
+        }
+        Err(kube::Error::Api(e)) if e.code == 409 || (e.code == 404 && op == "update") => {
+            Ok(Outcome::Stale)
         }
         // The namespace went away or started terminating meanwhile: nothing to do.
         Err(kube::Error::Api(e))

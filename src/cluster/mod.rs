@@ -213,6 +213,17 @@ impl ClusterRegistry {
         });
     }
 
+    /// Undoes `register` of this generation only: a newer one stays.
+    pub fn deregister(&self, id: &str, generation: u64) {
+        self.inner.remotes.rcu(|current| {
+            let mut next = BTreeMap::clone(current);
+            if next.get(id).is_some_and(|r| r.generation == generation) {
+                next.remove(id);
+            }
+            next
+        });
+    }
+
     /// Forgets `id` entirely: it resolves to nothing and leaves the admin API.
     pub fn remove(&self, id: &str) {
         self.inner.remotes.rcu(|current| {

@@ -31,7 +31,8 @@ impl Bucket {
         if self.tokens >= 0.0 {
             Duration::ZERO
         } else {
-            Duration::from_secs_f64(-self.tokens / self.qps)
+            // Flags keep qps sane; a wait that cannot be represented is no reason to panic.
+            Duration::try_from_secs_f64(-self.tokens / self.qps).unwrap_or(Duration::MAX)
         }
     }
 }

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, ResourceExt};
 use tokio::sync::watch;
 use tokio_util::task::AbortOnDropHandle;
@@ -82,8 +82,11 @@ impl RemoteSecrets {
     pub async fn run(self, local: kube::Client) -> anyhow::Result<()> {
         let api: Api<Secret> = Api::namespaced(local, &self.namespace);
         let config = watcher::Config::default().labels(SECRET_LABEL);
-        let mut events = watcher(api, config).boxed();
+        // Backoff between failed re-lists: a missing permission must not become a hot loop.
+        let mut events = watcher(api, config).default_backoff().boxed();
         let mut clusters: BTreeMap<String, Running> = BTreeMap::new();
+        // The latest version of every Secret, so an ID freed by one can go to another.
+        let mut secrets: BTreeMap<String, Secret> = BTreeMap::new();
         let mut listed: Option<BTreeSet<String>> = None;
         while let Some(event) = events.next().await {
             match event {
@@ -92,7 +95,8 @@ impl RemoteSecrets {
                     if let Some(listed) = &mut listed {
                         listed.insert(secret.name_any());
                     }
-                    self.apply(&mut clusters, &secret);
+                    self.apply(&mut clusters, &secret, true);
+                    secrets.insert(secret.name_any(), secret);
                 }
                 Ok(watcher::Event::InitDone) => {
                     // After a re-list: Secrets deleted while the watch was down.
@@ -105,11 +109,19 @@ impl RemoteSecrets {
                         for secret in gone {
                             self.remove_secret(&mut clusters, &secret);
                         }
+                        secrets.retain(|name, _| listed.contains(name));
+                        self.reapply(&mut clusters, &secrets);
                     }
                 }
-                Ok(watcher::Event::Apply(secret)) => self.apply(&mut clusters, &secret),
+                Ok(watcher::Event::Apply(secret)) => {
+                    self.apply(&mut clusters, &secret, true);
+                    secrets.insert(secret.name_any(), secret);
+                    self.reapply(&mut clusters, &secrets);
+                }
                 Ok(watcher::Event::Delete(secret)) => {
-                    self.remove_secret(&mut clusters, &secret.name_any())
+                    self.remove_secret(&mut clusters, &secret.name_any());
+                    secrets.remove(&secret.name_any());
+                    self.reapply(&mut clusters, &secrets);
                 }
                 Err(error) => tracing::warn!(%error, "remote cluster Secret watch interrupted"),
             }
@@ -117,18 +129,24 @@ impl RemoteSecrets {
         anyhow::bail!("the remote cluster Secret watch ended")
     }
 
-    fn apply(&self, clusters: &mut BTreeMap<String, Running>, secret: &Secret) {
+    /// Starts, restarts or stops the clusters `secret` names. `report` logs the IDs it may not
+    /// have (the local one, another Secret's), once per change rather than at every re-apply.
+    fn apply(&self, clusters: &mut BTreeMap<String, Running>, secret: &Secret, report: bool) {
         let name = secret.name_any();
         let data = secret.data.clone().unwrap_or_default();
         for (id, kubeconfig) in &data {
             if id == self.registry.local_id() {
-                tracing::warn!(secret = %name, cluster = %id, "a remote Secret names the local cluster; ignored");
+                if report {
+                    tracing::warn!(secret = %name, cluster = %id, "a remote Secret names the local cluster; ignored");
+                }
                 continue;
             }
             if let Some(running) = clusters.get(id)
                 && running.secret != name
             {
-                tracing::error!(secret = %name, cluster = %id, owner = %running.secret, "cluster ID already defined by another Secret; ignored");
+                if report {
+                    tracing::error!(secret = %name, cluster = %id, owner = %running.secret, "cluster ID already defined by another Secret; ignored");
+                }
                 continue;
             }
             let hash = sha256(&kubeconfig.0);
@@ -137,7 +155,15 @@ impl RemoteSecrets {
             }
             let previous = clusters.remove(id).map(|r| r._task);
             tracing::info!(secret = %name, cluster = %id, "remote cluster kubeconfig {}", if previous.is_some() { "changed" } else { "added" });
-            let task = tokio::spawn(self.run_cluster(id.clone(), kubeconfig.0.clone(), previous));
+            let generation = GENERATION.fetch_add(1, Ordering::Relaxed);
+            let status = self.registry.remote_status(id);
+            let task = tokio::spawn(self.run_cluster(
+                id.clone(),
+                generation,
+                status,
+                kubeconfig.0.clone(),
+                previous,
+            ));
             clusters.insert(
                 id.clone(),
                 Running {
@@ -154,6 +180,24 @@ impl RemoteSecrets {
             .collect();
         for id in dropped {
             self.remove_cluster(clusters, &id);
+        }
+    }
+
+    /// Gives IDs freed by a change or a deletion to another Secret that names them. Clusters
+    /// already running are unchanged by this, so nothing else is rebuilt.
+    fn reapply(
+        &self,
+        clusters: &mut BTreeMap<String, Running>,
+        secrets: &BTreeMap<String, Secret>,
+    ) {
+        for secret in secrets.values() {
+            let claims_free_id = secret.data.as_ref().is_some_and(|data| {
+                data.keys()
+                    .any(|id| id != self.registry.local_id() && !clusters.contains_key(id))
+            });
+            if claims_free_id {
+                self.apply(clusters, secret, false);
+            }
         }
     }
 
@@ -179,6 +223,8 @@ impl RemoteSecrets {
     fn run_cluster(
         &self,
         id: String,
+        generation: u64,
+        status: Arc<super::ClusterStatus>,
         kubeconfig: Vec<u8>,
         previous: Option<AbortOnDropHandle<()>>,
     ) -> impl Future<Output = ()> + Send + 'static {
@@ -187,7 +233,6 @@ impl RemoteSecrets {
         let allow_insecure = self.allow_insecure;
         let work = self.work.clone();
         async move {
-            let status = registry.remote_status(&id);
             let built = async {
                 let config = kubeconfig::parse(&kubeconfig, allow_insecure)?;
                 let config = kubeconfig::client_config(config).await?;
@@ -210,7 +255,10 @@ impl RemoteSecrets {
             loop {
                 match tokio::time::timeout(PROBE_TIMEOUT, client.apiserver_version()).await {
                     Ok(Ok(_)) => break,
-                    Ok(Err(error)) => status.set_error(format!("API server unreachable: {error}")),
+                    Ok(Err(error)) => status.set_error(format!(
+                        "API server unreachable: {}",
+                        describe_error(&error)
+                    )),
                     Err(_) => status.set_error("API server unreachable: timed out"),
                 }
                 let delay = backoff.next_delay();
@@ -219,9 +267,16 @@ impl RemoteSecrets {
             }
             registry.register(Arc::new(RemoteCluster {
                 id: id.clone(),
-                generation: GENERATION.fetch_add(1, Ordering::Relaxed),
+                generation,
                 client: client.clone(),
             }));
+            // However this task ends (a removal aborts it, even mid-registration), its
+            // generation leaves the registry with it.
+            let _registered = Deregister {
+                registry: registry.clone(),
+                id: id.clone(),
+                generation,
+            };
             status.set_connected();
             drop(previous);
             tracing::info!(cluster = %id, "remote cluster connected");
@@ -230,6 +285,28 @@ impl RemoteSecrets {
                 status.set_error(format!("{error:#}"));
             }
         }
+    }
+}
+
+struct Deregister {
+    registry: ClusterRegistry,
+    id: String,
+    generation: u64,
+}
+
+impl Drop for Deregister {
+    fn drop(&mut self) {
+        self.registry.deregister(&self.id, self.generation);
+    }
+}
+
+/// An API error for the admin API and logs. Authentication errors are reduced to their kind:
+/// with --allow-insecure-kubeconfig an exec plugin's output (maybe a token) is in their text.
+fn describe_error(error: &kube::Error) -> String {
+    match error {
+        kube::Error::Auth(_) => "authentication failed (check the kubeconfig's credentials)".into(),
+        kube::Error::Api(status) => format!("{} {}", status.code, status.reason),
+        other => other.to_string(),
     }
 }
 

@@ -144,8 +144,11 @@ impl Elector {
                 }
             }
             if !self.election.is_leader() && was_leader {
+                // Stepped down: who holds the Lease now is unknown until it is read again.
                 self.publish(|s| {
                     s.is_leader = false;
+                    s.holder = None;
+                    s.holder_since = None;
                 });
             }
             self.note_change(was_leader);
@@ -180,6 +183,8 @@ impl Elector {
     }
 
     async fn try_once(&mut self) -> anyhow::Result<()> {
+        // A renewal counts from before it was sent: followers may have seen it that early.
+        let started = Instant::now();
         let lease = self.api.get_opt(LEASE_NAME).await?;
         let read = lease.as_ref().map(record_of);
         let now = Instant::now();
@@ -195,7 +200,7 @@ impl Elector {
             Plan::Create(record) => {
                 let lease = lease_of(None, &record);
                 match self.api.create(&PostParams::default(), &lease).await {
-                    Ok(_) => self.won(record),
+                    Ok(_) => self.won(started, record),
                     // Someone else created it first: read it again next time.
                     Err(kube::Error::Api(e)) if e.code == 409 => {}
                     Err(error) => return Err(error.into()),
@@ -208,7 +213,7 @@ impl Elector {
                     .replace(LEASE_NAME, &PostParams::default(), &updated)
                     .await
                 {
-                    Ok(_) => self.won(record),
+                    Ok(_) => self.won(started, record),
                     // Changed since we read it (resourceVersion): read it again next time.
                     Err(kube::Error::Api(e)) if e.code == 409 => {
                         self.election.failed(Instant::now());
@@ -220,9 +225,9 @@ impl Elector {
         Ok(())
     }
 
-    fn won(&mut self, record: LeaseRecord) {
+    fn won(&mut self, started: Instant, record: LeaseRecord) {
         let since = record.acquired.map(SystemTime::from);
-        self.election.written(Instant::now(), record);
+        self.election.written(started, record);
         let identity = self.election.identity().to_owned();
         self.publish(|s| {
             s.is_leader = true;
@@ -245,7 +250,11 @@ impl Elector {
         let Some(record) = self.election.release(Timestamp::now()) else {
             return;
         };
-        self.publish(|s| s.is_leader = false);
+        self.publish(|s| {
+            s.is_leader = false;
+            s.holder = None;
+            s.holder_since = None;
+        });
         self.note_change(was_leader);
         let release = async {
             let current = self.api.get_opt(LEASE_NAME).await?;
@@ -279,10 +288,18 @@ impl Elector {
     }
 }
 
+/// 80% to 100% of the period: replicas do not retry in lockstep, and a released Lease is
+/// still taken within one retry period.
 fn jittered(period: Duration) -> Duration {
     let mut byte = [0u8; 1];
     let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut byte);
-    period + period.mul_f64(f64::from(byte[0]) / 255.0 * 0.2)
+    period.mul_f64(0.8 + f64::from(byte[0]) / 255.0 * 0.2)
+}
+
+/// Leases count whole seconds: round up, so followers never wait less than configured.
+fn lease_seconds(duration: Duration) -> i32 {
+    let seconds = duration.as_secs() + u64::from(duration.subsec_nanos() > 0);
+    i32::try_from(seconds.max(1)).unwrap_or(i32::MAX)
 }
 
 fn record_of(lease: &Lease) -> LeaseRecord {
@@ -309,9 +326,7 @@ fn lease_of(existing: Option<Lease>, record: &LeaseRecord) -> Lease {
         metadata,
         spec: Some(LeaseSpec {
             holder_identity: record.holder.clone(),
-            lease_duration_seconds: Some(
-                i32::try_from(record.duration.as_secs().max(1)).unwrap_or(i32::MAX),
-            ),
+            lease_duration_seconds: Some(lease_seconds(record.duration)),
             acquire_time: record.acquired.map(MicroTime),
             renew_time: record.renewed.map(MicroTime),
             lease_transitions: Some(record.transitions),

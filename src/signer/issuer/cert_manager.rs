@@ -11,7 +11,7 @@ use async_trait::async_trait;
 use base64::Engine;
 use futures_util::StreamExt;
 use kube::api::{Api, DeleteParams, ObjectMeta, PostParams};
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{CustomResource, ResourceExt};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, oneshot, watch};
@@ -260,7 +260,7 @@ impl CertManagerIssuer {
         let defaults = self.settings.issuer.clone();
         self.issuer_ref.store(None);
         async move {
-            let mut events = watcher(api, config).boxed();
+            let mut events = watcher(api, config).default_backoff().boxed();
             while let Some(event) = events.next().await {
                 let next = match event {
                     Ok(watcher::Event::Apply(cm) | watcher::Event::InitApply(cm)) => {
@@ -329,7 +329,9 @@ async fn run_watch(
     synced: watch::Sender<bool>,
     ready_changed: Arc<Notify>,
 ) -> anyhow::Result<()> {
-    let mut events = watcher(api, watcher::Config::default()).boxed();
+    let mut events = watcher(api, watcher::Config::default())
+        .default_backoff()
+        .boxed();
     while let Some(event) = events.next().await {
         match event {
             Ok(watcher::Event::Apply(cr) | watcher::Event::InitApply(cr)) => {
