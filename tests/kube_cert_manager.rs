@@ -18,8 +18,8 @@ use istio_csr_rs::signer::issuer::cert_manager::{
 use istio_csr_rs::signer::issuer::{IssueError, IssueRequest, Issued, Issuer};
 use rustls_pki_types::UnixTime;
 use support::cert_manager::{
-    cert_manager_server, cert_manager_server_with, install_crd, launch_cert_manager_server,
-    start_fixture, target_for,
+    cert_manager_server, cert_manager_server_with, fixture_in, launch_cert_manager_server,
+    target_for,
 };
 use support::kube::shared;
 use support::*;
@@ -34,13 +34,8 @@ struct Setup {
 }
 
 async fn setup(namespace: &str, issuer_name: &str, timeout: Duration, preserve: bool) -> Setup {
-    install_crypto_provider();
+    let (root, fixture) = fixture_in(namespace).await;
     let cluster = shared().await;
-    install_crd(cluster).await;
-    cluster.namespace(namespace).await;
-    let root = Arc::new(TestCa::root("cert-manager CA", KeyAlg::EcdsaP256));
-    let foreign = Arc::new(TestCa::root("foreign CA", KeyAlg::EcdsaP256));
-    let fixture = start_fixture(cluster.client().await, namespace, root.clone(), foreign);
     let mut annotations = BTreeMap::new();
     annotations.insert("example.com/team".to_owned(), "mesh".to_owned());
     let (issuer, watch) = CertManagerIssuer::new(

@@ -68,6 +68,19 @@ pub async fn install_crd(cluster: &TestCluster) {
     assert!(established, "CRD never established");
 }
 
+/// The shared cluster with the CRD, `namespace`, and the fixture answering there with a fresh
+/// CA (returned) until the handle is dropped.
+pub async fn fixture_in(namespace: &str) -> (Arc<TestCa>, AbortOnDropHandle<()>) {
+    install_crypto_provider();
+    let cluster = shared().await;
+    install_crd(cluster).await;
+    cluster.namespace(namespace).await;
+    let root = Arc::new(TestCa::root("cert-manager CA", KeyAlg::EcdsaP256));
+    let foreign = Arc::new(TestCa::root("foreign CA", KeyAlg::EcdsaP256));
+    let fixture = start_fixture(cluster.client().await, namespace, root.clone(), foreign);
+    (root, fixture)
+}
+
 /// Runs the fixture for one namespace until dropped.
 pub fn start_fixture(
     client: kube::Client,
@@ -210,13 +223,8 @@ pub async fn launch_cert_manager_server(
     AbortOnDropHandle<()>,
 ) {
     use clap::Parser;
-    install_crypto_provider();
+    let (root, fixture) = fixture_in(namespace).await;
     let cluster = shared().await;
-    install_crd(cluster).await;
-    cluster.namespace(namespace).await;
-    let root = Arc::new(TestCa::root("cert-manager CA", KeyAlg::EcdsaP256));
-    let foreign = Arc::new(TestCa::root("foreign CA", KeyAlg::EcdsaP256));
-    let fixture = start_fixture(cluster.client().await, namespace, root.clone(), foreign);
     let dir = tempfile::tempdir().unwrap();
     // The client always trusts the fixture's root; the server pins it only when asked to.
     let pinned = dir.path().join("roots.pem");
