@@ -277,6 +277,7 @@ pub async fn launch(args: ServeArgs, hooks: Hooks) -> anyhow::Result<Launched> {
         .await
         .with_context(|| format!("binding the admin address {}", plan.admin_address))?;
     let admin_address = admin_listener.local_addr()?;
+    tracing::info!(admin = %admin_address, "admin API listening");
     let admin_state = Arc::new(AdminState {
         readiness: readiness.clone(),
         liveness: liveness.clone(),

@@ -1,0 +1,222 @@
+//! Tier 4: several istio-csr-rs processes against one real kube-apiserver, stopped with real
+//! signals. Replicas all sign; the Lease moves on SIGTERM (released) and on SIGKILL (after
+//! it expires), the trust bundle is kept by whoever leads, and signing never pauses.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use istio_csr_rs::client::Target;
+use istio_csr_rs::pki::testing::{KeyAlg, TestCa};
+use k8s_openapi::api::core::v1::ConfigMap;
+use support::kube::{TestCluster, shared};
+use support::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_istio-csr-rs");
+const TEST: &str = "multi-process";
+const WAIT: Duration = Duration::from_secs(30);
+
+struct Replica {
+    child: Child,
+    grpc: SocketAddr,
+    admin: SocketAddr,
+}
+
+impl Replica {
+    fn start(cluster: &TestCluster, dir: &Path) -> Self {
+        let mut child = Command::new(BIN)
+            .args(["serve", "--signer", "local-ca", "--local-ca-dir"])
+            .arg(dir.join("ca"))
+            .arg("--root-ca-file")
+            .arg(dir.join("ca/root-cert.pem"))
+            .arg("--kubeconfig")
+            .arg(&cluster.kubeconfig)
+            .args([
+                "--serving-address=127.0.0.1:0",
+                "--admin-address=127.0.0.1:0",
+                "--serving-certificate-dns-names=localhost",
+                "--leader-election-namespace",
+                TEST,
+                "--leader-election-lease-duration=4s",
+                "--leader-election-renew-deadline=3s",
+                "--leader-election-retry-period=500ms",
+                "--configmap-namespace-selector=bundle-test=multi-process",
+                "--log-format=json",
+                "--log-level=info",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        // Reads the log until both addresses are known, then keeps draining it.
+        std::thread::spawn(move || {
+            let (mut grpc, mut admin) = (None, None);
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let Ok(json) = serde_json::from_str::<serde_json::Value>(&line) else {
+                    continue;
+                };
+                if let Some(a) = json["admin"].as_str() {
+                    admin = a.parse::<SocketAddr>().ok();
+                }
+                if let Some(g) = json["grpc"].as_str() {
+                    grpc = g.parse::<SocketAddr>().ok();
+                }
+                if let (Some(g), Some(a)) = (grpc, admin) {
+                    let _ = tx.send((g, a));
+                    grpc = None;
+                }
+            }
+        });
+        let (grpc, admin) = rx
+            .recv_timeout(WAIT)
+            .expect("the replica never logged its addresses");
+        Self { child, grpc, admin }
+    }
+
+    fn signal(&self, name: &str) {
+        let ok = Command::new("kill")
+            .args([&format!("-{name}"), &self.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok);
+    }
+
+    async fn bundle(&self) -> serde_json::Value {
+        let (_, body) = http_get(&format!("http://{}/debug/bundle", self.admin)).await;
+        serde_json::from_str(&body).unwrap_or_default()
+    }
+
+    async fn is_leader(&self) -> bool {
+        self.bundle().await["leader"]["is_leader"] == true
+    }
+
+    fn target(&self, dir: &Path) -> Target {
+        Target {
+            address: self.grpc.to_string(),
+            server_name: Some("localhost".into()),
+            root_cert: dir.join("ca/root-cert.pem"),
+            token_file: None,
+            cluster_id: "Kubernetes".into(),
+            timeout: Duration::from_secs(20),
+        }
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn managed_namespace(cluster: &TestCluster, name: &str) {
+    let ns: k8s_openapi::api::core::v1::Namespace = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": name, "labels": {"bundle-test": TEST}}
+    }))
+    .unwrap();
+    ::kube::Api::<k8s_openapi::api::core::v1::Namespace>::all(cluster.client().await)
+        .create(&Default::default(), &ns)
+        .await
+        .unwrap();
+}
+
+async fn has_bundle(cluster: &TestCluster, namespace: &str, pem: &str) -> bool {
+    ::kube::Api::<ConfigMap>::namespaced(cluster.client().await, namespace)
+        .get_opt("istio-ca-root-cert")
+        .await
+        .ok()
+        .flatten()
+        .and_then(|cm| cm.data)
+        .is_some_and(|d| d.get("root-cert.pem").is_some_and(|v| v == pem))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_lease_moves_on_sigterm_and_sigkill_while_signing_never_pauses() {
+    install_crypto_provider();
+    let cluster = shared().await;
+    cluster.namespace(TEST).await;
+    cluster.service_account(TEST, "web").await;
+    let dir = tempfile::tempdir().unwrap();
+    let root = TestCa::root("multi-process root", KeyAlg::EcdsaP256);
+    let ca = dir.path().join("ca");
+    std::fs::create_dir_all(&ca).unwrap();
+    for name in ["ca-cert.pem", "cert-chain.pem", "root-cert.pem"] {
+        std::fs::write(ca.join(name), root.cert_pem()).unwrap();
+    }
+    std::fs::write(ca.join("ca-key.pem"), root.key_pem()).unwrap();
+    let pem = root.cert_pem();
+
+    let mut a = Replica::start(cluster, dir.path());
+    assert!(
+        eventually(WAIT, || a.is_leader()).await,
+        "the first replica never led"
+    );
+    let b = Replica::start(cluster, dir.path());
+    let a_identity = a.bundle().await["leader"]["identity"].clone();
+    let following = eventually(WAIT, || async {
+        let view = b.bundle().await;
+        view["leader"]["is_leader"] == false && view["leader"]["holder"] == a_identity
+    })
+    .await;
+    assert!(following, "{:#}", b.bundle().await);
+    managed_namespace(cluster, "mp-one").await;
+    assert!(eventually(WAIT, || has_bundle(cluster, "mp-one", &pem)).await);
+
+    // Load on B for the whole test: every call must succeed, whoever leads.
+    let token = cluster.token(TEST, "web", &["istio-ca"], 3600, None).await;
+    let (target, stop, answered) = (
+        b.target(dir.path()),
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicUsize::new(0)),
+    );
+    let load = {
+        let (stop, answered) = (stop.clone(), answered.clone());
+        tokio::spawn(async move {
+            let identity = format!("spiffe://cluster.local/ns/{TEST}/sa/web");
+            while !stop.load(Ordering::Acquire) {
+                request_certificate(&target, Some(&token), &identity)
+                    .await
+                    .expect("signing paused during a leader change");
+                answered.fetch_add(1, Ordering::Relaxed);
+            }
+        })
+    };
+
+    // SIGTERM: A drains, releases the Lease and exits 0; B takes over at its next try.
+    a.signal("TERM");
+    let status = a.child.wait().unwrap();
+    assert_eq!(status.code(), Some(0));
+    assert!(
+        eventually(Duration::from_secs(3), || b.is_leader()).await,
+        "B did not take the released Lease"
+    );
+    managed_namespace(cluster, "mp-two").await;
+    assert!(eventually(WAIT, || has_bundle(cluster, "mp-two", &pem)).await);
+
+    // SIGKILL: C only gets the Lease once B's expires, then keeps the bundle.
+    let c = Replica::start(cluster, dir.path());
+    stop.store(true, Ordering::Release);
+    load.await.unwrap();
+    assert!(answered.load(Ordering::Relaxed) > 0);
+    b.signal("KILL");
+    assert!(
+        eventually(WAIT, || c.is_leader()).await,
+        "C never took over"
+    );
+    managed_namespace(cluster, "mp-three").await;
+    assert!(eventually(WAIT, || has_bundle(cluster, "mp-three", &pem)).await);
+    let identity = format!("spiffe://cluster.local/ns/{TEST}/sa/web");
+    let token = cluster.token(TEST, "web", &["istio-ca"], 3600, None).await;
+    request_certificate(&c.target(dir.path()), Some(&token), &identity)
+        .await
+        .unwrap();
+}
