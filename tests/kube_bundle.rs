@@ -665,3 +665,62 @@ async fn a_duplicate_cluster_id_is_ignored_until_its_first_owner_goes() {
     .await;
     assert!(synced, "{:#}", server.debug_bundle().await);
 }
+
+#[tokio::test]
+async fn a_changed_kubeconfig_takes_over_and_a_broken_change_keeps_the_old_one() {
+    let test = "change";
+    let all = clusters().await;
+    let server = BundleServer::start(test).await;
+    let pem = server.pem();
+    let good = kubeconfig_of(&all[1]);
+    server.add_remote("remote-1", &good).await;
+    managed_namespace(&all[1], test, "change-a").await;
+    expect_bundle(&all[1], "change-a", &pem).await;
+    let namespace_lists = || async {
+        server
+            .metric(
+                "istio_csr_kube_api_requests_total",
+                &[
+                    ("code", "200"),
+                    ("resource", "namespaces"),
+                    ("verb", "list"),
+                ],
+            )
+            .await
+    };
+    let put = |kubeconfig: Vec<u8>| async move {
+        let secret =
+            serde_json::json!({"stringData": {"remote-1": String::from_utf8_lossy(&kubeconfig)}});
+        Api::<Secret>::namespaced(clusters().await[0].client().await, test)
+            .patch(
+                "istio-remote-secret-remote-1",
+                &PatchParams::default(),
+                &Patch::Merge(&secret),
+            )
+            .await
+            .unwrap();
+    };
+
+    // A changed (still valid) kubeconfig: a new client lists the namespaces, then serves.
+    let lists_before = namespace_lists().await;
+    let mut changed = good.clone();
+    changed.extend_from_slice(b"# rotated\n");
+    put(changed).await;
+    let relisted = eventually(WAIT, || async { namespace_lists().await > lists_before }).await;
+    assert!(relisted, "the changed kubeconfig was not used");
+    managed_namespace(&all[1], test, "change-b").await;
+    expect_bundle(&all[1], "change-b", &pem).await;
+
+    // A broken change: reported, and the working client keeps the cluster served.
+    put(b"not: [a kubeconfig".to_vec()).await;
+    let reported = eventually(WAIT, || async {
+        server
+            .cluster_report("remote-1")
+            .await
+            .is_some_and(|c| c["state"] == "error")
+    })
+    .await;
+    assert!(reported, "{:#}", server.debug_bundle().await);
+    managed_namespace(&all[1], test, "change-c").await;
+    expect_bundle(&all[1], "change-c", &pem).await;
+}

@@ -49,9 +49,19 @@ pub struct BundleCounts {
 }
 
 /// A live view of a running reconciler, for the admin API.
-#[derive(Default)]
 pub struct BundleView {
     live: Mutex<Option<Live>>,
+    /// Counts runs whose caches have synced: what a new kubeconfig's run is awaited on.
+    syncs: watch::Sender<u64>,
+}
+
+impl Default for BundleView {
+    fn default() -> Self {
+        Self {
+            live: Mutex::new(None),
+            syncs: watch::Sender::new(0),
+        }
+    }
 }
 
 struct Live {
@@ -64,6 +74,11 @@ struct Live {
 }
 
 impl BundleView {
+    /// Changes each time a run's caches have synced.
+    pub fn syncs(&self) -> watch::Receiver<u64> {
+        self.syncs.subscribe()
+    }
+
     /// `None` while no reconciler runs here (not the leader).
     pub fn counts(&self) -> Option<BundleCounts> {
         let live = self.live.lock().ok()?;
@@ -184,6 +199,7 @@ pub async fn run(
             config_maps.wait_until_ready()
         )?;
         synced.store(true, Ordering::Release);
+        view.syncs.send_modify(|n| *n += 1);
         tracing::info!(%cluster, namespaces = namespaces.len(), "trust bundle caches synced; reconciling every namespace");
         let enqueue_all = || {
             for namespace in namespaces.state() {

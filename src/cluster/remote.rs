@@ -3,8 +3,8 @@
 //! review tokens); the bundle work inside each cluster runs only on the leader.
 //!
 //! An unchanged kubeconfig (same SHA-256) rebuilds nothing. A changed one is built beside the
-//! old one and replaces it only once its API server answers; a broken one is reported and the
-//! old one (if any) keeps working. A removed key or Secret stops that cluster. Each cluster
+//! old one and replaces it only once its API server answers and, on the leader, its watches
+//! have synced; a broken one is reported and the old one (if any) keeps working. A removed key or Secret stops that cluster. Each cluster
 //! runs in its own task, so a slow or broken one never holds up the others.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -30,6 +30,8 @@ pub const SECRET_LABEL: &str = "istio/multiCluster=true";
 /// How long a new API server may take to answer before it counts as unreachable (and is tried
 /// again with backoff).
 const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a changed kubeconfig's watches may take to sync before it takes over anyway.
+const SYNC_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// What every cluster runs: the leader-only trust-bundle reconciler.
 #[derive(Clone)]
@@ -265,6 +267,25 @@ impl RemoteSecrets {
                 tracing::warn!(cluster = %id, retry_in = ?delay, "remote cluster API server not answering");
                 tokio::time::sleep(delay).await;
             }
+            // The new client's bundle work starts beside the old one's. On the leader, it takes
+            // over once its watches have synced (bounded, so a cluster whose watches never
+            // sync is still switched to the kubeconfig its Secret now holds).
+            let mut syncs = status.bundle.syncs();
+            syncs.mark_unchanged();
+            let leading = work.leadership.borrow().is_leader;
+            let mut bundle_work = AbortOnDropHandle::new(tokio::spawn(work.run(
+                id.clone(),
+                client.clone(),
+                status.bundle.clone(),
+            )));
+            if previous.is_some()
+                && leading
+                && tokio::time::timeout(SYNC_TIMEOUT, syncs.changed())
+                    .await
+                    .is_err()
+            {
+                tracing::warn!(cluster = %id, "the new kubeconfig's watches did not sync in time; switching anyway");
+            }
             registry.register(Arc::new(RemoteCluster {
                 id: id.clone(),
                 generation,
@@ -280,10 +301,13 @@ impl RemoteSecrets {
             status.set_connected();
             drop(previous);
             tracing::info!(cluster = %id, "remote cluster connected");
-            if let Err(error) = work.run(id.clone(), client, status.bundle.clone()).await {
-                tracing::error!(cluster = %id, error = %format!("{error:#}"), "remote cluster work stopped");
-                status.set_error(format!("{error:#}"));
-            }
+            let ended = match (&mut bundle_work).await {
+                Ok(Ok(())) => "ended".to_owned(),
+                Ok(Err(error)) => format!("{error:#}"),
+                Err(error) => error.to_string(),
+            };
+            tracing::error!(cluster = %id, error = %ended, "remote cluster work stopped");
+            status.set_error(ended);
         }
     }
 }
