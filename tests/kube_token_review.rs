@@ -199,3 +199,116 @@ async fn a_cached_review_makes_no_second_tokenreview() {
     }
     assert_eq!(reviews().await, 1.0, "cache hits must not call TokenReview");
 }
+
+/// ztunnel on `node-1` asks for the certificates of the pods on its node.
+#[tokio::test]
+async fn ztunnel_gets_identities_of_pods_on_its_node_only() {
+    let cluster = shared().await;
+    for namespace in ["imp-system", "imp-app"] {
+        cluster.namespace(namespace).await;
+    }
+    cluster.service_account("imp-system", "ztunnel").await;
+    cluster.service_account("imp-system", "intruder").await;
+    for sa in ["web", "db", "batch"] {
+        cluster.service_account("imp-app", sa).await;
+    }
+    let ztunnel_pod = cluster
+        .pod("imp-system", "ztunnel-1", "ztunnel", "node-1")
+        .await;
+    let intruder_pod = cluster
+        .pod("imp-system", "intruder-1", "intruder", "node-1")
+        .await;
+    cluster.pod("imp-app", "web-1", "web", "node-1").await;
+    cluster.pod("imp-app", "db-1", "db", "node-2").await;
+    cluster.pod("imp-app", "batch-1", "batch", "node-1").await;
+    // batch-1 has failed: it no longer counts as running there.
+    ::kube::Api::<k8s_openapi::api::core::v1::Pod>::namespaced(cluster.client().await, "imp-app")
+        .patch_status(
+            "batch-1",
+            &::kube::api::PatchParams::default(),
+            &::kube::api::Patch::Merge(&serde_json::json!({"status": {"phase": "Failed"}})),
+        )
+        .await
+        .unwrap();
+    let signer = signer(
+        cluster,
+        &["--ca-trusted-node-accounts", "imp-system/ztunnel"],
+    )
+    .await;
+    let ztunnel = cluster
+        .token(
+            "imp-system",
+            "ztunnel",
+            &["istio-ca"],
+            3600,
+            Some(&ztunnel_pod),
+        )
+        .await;
+    let unbound = cluster
+        .token("imp-system", "ztunnel", &["istio-ca"], 3600, None)
+        .await;
+    let intruder = cluster
+        .token(
+            "imp-system",
+            "intruder",
+            &["istio-ca"],
+            3600,
+            Some(&intruder_pod),
+        )
+        .await;
+
+    let impersonate = |token: String, identity: &'static str| {
+        let target = signer.target();
+        async move {
+            let (csr, _) = p256_csr(identity);
+            let request = target
+                .request(
+                    Some(&token),
+                    istio_csr_rs::proto::istio_v1_auth::IstioCertificateRequest {
+                        csr,
+                        validity_duration: 3600,
+                        metadata: Some(istio_csr_rs::client::metadata(None, Some(identity))),
+                    },
+                )
+                .unwrap();
+            let mut client = target.connect().await.unwrap();
+            client
+                .create_certificate(request)
+                .await
+                .map(|r| r.into_inner().cert_chain)
+        }
+    };
+    let web = "spiffe://cluster.local/ns/imp-app/sa/web";
+    let chain = impersonate(ztunnel.clone(), web)
+        .await
+        .expect("a pod of web is on node-1");
+    assert_eq!(leaf_identity(&chain).0, vec![web]);
+
+    for (token, identity, why) in [
+        (
+            ztunnel.clone(),
+            "spiffe://cluster.local/ns/imp-app/sa/db",
+            "db runs on node-2 only",
+        ),
+        (
+            ztunnel.clone(),
+            "spiffe://cluster.local/ns/imp-app/sa/batch",
+            "batch's pod has failed",
+        ),
+        (
+            ztunnel.clone(),
+            "spiffe://cluster.local/ns/imp-app/sa/nobody",
+            "no such pods",
+        ),
+        (
+            ztunnel.clone(),
+            "spiffe://other.domain/ns/imp-app/sa/web",
+            "another trust domain",
+        ),
+        (unbound, web, "the token is bound to no pod"),
+        (intruder, web, "not a trusted node account"),
+    ] {
+        let status = impersonate(token, identity).await.unwrap_err();
+        assert_eq!(status.code(), Code::PermissionDenied, "{why}");
+    }
+}

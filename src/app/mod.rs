@@ -28,6 +28,7 @@ use crate::pki::chain::RootBundle;
 use crate::proto::istio_v1_auth::istio_certificate_service_server::IstioCertificateServiceServer;
 use crate::signer::authn::Authenticator;
 use crate::signer::authn::client_cert::ClientCertAuthenticator;
+use crate::signer::authn::node::KubeNodeAuthorizer;
 use crate::signer::authn::static_tokens::StaticTokens;
 use crate::signer::authn::token_review::{TokenReviewMetrics, TokenReviewer};
 use crate::signer::issuer::Issuer;
@@ -590,6 +591,7 @@ impl Starting {
                 max_lifetime: args.server.max_client_certificate_duration,
                 trusted_node_accounts: args.server.ca_trusted_node_accounts.clone(),
                 max_inflight: args.server.max_inflight,
+                trust_domain: args.server.trust_domain.clone(),
             },
             self.signer_metrics.clone(),
             self.clusters.clone(),
@@ -597,6 +599,12 @@ impl Starting {
             self.issuer.clone(),
             roots,
         );
+        let service = match &self.kube {
+            Some(client) => {
+                service.with_node_authorizer(Arc::new(KubeNodeAuthorizer::new(client.clone())))
+            }
+            None => service,
+        };
         let tls_config = Arc::new(tls::server_config(self.resolver.clone(), client_verifier)?);
         let listener = TcpListener::bind(self.plan.serving_address)
             .await

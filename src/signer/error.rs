@@ -26,6 +26,8 @@ pub enum SignError {
     },
     #[error("impersonation refused: {0}")]
     Impersonation(String),
+    #[error("impersonation not checked: {0}")]
+    NodeCheckUnavailable(String),
     #[error("issuer: {0}")]
     Issue(#[from] IssueError),
     #[error("issued chain rejected: {0}")]
@@ -37,7 +39,9 @@ pub enum SignError {
 impl SignError {
     pub fn code(&self) -> Code {
         match self {
-            SignError::Authn(AuthnError::Unavailable(_)) => Code::Unavailable,
+            SignError::Authn(AuthnError::Unavailable(_)) | SignError::NodeCheckUnavailable(_) => {
+                Code::Unavailable
+            }
             SignError::Authn(_) => Code::Unauthenticated,
             SignError::InvalidRequest(_) | SignError::Csr(_) => Code::InvalidArgument,
             SignError::IdentityMismatch { .. } | SignError::Impersonation(_) => {
@@ -100,6 +104,10 @@ mod tests {
                 Code::PermissionDenied,
             ),
             (SignError::Impersonation("x".into()), Code::PermissionDenied),
+            (
+                SignError::NodeCheckUnavailable("x".into()),
+                Code::Unavailable,
+            ),
             (IssueError::NotReady("x".into()).into(), Code::Unavailable),
             (
                 IssueError::Unavailable("x".into()).into(),

@@ -8,12 +8,13 @@ use rustls_pki_types::UnixTime;
 use tokio::sync::{Semaphore, watch};
 use tonic::{Code, Request, Response, Status};
 
+use super::authn::node::{NodeAuthorizer, NodeCheckError};
 use super::authn::{self, Authenticator, Caller, Credentials};
 use super::error::{SignError, to_status};
 use super::issuer::{IssueRequest, Issued, Issuer};
 use super::listener::ConnInfo;
 use super::metrics::SignerMetrics;
-use crate::cluster::ClusterRegistry;
+use crate::cluster::{ClusterRegistry, ClusterTarget};
 use crate::pki::chain::{self, Expected, RootBundle};
 use crate::pki::csr;
 use crate::pki::identity::SpiffeId;
@@ -30,6 +31,8 @@ pub struct Settings {
     /// `namespace/name` of service accounts allowed to impersonate (ztunnel).
     pub trusted_node_accounts: Vec<String>,
     pub max_inflight: usize,
+    /// Impersonated identities must be of this trust domain.
+    pub trust_domain: String,
 }
 
 pub struct CaService {
@@ -40,6 +43,7 @@ pub struct CaService {
     issuer: Arc<dyn Issuer>,
     roots: watch::Receiver<Arc<RootBundle>>,
     inflight: Arc<Semaphore>,
+    node_authorizer: Option<Arc<dyn NodeAuthorizer>>,
 }
 
 impl CaService {
@@ -60,6 +64,7 @@ impl CaService {
             issuer,
             roots,
             inflight,
+            node_authorizer: None,
         }
     }
 
@@ -98,7 +103,7 @@ impl CaService {
         let body = request.get_ref();
         let options = RequestOptions::from_metadata(body.metadata.as_ref())?;
         let allowed = match options.impersonated_identity {
-            Some(identity) => vec![self.check_impersonation(caller, identity)?],
+            Some(identity) => vec![self.check_impersonation(&cluster, caller, identity).await?],
             None => caller.identities.clone(),
         };
 
@@ -145,10 +150,15 @@ impl CaService {
         })
     }
 
-    /// protocol.md "Impersonation": the caller must be a trusted node account and the identity
-    /// well-formed. The pod-on-node check needs the Kubernetes API, so without it every
-    /// impersonation is refused.
-    fn check_impersonation(&self, caller: &Caller, identity: &str) -> Result<String, SignError> {
+    /// protocol.md "Impersonation": the caller must be a trusted node account, the identity
+    /// well-formed and of our trust domain, and a pod of it must run on the caller's node.
+    /// That last check needs the Kubernetes API: without it every impersonation is refused.
+    async fn check_impersonation(
+        &self,
+        cluster: &ClusterTarget,
+        caller: &Caller,
+        identity: &str,
+    ) -> Result<String, SignError> {
         let account = caller
             .service_account
             .as_ref()
@@ -162,9 +172,28 @@ impl CaService {
         let identity: SpiffeId = identity
             .parse()
             .map_err(|e| SignError::Impersonation(format!("requested identity: {e}")))?;
-        Err(SignError::Impersonation(format!(
-            "cannot verify that {identity} runs on the caller's node without Kubernetes"
-        )))
+        if identity.trust_domain() != self.settings.trust_domain {
+            return Err(SignError::Impersonation(format!(
+                "{identity} is not of trust domain {}",
+                self.settings.trust_domain
+            )));
+        }
+        let Some(nodes) = &self.node_authorizer else {
+            return Err(SignError::Impersonation(format!(
+                "cannot verify that {identity} runs on the caller's node without Kubernetes"
+            )));
+        };
+        match nodes.authorize(cluster, caller, &identity).await {
+            Ok(()) => Ok(identity.to_string()),
+            Err(NodeCheckError::Refused(why)) => Err(SignError::Impersonation(why)),
+            Err(NodeCheckError::Unavailable(why)) => Err(SignError::NodeCheckUnavailable(why)),
+        }
+    }
+
+    /// Enables impersonation (ztunnel) through `authorizer`'s pod-on-node check.
+    pub fn with_node_authorizer(mut self, authorizer: Arc<dyn NodeAuthorizer>) -> Self {
+        self.node_authorizer = Some(authorizer);
+        self
     }
 }
 
