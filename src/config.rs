@@ -110,9 +110,19 @@ pub struct ServerArgs {
     #[arg(long, env = "ISTIO_CSR_TRUST_DOMAIN", default_value = "cluster.local")]
     pub trust_domain: String,
 
-    /// ID of the local cluster: the `clusterid` request header must be empty or equal to it.
+    /// ID of the local cluster: a `clusterid` request header that is empty, equal to it or to
+    /// one of --cluster-id-aliases means the local cluster; others name remote clusters.
     #[arg(long, env = "ISTIO_CSR_CLUSTER_ID", default_value = "Kubernetes")]
     pub cluster_id: String,
+
+    /// Other names of the local cluster (e.g. its ID before a rename), comma-separated.
+    #[arg(
+        long,
+        env = "ISTIO_CSR_CLUSTER_ID_ALIASES",
+        value_delimiter = ',',
+        num_args = 1..
+    )]
+    pub cluster_id_aliases: Vec<String>,
 
     /// Longest certificate lifetime handed out; longer requests are shortened to it.
     #[arg(long, env = "ISTIO_CSR_MAX_CLIENT_CERTIFICATE_DURATION", default_value = "1h",

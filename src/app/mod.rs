@@ -221,7 +221,10 @@ pub async fn launch(args: ServeArgs, hooks: Hooks) -> anyhow::Result<Launched> {
         }
     };
     let signer = build_signer(&plan, &args, kube.as_ref(), pinned, &liveness, &mut tasks)?;
-    let clusters = ClusterRegistry::new(args.server.cluster_id.clone());
+    let clusters = ClusterRegistry::with_aliases(
+        args.server.cluster_id.clone(),
+        args.server.cluster_id_aliases.clone(),
+    );
     let stop = CancellationToken::new();
     // Every replica competes for the Lease; only the leader writes trust bundles.
     let leader = match &kube {

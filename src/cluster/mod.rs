@@ -160,6 +160,7 @@ impl ClusterStatus {
 
 struct Inner {
     local_id: String,
+    local_aliases: Vec<String>,
     local: Arc<ClusterStatus>,
     remotes: ArcSwap<BTreeMap<String, Arc<RemoteCluster>>>,
     /// Every remote cluster named by a Secret, usable or not.
@@ -173,11 +174,17 @@ pub struct ClusterRegistry {
 
 impl ClusterRegistry {
     pub fn new(local_id: impl Into<String>) -> Self {
+        Self::with_aliases(local_id, Vec::new())
+    }
+
+    /// The local cluster also answers to `aliases` (in the `clusterid` header only).
+    pub fn with_aliases(local_id: impl Into<String>, aliases: Vec<String>) -> Self {
         let local_id = local_id.into();
         Self {
             inner: Arc::new(Inner {
                 local: ClusterStatus::new(&local_id, false),
                 local_id,
+                local_aliases: aliases,
                 remotes: ArcSwap::from_pointee(BTreeMap::new()),
                 statuses: Mutex::new(BTreeMap::new()),
             }),
@@ -188,6 +195,11 @@ impl ClusterRegistry {
         &self.inner.local_id
     }
 
+    /// The local cluster's ID or one of its aliases.
+    pub fn is_local(&self, id: &str) -> bool {
+        id == self.inner.local_id || self.inner.local_aliases.iter().any(|a| a == id)
+    }
+
     pub fn local_status(&self) -> Arc<ClusterStatus> {
         self.inner.local.clone()
     }
@@ -195,7 +207,7 @@ impl ClusterRegistry {
     /// Resolves the `clusterid` request header: empty or the local ID means the local cluster;
     /// a registered remote means its API server; anything else is unknown.
     pub fn resolve(&self, cluster_id: &str) -> Result<ClusterTarget, UnknownCluster> {
-        if cluster_id.is_empty() || cluster_id == self.inner.local_id {
+        if cluster_id.is_empty() || self.is_local(cluster_id) {
             return Ok(ClusterTarget::Local);
         }
         match self.inner.remotes.load().get(cluster_id) {
@@ -274,6 +286,15 @@ mod tests {
             registry.resolve("remote-1"),
             Err(UnknownCluster("remote-1".into()))
         );
+    }
+
+    #[test]
+    fn aliases_of_the_local_cluster_resolve_locally() {
+        let registry = ClusterRegistry::with_aliases("primary", vec!["Kubernetes".into()]);
+        assert_eq!(registry.resolve("Kubernetes"), Ok(ClusterTarget::Local));
+        assert_eq!(registry.resolve("primary"), Ok(ClusterTarget::Local));
+        assert!(registry.resolve("other").is_err());
+        assert!(registry.is_local("Kubernetes") && !registry.is_local("other"));
     }
 
     #[test]

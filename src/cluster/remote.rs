@@ -137,7 +137,7 @@ impl RemoteSecrets {
         let name = secret.name_any();
         let data = secret.data.clone().unwrap_or_default();
         for (id, kubeconfig) in &data {
-            if id == self.registry.local_id() {
+            if self.registry.is_local(id) {
                 if report {
                     tracing::warn!(secret = %name, cluster = %id, "a remote Secret names the local cluster; ignored");
                 }
@@ -195,7 +195,7 @@ impl RemoteSecrets {
         for secret in secrets.values() {
             let claims_free_id = secret.data.as_ref().is_some_and(|data| {
                 data.keys()
-                    .any(|id| id != self.registry.local_id() && !clusters.contains_key(id))
+                    .any(|id| !self.registry.is_local(id) && !clusters.contains_key(id))
             });
             if claims_free_id {
                 self.apply(clusters, secret, false);
