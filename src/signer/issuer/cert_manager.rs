@@ -2,7 +2,7 @@
 //! of CertificateRequests in the namespace (waiters register by name; no watch or poll per
 //! request, no fixed sleep), deleted after every outcome unless asked to preserve them.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -10,22 +10,18 @@ use arc_swap::ArcSwapOption;
 use async_trait::async_trait;
 use base64::Engine;
 use futures_util::StreamExt;
-use kube::api::{Api, DeleteParams, ObjectMeta, PostParams};
+use kube::api::{Api, ObjectMeta, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{CustomResource, ResourceExt};
 use serde::{Deserialize, Serialize};
-use tokio::sync::{Notify, oneshot, watch};
+use tokio::sync::{Notify, watch};
 
+use super::requests::{Cleanup, Waiters, request_name};
 use super::{IssueError, IssueRequest, Issued, Issuer};
 use crate::pki::pem;
 
 /// The annotation istio-csr puts on its CertificateRequests: the identities asked for.
 pub const IDENTITIES_ANNOTATION: &str = "istio.cert-manager.io/identities";
-/// The prefix of every request name (istio-csr's generateName).
-const GENERATE_NAME: &str = "istio-csr-";
-/// Terminal states seen before their waiter registered (the watch can beat `create` back);
-/// bounded so that requests created by others cannot grow it forever.
-const MAX_EARLY_OUTCOMES: usize = 4096;
 
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[kube(
@@ -123,39 +119,6 @@ pub fn outcome_of(status: Option<&CertificateRequestStatus>) -> Option<Outcome> 
     }
 }
 
-/// Waiters by CertificateRequest name, fed by the one shared watch.
-#[derive(Default)]
-struct Waiters {
-    waiting: HashMap<String, oneshot::Sender<Outcome>>,
-    early: HashMap<String, Outcome>,
-}
-
-impl Waiters {
-    fn deliver(&mut self, name: &str, outcome: Outcome) {
-        if let Some(tx) = self.waiting.remove(name) {
-            let _ = tx.send(outcome);
-        } else if name.starts_with(GENERATE_NAME) {
-            if self.early.len() >= MAX_EARLY_OUTCOMES {
-                self.early.clear();
-            }
-            self.early.insert(name.to_owned(), outcome);
-        }
-    }
-
-    fn register(&mut self, name: &str) -> oneshot::Receiver<Outcome> {
-        let (tx, rx) = oneshot::channel();
-        match self.early.remove(name) {
-            Some(outcome) => {
-                let _ = tx.send(outcome);
-            }
-            None => {
-                self.waiting.insert(name.to_owned(), tx);
-            }
-        }
-        rx
-    }
-}
-
 /// Where and how CertificateRequests are made.
 #[derive(Clone, Debug)]
 pub struct Settings {
@@ -172,7 +135,7 @@ pub struct CertManagerIssuer {
     /// The issuer in force: the static one, or the runtime ConfigMap's (None while it has
     /// none). Read once per request, so a switch never affects requests already waiting.
     issuer_ref: ArcSwapOption<IssuerRef>,
-    waiters: Arc<Mutex<Waiters>>,
+    waiters: Arc<Mutex<Waiters<Outcome>>>,
     synced: watch::Receiver<bool>,
     /// Woken when the watch syncs or the issuer in force changes: what `wait_ready` waits on.
     ready_changed: Arc<Notify>,
@@ -308,24 +271,10 @@ pub fn issuer_from_config_map(
     })
 }
 
-/// `istio-csr-` and 16 random base-36 characters: a collision would need ~10^12 requests alive.
-fn request_name() -> String {
-    const ALPHABET: &[u8; 36] = b"abcdefghijklmnopqrstuvwxyz0123456789";
-    let mut bytes = [0u8; 16];
-    // A failing system RNG would also fail every signature; a fixed suffix then only risks a
-    // 409, reported as Unavailable.
-    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes);
-    let suffix: String = bytes
-        .iter()
-        .map(|b| char::from(ALPHABET[usize::from(*b) % ALPHABET.len()]))
-        .collect();
-    format!("{GENERATE_NAME}{suffix}")
-}
-
 /// The shared watch: every CertificateRequest event in the namespace, dispatched to waiters.
 async fn run_watch(
     api: Api<CertificateRequest>,
-    waiters: Arc<Mutex<Waiters>>,
+    waiters: Arc<Mutex<Waiters<Outcome>>>,
     synced: watch::Sender<bool>,
     ready_changed: Arc<Notify>,
 ) -> anyhow::Result<()> {
@@ -356,35 +305,6 @@ async fn run_watch(
         }
     }
     anyhow::bail!("CertificateRequest watch ended")
-}
-
-/// Deletes the request when dropped, whatever ended the wait (outcome, timeout, or the caller
-/// going away), so none is left behind.
-struct Cleanup {
-    api: Api<CertificateRequest>,
-    name: String,
-    preserve: bool,
-}
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        if self.preserve {
-            return;
-        }
-        let (api, name) = (self.api.clone(), std::mem::take(&mut self.name));
-        tokio::spawn(async move {
-            for attempt in 0..3u32 {
-                match api.delete(&name, &DeleteParams::background()).await {
-                    Ok(_) => return,
-                    Err(kube::Error::Api(e)) if e.code == 404 => return,
-                    Err(error) => {
-                        tracing::warn!(%error, name, attempt, "CertificateRequest not deleted yet");
-                        tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
-                    }
-                }
-            }
-        });
-    }
 }
 
 #[async_trait]
@@ -455,7 +375,7 @@ impl CertManagerIssuer {
         if outcome.is_err()
             && let Ok(mut waiters) = self.waiters.lock()
         {
-            waiters.waiting.remove(&name);
+            waiters.forget(&name);
         }
         match outcome {
             Err(_) => Err(IssueError::Timeout),
@@ -559,16 +479,5 @@ mod tests {
         );
         assert!(issuer_from_config_map(Some(&data(&[("issuer-name", "")])), &defaults).is_err());
         assert!(issuer_from_config_map(None, &defaults).is_err());
-    }
-
-    #[test]
-    fn an_outcome_seen_before_its_waiter_is_kept_for_it() {
-        let mut waiters = Waiters::default();
-        waiters.deliver("istio-csr-abc", Outcome::Deleted);
-        let mut rx = waiters.register("istio-csr-abc");
-        assert_eq!(rx.try_recv().unwrap(), Outcome::Deleted);
-        // Requests of others are not kept.
-        waiters.deliver("someone-else", Outcome::Deleted);
-        assert!(waiters.early.is_empty());
     }
 }

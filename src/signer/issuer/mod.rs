@@ -2,6 +2,7 @@
 
 pub mod cert_manager;
 pub mod local_ca;
+pub mod requests;
 
 use std::time::Duration;
 
