@@ -250,6 +250,22 @@ pub struct IssuanceArgs {
     #[arg(long, env = "ISTIO_CSR_RUNTIME_ISSUANCE_CONFIG_MAP_NAMESPACE")]
     pub runtime_issuance_config_map_namespace: Option<String>,
 
+    /// `spec.signerName` of the CertificateSigningRequests of --signer kube-csr (e.g.
+    /// `example.com/istio`); a signer for it must run in the cluster.
+    #[arg(long, env = "ISTIO_CSR_KUBE_CSR_SIGNER_NAME")]
+    pub kube_csr_signer_name: Option<String>,
+
+    /// With --signer kube-csr: pilot-agent's `CertSigner: X` metadata asks for signer
+    /// `<domain>/X` (istiod's CERT_SIGNER_DOMAIN); without it, every request uses
+    /// --kube-csr-signer-name.
+    #[arg(long, env = "ISTIO_CSR_CERT_SIGNER_DOMAIN")]
+    pub cert_signer_domain: Option<String>,
+
+    /// With --signer kube-csr: leave approval to an external approver instead of approving our
+    /// own (authenticated and checked) requests.
+    #[arg(long, env = "ISTIO_CSR_KUBE_CSR_EXTERNAL_APPROVAL")]
+    pub kube_csr_external_approval: bool,
+
     /// How long a CertificateRequest may take to be answered (then DeadlineExceeded).
     #[arg(long, env = "ISTIO_CSR_ISSUANCE_TIMEOUT", default_value = "30s",
           value_parser = humantime::parse_duration)]

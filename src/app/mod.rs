@@ -33,6 +33,7 @@ use crate::signer::authn::static_tokens::StaticTokens;
 use crate::signer::authn::token_review::{TokenReviewMetrics, TokenReviewer};
 use crate::signer::issuer::Issuer;
 use crate::signer::issuer::cert_manager::CertManagerIssuer;
+use crate::signer::issuer::kube_csr::KubeCsrIssuer;
 use crate::signer::issuer::local_ca::LocalCa;
 use crate::signer::listener;
 use crate::signer::metrics::SignerMetrics;
@@ -392,6 +393,20 @@ fn build_signer(
                 issuer: issuer.clone(),
                 serving_source: ServingSource::CertManager(issuer.clone()),
                 cert_manager: Some(issuer),
+                roots: pinned,
+            })
+        }
+        SignerPlan::KubeCsr(settings) => {
+            let client = kube.cloned().context(
+                "--signer kube-csr needs a Kubernetes configuration (--kubeconfig, KUBECONFIG \
+                 or in-cluster)",
+            )?;
+            let (issuer, watch) = KubeCsrIssuer::new(client, settings.clone());
+            tasks.push(liveness.spawn("certificate-signing-request-watch", watch));
+            Ok(SignerParts {
+                issuer: issuer.clone(),
+                serving_source: ServingSource::KubeCsr(issuer),
+                cert_manager: None,
                 roots: pinned,
             })
         }

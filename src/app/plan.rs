@@ -12,7 +12,7 @@ use crate::config::{IssuanceArgs, ServeArgs};
 use crate::leader::Timing;
 use crate::pki::identity;
 use crate::signer::Signer;
-use crate::signer::issuer::cert_manager;
+use crate::signer::issuer::{cert_manager, kube_csr};
 use crate::standalone::DataDir;
 
 /// Certificate lifetimes accepted in flags: below a minute renewals would never rest; beyond
@@ -29,6 +29,7 @@ const DEFAULT_SERVING_DNS_NAME: &str = "cert-manager-istio-csr.cert-manager.svc"
 pub(super) enum SignerPlan {
     LocalCa(PathBuf),
     CertManager(cert_manager::Settings),
+    KubeCsr(kube_csr::Settings),
 }
 
 /// The effective configuration, after standalone defaults are applied.
@@ -152,9 +153,7 @@ impl Plan {
                     .context("--signer local-ca needs --local-ca-dir")?,
             ),
             Signer::CertManager => SignerPlan::CertManager(cert_manager_settings(&args.issuance)?),
-            Signer::KubeCsr => bail!(
-                "--signer kube-csr is not available yet; use --signer cert-manager or local-ca"
-            ),
+            Signer::KubeCsr => SignerPlan::KubeCsr(kube_csr_settings(&args.issuance)?),
         };
         if serving_names.is_empty() {
             serving_names = vec![DEFAULT_SERVING_DNS_NAME.into()];
@@ -170,6 +169,37 @@ impl Plan {
             leader_timing,
         })
     }
+}
+
+fn kube_csr_settings(args: &IssuanceArgs) -> anyhow::Result<kube_csr::Settings> {
+    let signer_name = args
+        .kube_csr_signer_name
+        .clone()
+        .context("--signer kube-csr needs --kube-csr-signer-name")?;
+    let qualified = |name: &str| {
+        name.split_once('/').is_some_and(|(domain, path)| {
+            identity::is_dns1123_subdomain(domain) && !path.is_empty() && !path.contains('/')
+        })
+    };
+    if !qualified(&signer_name) {
+        bail!("--kube-csr-signer-name: {signer_name:?} is not <domain>/<name>");
+    }
+    if let Some(domain) = &args.cert_signer_domain
+        && !identity::is_dns1123_subdomain(domain)
+    {
+        bail!("--cert-signer-domain: {domain:?} is not a DNS name");
+    }
+    // The CSR API returns no CA: only the pinned roots can vouch for its answers.
+    if args.root_ca_file.is_none() {
+        bail!("--signer kube-csr needs --root-ca-file (the CSR API returns no CA to trust)");
+    }
+    Ok(kube_csr::Settings {
+        signer_name,
+        cert_signer_domain: args.cert_signer_domain.clone(),
+        approve: !args.kube_csr_external_approval,
+        timeout: args.issuance_timeout,
+        preserve_requests: args.preserve_certificate_requests,
+    })
 }
 
 fn cert_manager_settings(args: &IssuanceArgs) -> anyhow::Result<cert_manager::Settings> {

@@ -14,6 +14,7 @@ use tokio::sync::watch;
 use rustls_pki_types::UnixTime;
 
 use super::issuer::cert_manager::CertManagerIssuer;
+use super::issuer::kube_csr::KubeCsrIssuer;
 use super::issuer::local_ca::LocalCa;
 use super::tls::ServingCertResolver;
 use crate::backoff;
@@ -50,6 +51,7 @@ impl ServingNames {
 pub enum ServingSource {
     LocalCa(Arc<LocalCa>),
     CertManager(Arc<CertManagerIssuer>),
+    KubeCsr(Arc<KubeCsrIssuer>),
 }
 
 impl ServingSource {
@@ -79,16 +81,32 @@ impl ServingSource {
                 let label = names.dns.join(",");
                 let (chain_pem, ca_pem) = issuer.submit(&csr, &label, lifetime).await?;
                 let mut certs = pem::parse_certificates(chain_pem.as_bytes())?;
-                let leaf = certs.remove(0);
                 certs.extend(pem::parse_certificates(ca_pem.as_bytes()).unwrap_or_default());
-                // The same defence as for workloads: only a chain to the pinned roots is served.
-                let intermediates = chain::verify_path(&leaf, &certs, roots, UnixTime::now())?;
-                let mut out = vec![leaf];
-                out.extend(intermediates);
-                Ok(out)
+                verified_chain(certs, roots)
+            }
+            ServingSource::KubeCsr(issuer) => {
+                let csr = serving_csr(names, key)?;
+                let chain_pem = issuer
+                    .submit(&csr, &issuer.signer_for(None), lifetime)
+                    .await?;
+                verified_chain(pem::parse_certificates(chain_pem.as_bytes())?, roots)
             }
         }
     }
+}
+
+/// An external signer's answer (leaf first, then whatever came with it), as the chain to serve:
+/// the same defence as for workloads, only a path to the pinned roots is served.
+fn verified_chain(
+    mut certs: Vec<CertificateDer<'static>>,
+    roots: &RootBundle,
+) -> anyhow::Result<Vec<CertificateDer<'static>>> {
+    anyhow::ensure!(!certs.is_empty(), "the signer answered no certificate");
+    let leaf = certs.remove(0);
+    let intermediates = chain::verify_path(&leaf, &certs, roots, UnixTime::now())?;
+    let mut out = vec![leaf];
+    out.extend(intermediates);
+    Ok(out)
 }
 
 /// A CSR for the serving names: empty subject, DNS and IP SANs.

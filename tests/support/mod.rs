@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod cert_manager;
+pub mod csr_signer;
 pub mod kube;
 pub mod openmetrics;
 

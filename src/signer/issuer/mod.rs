@@ -1,6 +1,7 @@
 //! The backends that sign: the built-in CA now; cert-manager and the Kubernetes CSR API next.
 
 pub mod cert_manager;
+pub mod kube_csr;
 pub mod local_ca;
 pub mod requests;
 

@@ -1,0 +1,313 @@
+//! `--signer kube-csr`: the Kubernetes CSR API as the signer, as istiod does as a registration
+//! authority: a `certificates.k8s.io/v1` CertificateSigningRequest per CSR, approved by us
+//! (unless an external approver is trusted with that), answered by whatever signer implements
+//! its `signerName`, and deleted after every outcome. Unlike istiod we notice Denied and Failed
+//! at once instead of waiting out the timeout. The API returns no CA, so the answer is only
+//! trusted against the pinned `--root-ca-file`.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures_util::StreamExt;
+use k8s_openapi::ByteString;
+use k8s_openapi::api::certificates::v1::{
+    CertificateSigningRequest, CertificateSigningRequestSpec,
+};
+use kube::ResourceExt;
+use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::runtime::{WatchStreamExt, watcher};
+use tokio::sync::watch;
+
+use super::requests::{Cleanup, Waiters, request_name};
+use super::{IssueError, IssueRequest, Issued, Issuer};
+use crate::pki::pem;
+
+/// On our CertificateSigningRequests, so the shared watch sees only them.
+pub const REQUEST_LABEL_KEY: &str = "istio-csr-rs.io/request";
+/// The API refuses `expirationSeconds` below ten minutes.
+const MIN_EXPIRATION: Duration = Duration::from_secs(600);
+
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// `spec.signerName` of every request, unless `CertSigner` metadata picks another.
+    pub signer_name: String,
+    /// With it, pilot-agent's `CertSigner: X` asks for signer `<domain>/X`.
+    pub cert_signer_domain: Option<String>,
+    /// Approve our own requests (istiod's way). Off: an external approver decides.
+    pub approve: bool,
+    pub timeout: Duration,
+    pub preserve_requests: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// `status.certificate`: the leaf and maybe intermediates, PEM.
+    Issued(String),
+    Denied(String),
+    Failed(String),
+    Deleted,
+}
+
+/// What a CertificateSigningRequest came to, if anything yet.
+pub fn outcome_of(csr: &CertificateSigningRequest) -> Option<Outcome> {
+    let status = csr.status.as_ref()?;
+    let conditions = status.conditions.as_deref().unwrap_or_default();
+    let holds = |type_: &str| {
+        conditions
+            .iter()
+            .find(|c| c.type_ == type_ && c.status == "True")
+            .map(|c| c.message.clone().or(c.reason.clone()).unwrap_or_default())
+    };
+    if let Some(message) = holds("Denied") {
+        return Some(Outcome::Denied(message));
+    }
+    if let Some(message) = holds("Failed") {
+        return Some(Outcome::Failed(message));
+    }
+    let certificate = status.certificate.as_ref().filter(|c| !c.0.is_empty())?;
+    Some(Outcome::Issued(
+        String::from_utf8_lossy(&certificate.0).into_owned(),
+    ))
+}
+
+pub struct KubeCsrIssuer {
+    api: Api<CertificateSigningRequest>,
+    settings: Settings,
+    waiters: Arc<Mutex<Waiters<Outcome>>>,
+    synced: watch::Receiver<bool>,
+}
+
+impl KubeCsrIssuer {
+    /// The issuer and the task running its shared watch (spawn it as a critical task).
+    pub fn new(
+        client: kube::Client,
+        settings: Settings,
+    ) -> (
+        Arc<Self>,
+        impl Future<Output = anyhow::Result<()>> + Send + 'static,
+    ) {
+        let api: Api<CertificateSigningRequest> = Api::all(client);
+        let waiters = Arc::new(Mutex::new(Waiters::default()));
+        let (synced_tx, synced) = watch::channel(false);
+        let issuer = Arc::new(Self {
+            api: api.clone(),
+            settings,
+            waiters: waiters.clone(),
+            synced,
+        });
+        (issuer, run_watch(api, waiters, synced_tx))
+    }
+
+    /// The signer for a request: `<domain>/<CertSigner>` when both are given, else the default.
+    pub fn signer_for(&self, cert_signer: Option<&str>) -> String {
+        match (cert_signer, &self.settings.cert_signer_domain) {
+            (Some(signer), Some(domain)) if !signer.is_empty() => format!("{domain}/{signer}"),
+            _ => self.settings.signer_name.clone(),
+        }
+    }
+
+    /// Creates one request for `csr_pem`, approves it (when configured), waits for its answer
+    /// and deletes it: the PEM chain.
+    pub async fn submit(
+        &self,
+        csr_pem: &str,
+        signer_name: &str,
+        lifetime: Duration,
+    ) -> Result<String, IssueError> {
+        if !*self.synced.borrow() {
+            return Err(IssueError::NotReady(
+                "CertificateSigningRequest watch not synced".into(),
+            ));
+        }
+        let name = request_name();
+        let _cleanup = Cleanup {
+            api: self.api.clone(),
+            name: name.clone(),
+            preserve: self.settings.preserve_requests,
+        };
+        let request = CertificateSigningRequest {
+            metadata: ObjectMeta {
+                name: Some(name.clone()),
+                labels: Some([(REQUEST_LABEL_KEY.to_owned(), "true".to_owned())].into()),
+                ..Default::default()
+            },
+            spec: CertificateSigningRequestSpec {
+                request: ByteString(csr_pem.as_bytes().to_vec()),
+                signer_name: signer_name.to_owned(),
+                usages: Some(
+                    [
+                        "digital signature",
+                        "key encipherment",
+                        "server auth",
+                        "client auth",
+                    ]
+                    .map(String::from)
+                    .to_vec(),
+                ),
+                expiration_seconds: Some(
+                    i32::try_from(lifetime.max(MIN_EXPIRATION).as_secs()).unwrap_or(i32::MAX),
+                ),
+                ..Default::default()
+            },
+            status: None,
+        };
+        let timeout = self.settings.timeout;
+        tokio::time::timeout(timeout, self.api.create(&PostParams::default(), &request))
+            .await
+            .map_err(|_| IssueError::Timeout)?
+            .map_err(|e| match e {
+                kube::Error::Api(e) if e.code == 422 => {
+                    IssueError::Failed(format!("CertificateSigningRequest refused: {}", e.message))
+                }
+                other => IssueError::Unavailable(format!(
+                    "creating a CertificateSigningRequest: {other}"
+                )),
+            })?;
+        let answer = match self.waiters.lock() {
+            Ok(mut waiters) => waiters.register(&name),
+            Err(_) => return Err(IssueError::Internal("waiter registry poisoned".into())),
+        };
+        if self.settings.approve {
+            let approval = serde_json::json!({"status": {"conditions": [{
+                "type": "Approved",
+                "status": "True",
+                "reason": "IstioCsrRsApproved",
+                "message": "The caller was authenticated and its identities checked by istio-csr-rs.",
+            }]}});
+            let approved = tokio::time::timeout(
+                timeout,
+                self.api
+                    .patch_approval(&name, &PatchParams::default(), &Patch::Merge(&approval)),
+            )
+            .await;
+            match approved {
+                Ok(Ok(_)) => {}
+                // Denied first by someone else: the watch brings that outcome.
+                Ok(Err(kube::Error::Api(e))) if e.code == 422 || e.code == 409 => {}
+                Ok(Err(error)) => {
+                    return Err(IssueError::Unavailable(format!(
+                        "approving the CertificateSigningRequest: {error}"
+                    )));
+                }
+                Err(_) => return Err(IssueError::Timeout),
+            }
+        }
+        let outcome = tokio::time::timeout(timeout, answer).await;
+        if outcome.is_err()
+            && let Ok(mut waiters) = self.waiters.lock()
+        {
+            waiters.forget(&name);
+        }
+        match outcome {
+            Err(_) => Err(IssueError::Timeout),
+            Ok(Err(_)) => Err(IssueError::Internal("watch stopped".into())),
+            Ok(Ok(Outcome::Issued(chain))) => Ok(chain),
+            Ok(Ok(Outcome::Denied(message))) => Err(IssueError::Denied(message)),
+            Ok(Ok(Outcome::Failed(message))) => Err(IssueError::Failed(message)),
+            Ok(Ok(Outcome::Deleted)) => Err(IssueError::Failed(
+                "the CertificateSigningRequest was deleted while waiting".into(),
+            )),
+        }
+    }
+}
+
+#[async_trait]
+impl Issuer for KubeCsrIssuer {
+    fn label(&self) -> &'static str {
+        "kube-csr"
+    }
+
+    fn ready(&self) -> bool {
+        *self.synced.borrow()
+    }
+
+    async fn issue(&self, request: IssueRequest<'_>) -> Result<Issued, IssueError> {
+        let signer = self.signer_for(request.cert_signer);
+        let csr_pem = pem::encode("CERTIFICATE REQUEST", &request.csr.der);
+        let chain = self.submit(&csr_pem, &signer, request.lifetime).await?;
+        let certs = pem::parse_certificates(chain.as_bytes())
+            .map_err(|e| IssueError::Failed(format!("status.certificate: {e}")))?;
+        Ok(Issued::External(certs))
+    }
+}
+
+/// The shared watch over our own requests (by label), dispatched to waiters.
+async fn run_watch(
+    api: Api<CertificateSigningRequest>,
+    waiters: Arc<Mutex<Waiters<Outcome>>>,
+    synced: watch::Sender<bool>,
+) -> anyhow::Result<()> {
+    let config = watcher::Config::default().labels(&format!("{REQUEST_LABEL_KEY}=true"));
+    let mut events = watcher(api, config).default_backoff().boxed();
+    while let Some(event) = events.next().await {
+        match event {
+            Ok(watcher::Event::Apply(csr) | watcher::Event::InitApply(csr)) => {
+                if let Some(outcome) = outcome_of(&csr)
+                    && let Ok(mut waiters) = waiters.lock()
+                {
+                    waiters.deliver(&csr.name_any(), outcome);
+                }
+            }
+            Ok(watcher::Event::Delete(csr)) => {
+                if let Ok(mut waiters) = waiters.lock() {
+                    waiters.deliver(&csr.name_any(), Outcome::Deleted);
+                }
+            }
+            Ok(watcher::Event::InitDone) => {
+                synced.send_replace(true);
+            }
+            Ok(watcher::Event::Init) => {}
+            Err(error) => tracing::warn!(%error, "CertificateSigningRequest watch interrupted"),
+        }
+    }
+    anyhow::bail!("CertificateSigningRequest watch ended")
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::api::certificates::v1::{
+        CertificateSigningRequestCondition, CertificateSigningRequestStatus,
+    };
+
+    use super::*;
+
+    fn with(conditions: &[(&str, &str)], certificate: &[u8]) -> CertificateSigningRequest {
+        CertificateSigningRequest {
+            status: Some(CertificateSigningRequestStatus {
+                conditions: Some(
+                    conditions
+                        .iter()
+                        .map(|(t, s)| CertificateSigningRequestCondition {
+                            type_: (*t).into(),
+                            status: (*s).into(),
+                            message: Some(format!("{t} because")),
+                            ..Default::default()
+                        })
+                        .collect(),
+                ),
+                certificate: Some(ByteString(certificate.to_vec())),
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn reads_the_csr_api_conditions_and_certificate() {
+        assert_eq!(outcome_of(&CertificateSigningRequest::default()), None);
+        assert_eq!(outcome_of(&with(&[("Approved", "True")], b"")), None);
+        assert_eq!(
+            outcome_of(&with(&[("Approved", "True")], b"PEM")),
+            Some(Outcome::Issued("PEM".into()))
+        );
+        assert_eq!(
+            outcome_of(&with(&[("Denied", "True")], b"")),
+            Some(Outcome::Denied("Denied because".into()))
+        );
+        assert_eq!(
+            outcome_of(&with(&[("Approved", "True"), ("Failed", "True")], b"")),
+            Some(Outcome::Failed("Failed because".into()))
+        );
+        assert_eq!(outcome_of(&with(&[("Denied", "False")], b"")), None);
+    }
+}

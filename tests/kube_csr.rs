@@ -1,0 +1,242 @@
+//! Tier 3: `--signer kube-csr`, the Kubernetes CSR API as the signer, on a real kube-apiserver
+//! with a signer stand-in. CertificateSigningRequests are cluster-scoped, so every test's
+//! stand-in may answer any test's request: they all sign with the same CAs.
+
+mod support;
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use clap::Parser;
+use istio_csr_rs::app::{self, Hooks, Running};
+use istio_csr_rs::client::Target;
+use istio_csr_rs::config::{Cli, Command};
+use istio_csr_rs::pki::testing::{KeyAlg, TestCa};
+use support::csr_signer::start_csr_signer;
+use support::kube::shared;
+use support::*;
+use tokio_util::task::AbortOnDropHandle;
+use tonic::Code;
+
+fn cas() -> &'static (Arc<TestCa>, Arc<TestCa>) {
+    static CAS: OnceLock<(Arc<TestCa>, Arc<TestCa>)> = OnceLock::new();
+    CAS.get_or_init(|| {
+        (
+            Arc::new(TestCa::root("kube-csr signer CA", KeyAlg::EcdsaP256)),
+            Arc::new(TestCa::root("kube-csr foreign CA", KeyAlg::EcdsaP256)),
+        )
+    })
+}
+
+struct CsrServer {
+    running: Running,
+    dir: tempfile::TempDir,
+    _signer: AbortOnDropHandle<()>,
+}
+
+async fn csr_server(namespace: &str, extra: &[&str]) -> CsrServer {
+    install_crypto_provider();
+    let cluster = shared().await;
+    cluster.namespace(namespace).await;
+    cluster.service_account(namespace, "web").await;
+    let (root, foreign) = cas();
+    let signer = start_csr_signer(cluster.client().await, root.clone(), foreign.clone());
+    let dir = tempfile::tempdir().unwrap();
+    let pinned = dir.path().join("roots.pem");
+    std::fs::write(&pinned, root.cert_pem()).unwrap();
+    let (pinned, kubeconfig) = (
+        pinned.to_str().unwrap().to_owned(),
+        cluster.kubeconfig.to_str().unwrap().to_owned(),
+    );
+    let mut argv = vec![
+        "istio-csr-rs",
+        "serve",
+        "--signer",
+        "kube-csr",
+        "--root-ca-file",
+        &pinned,
+        "--kubeconfig",
+        &kubeconfig,
+        "--serving-address",
+        "127.0.0.1:0",
+        "--admin-address",
+        "127.0.0.1:0",
+        "--serving-certificate-dns-names",
+        "localhost",
+        "--leader-election-namespace",
+        namespace,
+    ];
+    if !extra.contains(&"--kube-csr-signer-name") {
+        argv.extend(["--kube-csr-signer-name", "example.com/ca"]);
+    }
+    argv.extend_from_slice(extra);
+    let Command::Serve(args) = Cli::try_parse_from(argv).unwrap().command else {
+        unreachable!()
+    };
+    let running = app::start(*args, Hooks::default()).await.unwrap();
+    CsrServer {
+        running,
+        dir,
+        _signer: signer,
+    }
+}
+
+impl CsrServer {
+    fn target(&self) -> Target {
+        Target {
+            address: self.running.grpc_address.to_string(),
+            server_name: Some("localhost".into()),
+            root_cert: self.dir.path().join("roots.pem"),
+            token_file: None,
+            cluster_id: "Kubernetes".into(),
+            timeout: Duration::from_secs(30),
+        }
+    }
+
+    /// CreateCertificate for `namespace/web`, with `CertSigner` metadata when given.
+    async fn request(
+        &self,
+        namespace: &str,
+        cert_signer: Option<&str>,
+    ) -> Result<Vec<String>, tonic::Status> {
+        let cluster = shared().await;
+        let token = cluster
+            .token(namespace, "web", &["istio-ca"], 3600, None)
+            .await;
+        let identity = format!("spiffe://cluster.local/ns/{namespace}/sa/web");
+        let (csr, _) = p256_csr(&identity);
+        let target = self.target();
+        let request = target
+            .request(
+                Some(&token),
+                istio_csr_rs::proto::istio_v1_auth::IstioCertificateRequest {
+                    csr,
+                    validity_duration: 3600,
+                    metadata: Some(istio_csr_rs::client::metadata(cert_signer, None)),
+                },
+            )
+            .unwrap();
+        let mut client = target.connect().await.unwrap();
+        client
+            .create_certificate(request)
+            .await
+            .map(|r| r.into_inner().cert_chain)
+    }
+}
+
+impl CsrServer {
+    /// Every CertificateSigningRequest this server created has been deleted (deletion follows
+    /// the answer). Counted by the server itself: other tests' requests come and go meanwhile.
+    async fn none_left(&self) -> bool {
+        let admin = self.running.admin_address;
+        eventually(Duration::from_secs(10), || async {
+            let (_, body) = http_get(&format!("http://{admin}/metrics")).await;
+            let metrics = openmetrics::parse(&body);
+            let count = |verb: &str, code: &str| {
+                metrics.value(
+                    "istio_csr_kube_api_requests_total",
+                    &[
+                        ("code", code),
+                        ("resource", "certificatesigningrequests"),
+                        ("verb", verb),
+                    ],
+                )
+            };
+            let created = count("create", "201");
+            created > 0.0 && created == count("delete", "200")
+        })
+        .await
+    }
+}
+
+#[tokio::test]
+async fn issues_through_a_certificate_signing_request_and_deletes_it() {
+    let server = csr_server("csr-issue", &[]).await;
+    let chain = server.request("csr-issue", None).await.unwrap();
+    assert_eq!(
+        leaf_identity(&chain).0,
+        vec!["spiffe://cluster.local/ns/csr-issue/sa/web"]
+    );
+    assert_eq!(chain.len(), 2, "leaf, then the pinned root bundle");
+    assert!(
+        server.none_left().await,
+        "CertificateSigningRequests were left behind"
+    );
+}
+
+#[tokio::test]
+async fn cert_signer_metadata_picks_the_signer_and_a_foreign_answer_is_refused() {
+    let server = csr_server("csr-route", &["--cert-signer-domain", "example.com"]).await;
+    // CertSigner "ca" -> example.com/ca: signed and trusted.
+    server.request("csr-route", Some("ca")).await.unwrap();
+    // CertSigner "foreign" -> example.com/foreign: signed by a CA nobody pinned.
+    let status = server
+        .request("csr-route", Some("foreign"))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Internal);
+    // CertSigner "fail" -> the signer marks it Failed: Internal at once, not a timeout.
+    let status = server.request("csr-route", Some("fail")).await.unwrap_err();
+    assert_eq!(status.code(), Code::Internal);
+    assert!(server.none_left().await);
+}
+
+#[tokio::test]
+async fn an_external_denial_is_permission_denied_and_silence_times_out() {
+    let server = csr_server(
+        "csr-deny",
+        &[
+            "--kube-csr-external-approval",
+            // The stand-in approves (as an external approver would) and signs this one.
+            "--kube-csr-signer-name",
+            "example.com/external",
+            "--cert-signer-domain",
+            "example.com",
+            "--issuance-timeout",
+            "2s",
+        ],
+    )
+    .await;
+    let status = server.request("csr-deny", Some("deny")).await.unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied);
+    // Nobody approves example.com/slow: the wait ends at --issuance-timeout.
+    let status = server.request("csr-deny", Some("slow")).await.unwrap_err();
+    assert_eq!(status.code(), Code::DeadlineExceeded);
+    assert!(server.none_left().await);
+}
+
+#[tokio::test]
+async fn kube_csr_needs_a_signer_name_and_pinned_roots() {
+    install_crypto_provider();
+    let cluster = shared().await;
+    let kubeconfig = cluster.kubeconfig.to_str().unwrap().to_owned();
+    for (extra, expected) in [
+        (vec![], "--kube-csr-signer-name"),
+        (
+            vec!["--kube-csr-signer-name", "nodomain"],
+            "<domain>/<name>",
+        ),
+        (
+            vec!["--kube-csr-signer-name", "example.com/ca"],
+            "--root-ca-file",
+        ),
+    ] {
+        let mut argv = vec![
+            "istio-csr-rs",
+            "serve",
+            "--signer",
+            "kube-csr",
+            "--kubeconfig",
+            &kubeconfig,
+        ];
+        argv.extend(extra);
+        let Command::Serve(args) = Cli::try_parse_from(argv).unwrap().command else {
+            unreachable!()
+        };
+        let error = match app::start(*args, Hooks::default()).await {
+            Ok(_) => panic!("started"),
+            Err(e) => format!("{e:#}"),
+        };
+        assert!(error.contains(expected), "{error}");
+    }
+}
