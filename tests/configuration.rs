@@ -199,7 +199,7 @@ async fn explains_configurations_that_cannot_work() {
             "between 1m and 3650d",
         ),
         (&["--kubeconfig", "/nonexistent/kubeconfig"], "--kubeconfig"),
-        (&["--signer", "kube-csr"], "not available yet"),
+        (&["--signer", "kube-csr"], "--kube-csr-signer-name"),
         (
             &["--signer", "local-ca", "--token-auth-file", "t"],
             "needs --local-ca-dir",

@@ -175,6 +175,12 @@ async fn cert_signer_metadata_picks_the_signer_and_a_foreign_answer_is_refused()
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::Internal);
+    // A CertSigner that cannot be a signer name is the caller's mistake.
+    let status = server
+        .request("csr-route", Some("not/one-segment"))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
     // CertSigner "fail" -> the signer marks it Failed: Internal at once, not a timeout.
     let status = server.request("csr-route", Some("fail")).await.unwrap_err();
     assert_eq!(status.code(), Code::Internal);
@@ -219,6 +225,17 @@ async fn kube_csr_needs_a_signer_name_and_pinned_roots() {
         (
             vec!["--kube-csr-signer-name", "example.com/ca"],
             "--root-ca-file",
+        ),
+        (
+            vec![
+                "--kube-csr-signer-name",
+                "example.com/ca",
+                "--root-ca-file",
+                "/nonexistent",
+                "--max-client-certificate-duration",
+                "5m",
+            ],
+            "at least 10m",
         ),
     ] {
         let mut argv = vec![

@@ -155,6 +155,24 @@ impl Plan {
             Signer::CertManager => SignerPlan::CertManager(cert_manager_settings(&args.issuance)?),
             Signer::KubeCsr => SignerPlan::KubeCsr(kube_csr_settings(&args.issuance)?),
         };
+        if matches!(signer, SignerPlan::KubeCsr(_)) {
+            // The CSR API refuses expirationSeconds below ten minutes: shorter maxima could
+            // not be honoured.
+            for (flag, value) in [
+                (
+                    "--max-client-certificate-duration",
+                    args.server.max_client_certificate_duration,
+                ),
+                (
+                    "--serving-certificate-duration",
+                    args.serving_tls.serving_certificate_duration,
+                ),
+            ] {
+                if value < Duration::from_secs(600) {
+                    bail!("{flag} must be at least 10m with --signer kube-csr");
+                }
+            }
+        }
         if serving_names.is_empty() {
             serving_names = vec![DEFAULT_SERVING_DNS_NAME.into()];
         }

@@ -50,6 +50,7 @@ impl SignError {
             SignError::Issue(e) => match e {
                 IssueError::NotReady(_) | IssueError::Unavailable(_) => Code::Unavailable,
                 IssueError::Timeout => Code::DeadlineExceeded,
+                IssueError::InvalidRequest(_) => Code::InvalidArgument,
                 IssueError::Denied(_) => Code::PermissionDenied,
                 IssueError::Failed(_) | IssueError::Internal(_) => Code::Internal,
             },
@@ -114,6 +115,10 @@ mod tests {
                 Code::Unavailable,
             ),
             (IssueError::Timeout.into(), Code::DeadlineExceeded),
+            (
+                IssueError::InvalidRequest("x".into()).into(),
+                Code::InvalidArgument,
+            ),
             (
                 IssueError::Denied("x".into()).into(),
                 Code::PermissionDenied,

@@ -280,6 +280,9 @@ impl IstioCertificateService for CaService {
             .get("clusterid")
             .and_then(|v| v.to_str().ok())
             .unwrap_or("");
+        // For ztunnel, the identity asked for on a workload's behalf (the caller is ztunnel).
+        let options = RequestOptions::from_metadata(request.get_ref().metadata.as_ref()).ok();
+        let impersonating = options.and_then(|o| o.impersonated_identity).unwrap_or("-");
         let elapsed = started.elapsed().as_secs_f64();
         let elapsed_ms = (elapsed * 1e5).round() / 100.0;
         let signer = self.issuer.label();
@@ -289,6 +292,7 @@ impl IstioCertificateService for CaService {
                 self.metrics.observe_lifetime(signed.lifetime_secs);
                 tracing::debug!(
                     identity,
+                    impersonating,
                     cluster,
                     code = "OK",
                     elapsed_ms,
@@ -301,6 +305,7 @@ impl IstioCertificateService for CaService {
                 self.metrics.observe_request(status.code(), signer, elapsed);
                 tracing::info!(
                     identity,
+                    impersonating,
                     cluster,
                     code = ?status.code(),
                     elapsed_ms,

@@ -87,7 +87,7 @@ impl ServingSource {
             ServingSource::KubeCsr(issuer) => {
                 let csr = serving_csr(names, key)?;
                 let chain_pem = issuer
-                    .submit(&csr, &issuer.signer_for(None), lifetime)
+                    .submit(&csr, &issuer.signer_for(None)?, lifetime)
                     .await?;
                 verified_chain(pem::parse_certificates(chain_pem.as_bytes())?, roots)
             }

@@ -16,7 +16,7 @@ use kube::{CustomResource, ResourceExt};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, watch};
 
-use super::requests::{Cleanup, Waiters, request_name};
+use super::requests::{Cleanup, Waiters, Waiting, request_name};
 use super::{IssueError, IssueRequest, Issued, Issuer};
 use crate::pki::pem;
 
@@ -351,32 +351,31 @@ impl CertManagerIssuer {
                 "no issuer configured (runtime ConfigMap)".into(),
             ));
         };
-        // The name is chosen here rather than by generateName, so the cleanup guard exists
-        // before the create is sent: a caller that goes away mid-create leaves nothing.
+        // The name is chosen here rather than by generateName, so the cleanup guard and the
+        // waiter exist before the create is sent: a caller that goes away mid-create leaves
+        // nothing, and no answer can arrive before its waiter.
         let name = request_name();
-        let _cleanup = Cleanup {
+        let mut cleanup = Cleanup {
             api: self.api.clone(),
             name: name.clone(),
             preserve: self.settings.preserve_requests,
+            settled: false,
         };
+        let mut waiting = Waiting::register(&self.waiters, &name)
+            .ok_or_else(|| IssueError::Internal("waiter registry poisoned".into()))?;
+        // One deadline for the whole request: create, then the answer.
+        let deadline = tokio::time::Instant::now() + self.settings.timeout;
         let object = self.request_for(&name, csr_pem, identities, lifetime, (*issuer_ref).clone());
-        tokio::time::timeout(
-            self.settings.timeout,
-            self.api.create(&PostParams::default(), &object),
-        )
-        .await
-        .map_err(|_| IssueError::Timeout)?
-        .map_err(|e| IssueError::Unavailable(format!("creating a CertificateRequest: {e}")))?;
-        let answer = match self.waiters.lock() {
-            Ok(mut waiters) => waiters.register(&name),
-            Err(_) => return Err(IssueError::Internal("waiter registry poisoned".into())),
-        };
-        let outcome = tokio::time::timeout(self.settings.timeout, answer).await;
-        if outcome.is_err()
-            && let Ok(mut waiters) = self.waiters.lock()
-        {
-            waiters.forget(&name);
-        }
+        let created =
+            tokio::time::timeout_at(deadline, self.api.create(&PostParams::default(), &object))
+                .await
+                .map_err(|_| {
+                    IssueError::Unavailable("the API server did not answer the create".into())
+                })?;
+        cleanup.settled = true;
+        created
+            .map_err(|e| IssueError::Unavailable(format!("creating a CertificateRequest: {e}")))?;
+        let outcome = tokio::time::timeout_at(deadline, &mut waiting.answer).await;
         match outcome {
             Err(_) => Err(IssueError::Timeout),
             Ok(Err(_)) => Err(IssueError::Internal("watch stopped".into())),

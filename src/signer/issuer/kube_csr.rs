@@ -12,14 +12,14 @@ use async_trait::async_trait;
 use futures_util::StreamExt;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::certificates::v1::{
-    CertificateSigningRequest, CertificateSigningRequestSpec,
+    CertificateSigningRequest, CertificateSigningRequestCondition, CertificateSigningRequestSpec,
 };
 use kube::ResourceExt;
-use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::api::{Api, ObjectMeta, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use tokio::sync::watch;
 
-use super::requests::{Cleanup, Waiters, request_name};
+use super::requests::{Cleanup, Waiters, Waiting, request_name};
 use super::{IssueError, IssueRequest, Issued, Issuer};
 use crate::pki::pem;
 
@@ -100,10 +100,19 @@ impl KubeCsrIssuer {
     }
 
     /// The signer for a request: `<domain>/<CertSigner>` when both are given, else the default.
-    pub fn signer_for(&self, cert_signer: Option<&str>) -> String {
+    /// A `CertSigner` that cannot be one path segment of a signer name is refused here rather
+    /// than by the API server.
+    pub fn signer_for(&self, cert_signer: Option<&str>) -> Result<String, IssueError> {
         match (cert_signer, &self.settings.cert_signer_domain) {
-            (Some(signer), Some(domain)) if !signer.is_empty() => format!("{domain}/{signer}"),
-            _ => self.settings.signer_name.clone(),
+            (Some(signer), Some(domain)) if !signer.is_empty() => {
+                if !crate::pki::identity::is_dns1123_subdomain(signer) {
+                    return Err(IssueError::InvalidRequest(format!(
+                        "CertSigner {signer:?} is not a signer name"
+                    )));
+                }
+                Ok(format!("{domain}/{signer}"))
+            }
+            _ => Ok(self.settings.signer_name.clone()),
         }
     }
 
@@ -120,12 +129,16 @@ impl KubeCsrIssuer {
                 "CertificateSigningRequest watch not synced".into(),
             ));
         }
+        // Named here, with the clean-up and the waiter in place before the create is sent.
         let name = request_name();
-        let _cleanup = Cleanup {
+        let mut cleanup = Cleanup {
             api: self.api.clone(),
             name: name.clone(),
             preserve: self.settings.preserve_requests,
+            settled: false,
         };
+        let mut waiting = Waiting::register(&self.waiters, &name)
+            .ok_or_else(|| IssueError::Internal("waiter registry poisoned".into()))?;
         let request = CertificateSigningRequest {
             metadata: ObjectMeta {
                 name: Some(name.clone()),
@@ -152,53 +165,31 @@ impl KubeCsrIssuer {
             },
             status: None,
         };
-        let timeout = self.settings.timeout;
-        tokio::time::timeout(timeout, self.api.create(&PostParams::default(), &request))
-            .await
-            .map_err(|_| IssueError::Timeout)?
-            .map_err(|e| match e {
-                kube::Error::Api(e) if e.code == 422 => {
-                    IssueError::Failed(format!("CertificateSigningRequest refused: {}", e.message))
-                }
-                other => IssueError::Unavailable(format!(
-                    "creating a CertificateSigningRequest: {other}"
-                )),
-            })?;
-        let answer = match self.waiters.lock() {
-            Ok(mut waiters) => waiters.register(&name),
-            Err(_) => return Err(IssueError::Internal("waiter registry poisoned".into())),
-        };
-        if self.settings.approve {
-            let approval = serde_json::json!({"status": {"conditions": [{
-                "type": "Approved",
-                "status": "True",
-                "reason": "IstioCsrRsApproved",
-                "message": "The caller was authenticated and its identities checked by istio-csr-rs.",
-            }]}});
-            let approved = tokio::time::timeout(
-                timeout,
-                self.api
-                    .patch_approval(&name, &PatchParams::default(), &Patch::Merge(&approval)),
-            )
-            .await;
-            match approved {
-                Ok(Ok(_)) => {}
-                // Denied first by someone else: the watch brings that outcome.
-                Ok(Err(kube::Error::Api(e))) if e.code == 422 || e.code == 409 => {}
-                Ok(Err(error)) => {
-                    return Err(IssueError::Unavailable(format!(
-                        "approving the CertificateSigningRequest: {error}"
-                    )));
-                }
-                Err(_) => return Err(IssueError::Timeout),
+        // One deadline for the whole request: create, approve, then the answer.
+        let deadline = tokio::time::Instant::now() + self.settings.timeout;
+        let created =
+            tokio::time::timeout_at(deadline, self.api.create(&PostParams::default(), &request))
+                .await
+                .map_err(|_| {
+                    IssueError::Unavailable("the API server did not answer the create".into())
+                })?;
+        cleanup.settled = true;
+        created.map_err(|e| match e {
+            kube::Error::Api(e) if e.code == 422 => {
+                IssueError::Failed(format!("CertificateSigningRequest refused: {}", e.message))
             }
+            other => {
+                IssueError::Unavailable(format!("creating a CertificateSigningRequest: {other}"))
+            }
+        })?;
+        if self.settings.approve {
+            tokio::time::timeout_at(deadline, self.approve(&name, signer_name))
+                .await
+                .map_err(|_| {
+                    IssueError::Unavailable("the API server did not answer the approval".into())
+                })??;
         }
-        let outcome = tokio::time::timeout(timeout, answer).await;
-        if outcome.is_err()
-            && let Ok(mut waiters) = self.waiters.lock()
-        {
-            waiters.forget(&name);
-        }
+        let outcome = tokio::time::timeout_at(deadline, &mut waiting.answer).await;
         match outcome {
             Err(_) => Err(IssueError::Timeout),
             Ok(Err(_)) => Err(IssueError::Internal("watch stopped".into())),
@@ -209,6 +200,60 @@ impl KubeCsrIssuer {
                 "the CertificateSigningRequest was deleted while waiting".into(),
             )),
         }
+    }
+}
+
+impl KubeCsrIssuer {
+    /// Adds our Approved condition (read, append, write with the resourceVersion, as `kubectl
+    /// certificate approve` does). Already decided by someone else: the watch brings that.
+    async fn approve(&self, name: &str, signer_name: &str) -> Result<(), IssueError> {
+        for _ in 0..3 {
+            let mut current = self.api.get_approval(name).await.map_err(|e| {
+                IssueError::Unavailable(format!("reading the CertificateSigningRequest: {e}"))
+            })?;
+            let status = current.status.get_or_insert_with(Default::default);
+            let conditions = status.conditions.get_or_insert_with(Vec::new);
+            if conditions
+                .iter()
+                .any(|c| c.type_ == "Approved" || c.type_ == "Denied")
+            {
+                return Ok(());
+            }
+            conditions.push(CertificateSigningRequestCondition {
+                type_: "Approved".into(),
+                status: "True".into(),
+                reason: Some("IstioCsrRsApproved".into()),
+                message: Some(
+                    "The caller was authenticated and its identities checked by istio-csr-rs."
+                        .into(),
+                ),
+                ..Default::default()
+            });
+            match self
+                .api
+                .replace_subresource("approval", name, &PostParams::default(), &current)
+                .await
+            {
+                Ok(_) => return Ok(()),
+                // Changed meanwhile (a denial, a signer): read it again.
+                Err(kube::Error::Api(e)) if e.code == 409 => continue,
+                // Our role may not approve for this signer: the caller asked for one we do
+                // not serve.
+                Err(kube::Error::Api(e)) if e.code == 403 => {
+                    return Err(IssueError::Denied(format!(
+                        "not allowed to approve requests for signer {signer_name}"
+                    )));
+                }
+                Err(error) => {
+                    return Err(IssueError::Unavailable(format!(
+                        "approving the CertificateSigningRequest: {error}"
+                    )));
+                }
+            }
+        }
+        Err(IssueError::Unavailable(
+            "the CertificateSigningRequest kept changing while being approved".into(),
+        ))
     }
 }
 
@@ -223,7 +268,7 @@ impl Issuer for KubeCsrIssuer {
     }
 
     async fn issue(&self, request: IssueRequest<'_>) -> Result<Issued, IssueError> {
-        let signer = self.signer_for(request.cert_signer);
+        let signer = self.signer_for(request.cert_signer)?;
         let csr_pem = pem::encode("CERTIFICATE REQUEST", &request.csr.der);
         let chain = self.submit(&csr_pem, &signer, request.lifetime).await?;
         let certs = pem::parse_certificates(chain.as_bytes())

@@ -42,6 +42,8 @@ pub enum Issued {
 pub enum IssueError {
     #[error("no usable issuer: {0}")]
     NotReady(String),
+    #[error("invalid request for this issuer: {0}")]
+    InvalidRequest(String),
     #[error("issuer unreachable: {0}")]
     Unavailable(String),
     #[error("issuer did not answer in time")]

@@ -3,6 +3,7 @@
 //! its waiter by name, and deletion after every outcome.
 
 use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kube::Api;
@@ -11,9 +12,6 @@ use tokio::sync::oneshot;
 
 /// The prefix of every request name (istio-csr's generateName).
 pub const NAME_PREFIX: &str = "istio-csr-";
-/// Terminal states seen before their waiter registered (the watch can beat `create` back);
-/// bounded so that requests created by others cannot grow it forever.
-const MAX_EARLY_OUTCOMES: usize = 4096;
 
 /// A fresh request name: the prefix and 16 random base-36 characters.
 pub fn request_name() -> String {
@@ -29,17 +27,17 @@ pub fn request_name() -> String {
     format!("{NAME_PREFIX}{suffix}")
 }
 
-/// Waiters by request name, fed by the one shared watch.
+/// Waiters by request name, fed by the one shared watch. A waiter is registered before its
+/// request is created, so no outcome can arrive too early; outcomes nobody waits for (other
+/// replicas' requests, deletions after the answer) are dropped.
 pub struct Waiters<O> {
-    pub(super) waiting: HashMap<String, oneshot::Sender<O>>,
-    pub(super) early: HashMap<String, O>,
+    waiting: HashMap<String, oneshot::Sender<O>>,
 }
 
 impl<O> Default for Waiters<O> {
     fn default() -> Self {
         Self {
             waiting: HashMap::new(),
-            early: HashMap::new(),
         }
     }
 }
@@ -48,30 +46,42 @@ impl<O> Waiters<O> {
     pub fn deliver(&mut self, name: &str, outcome: O) {
         if let Some(tx) = self.waiting.remove(name) {
             let _ = tx.send(outcome);
-        } else if name.starts_with(NAME_PREFIX) {
-            if self.early.len() >= MAX_EARLY_OUTCOMES {
-                self.early.clear();
-            }
-            self.early.insert(name.to_owned(), outcome);
         }
     }
 
-    pub fn register(&mut self, name: &str) -> oneshot::Receiver<O> {
-        let (tx, rx) = oneshot::channel();
-        match self.early.remove(name) {
-            Some(outcome) => {
-                let _ = tx.send(outcome);
-            }
-            None => {
-                self.waiting.insert(name.to_owned(), tx);
-            }
-        }
-        rx
+    pub fn len(&self) -> usize {
+        self.waiting.len()
     }
 
-    /// The waiter for `name` gave up.
-    pub fn forget(&mut self, name: &str) {
-        self.waiting.remove(name);
+    pub fn is_empty(&self) -> bool {
+        self.waiting.is_empty()
+    }
+}
+
+/// One registered waiter; dropping it (answered, timed out, or the caller gone) unregisters it.
+pub struct Waiting<O> {
+    pub answer: oneshot::Receiver<O>,
+    name: String,
+    waiters: Arc<Mutex<Waiters<O>>>,
+}
+
+impl<O> Waiting<O> {
+    pub fn register(waiters: &Arc<Mutex<Waiters<O>>>, name: &str) -> Option<Self> {
+        let (tx, answer) = oneshot::channel();
+        waiters.lock().ok()?.waiting.insert(name.to_owned(), tx);
+        Some(Self {
+            answer,
+            name: name.to_owned(),
+            waiters: waiters.clone(),
+        })
+    }
+}
+
+impl<O> Drop for Waiting<O> {
+    fn drop(&mut self) {
+        if let Ok(mut waiters) = self.waiters.lock() {
+            waiters.waiting.remove(&self.name);
+        }
     }
 }
 
@@ -84,6 +94,9 @@ where
     pub api: Api<K>,
     pub name: String,
     pub preserve: bool,
+    /// The create has answered. Until then a 404 proves nothing: a create cut off in flight
+    /// may still land, so deletion keeps trying for a while.
+    pub settled: bool,
 }
 
 impl<K> Drop for Cleanup<K>
@@ -94,17 +107,23 @@ where
         if self.preserve {
             return;
         }
-        let (api, name) = (self.api.clone(), std::mem::take(&mut self.name));
+        let (api, name, settled) = (
+            self.api.clone(),
+            std::mem::take(&mut self.name),
+            self.settled,
+        );
         tokio::spawn(async move {
-            for attempt in 0..3u32 {
+            let attempts = if settled { 3 } else { 7 };
+            for attempt in 0..attempts {
                 match api.delete(&name, &DeleteParams::background()).await {
                     Ok(_) => return,
-                    Err(kube::Error::Api(e)) if e.code == 404 => return,
+                    Err(kube::Error::Api(e)) if e.code == 404 && settled => return,
+                    Err(kube::Error::Api(e)) if e.code == 404 => {}
                     Err(error) => {
                         tracing::warn!(%error, name, attempt, "request object not deleted yet");
-                        tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
                     }
                 }
+                tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
             }
         });
     }
@@ -115,14 +134,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn an_outcome_seen_before_its_waiter_is_kept_for_it() {
-        let mut waiters = Waiters::default();
-        waiters.deliver("istio-csr-abc", 7);
-        let mut rx = waiters.register("istio-csr-abc");
-        assert_eq!(rx.try_recv().unwrap(), 7);
-        // Requests of others are not kept.
-        waiters.deliver("someone-else", 8);
-        assert!(waiters.early.is_empty());
+    fn outcomes_reach_registered_waiters_only_and_dropped_waiters_unregister() {
+        let waiters = Arc::new(Mutex::new(Waiters::default()));
+        let mut waiting = Waiting::register(&waiters, "istio-csr-abc").unwrap();
+        waiters.lock().unwrap().deliver("someone-else", 8);
+        waiters.lock().unwrap().deliver("istio-csr-abc", 7);
+        assert_eq!(waiting.answer.try_recv().unwrap(), 7);
+        let gone = Waiting::register(&waiters, "istio-csr-def").unwrap();
+        assert_eq!(waiters.lock().unwrap().len(), 1);
+        drop(gone);
+        drop(waiting);
+        assert!(waiters.lock().unwrap().is_empty());
     }
 
     #[test]
