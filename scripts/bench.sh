@@ -15,7 +15,8 @@ if [ "${1:-}" = "kube" ]; then
   echo "$(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')"
   echo "kube-apiserver and etcd from $ISTIO_CSR_KUBE_BIN, $(rustc --version)"
   echo
-  cargo test --release --locked --quiet --test kube_bench -- --ignored --nocapture 2>&1 |
+  cargo test --release --locked --quiet --test kube_bench -- --ignored --nocapture \
+    --test-threads=1 2>&1 |
     grep -vE '^(running|test |$)'
   exit 0
 fi

@@ -348,3 +348,164 @@ async fn csr_latency_and_api_cost_on_a_real_apiserver() {
     println!("whole run: {created} CertificateRequests created, {deleted} deleted, none left");
     assert_eq!(created, deleted);
 }
+
+const BUNDLE_NAMESPACES: usize = 2000;
+
+/// A server whose bundle covers namespaces labelled `bundle-bench=yes`, with `pinned` roots.
+async fn bundle_server(
+    dir: &std::path::Path,
+    root: &istio_csr_rs::pki::testing::TestCa,
+) -> istio_csr_rs::app::Running {
+    use clap::Parser;
+    let cluster = shared().await;
+    let ca = dir.join("ca");
+    std::fs::create_dir_all(&ca).unwrap();
+    for name in ["ca-cert.pem", "cert-chain.pem", "root-cert.pem"] {
+        std::fs::write(ca.join(name), root.cert_pem()).unwrap();
+    }
+    std::fs::write(ca.join("ca-key.pem"), root.key_pem()).unwrap();
+    let pinned = dir.join("pinned.pem");
+    if !pinned.exists() {
+        std::fs::write(&pinned, root.cert_pem()).unwrap();
+    }
+    let argv = [
+        "istio-csr-rs".to_owned(),
+        "serve".into(),
+        "--signer=local-ca".into(),
+        format!("--local-ca-dir={}", ca.display()),
+        format!("--root-ca-file={}", pinned.display()),
+        format!("--kubeconfig={}", cluster.kubeconfig.display()),
+        "--serving-address=127.0.0.1:0".into(),
+        "--admin-address=127.0.0.1:0".into(),
+        "--serving-certificate-dns-names=localhost".into(),
+        "--leader-election-namespace=bundle-bench".into(),
+        "--configmap-namespace-selector=bundle-bench=yes".into(),
+    ];
+    let istio_csr_rs::config::Command::Serve(args) =
+        istio_csr_rs::config::Cli::try_parse_from(argv)
+            .unwrap()
+            .command
+    else {
+        unreachable!()
+    };
+    istio_csr_rs::app::start(*args, Default::default())
+        .await
+        .unwrap()
+}
+
+/// Waits until the local cluster's bundle is in sync everywhere: how long it took, and the
+/// ConfigMap writes (create, update) made meanwhile.
+async fn until_in_sync(admin: std::net::SocketAddr) -> (Duration, f64, f64) {
+    let started = Instant::now();
+    loop {
+        let (_, body) = http_get(&format!("http://{admin}/debug/bundle")).await;
+        let report: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let local = &report["clusters"][0]["bundle"];
+        if local["synced"] == true
+            && local["namespaces"] == BUNDLE_NAMESPACES
+            && local["in_sync"] == BUNDLE_NAMESPACES
+            && local["pending"] == 0
+        {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(600), "{local}");
+        // A measurement, not a wait for an event: 50 ms is the resolution of the figure.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let elapsed = started.elapsed();
+    let metrics = api_calls(admin).await;
+    let writes = |op: &str| {
+        metrics.value(
+            "istio_csr_bundle_writes_total",
+            &[("cluster", "Kubernetes"), ("op", op)],
+        )
+    };
+    (elapsed, writes("create"), writes("update"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "a benchmark: run with --ignored --nocapture (scripts/bench.sh kube)"]
+async fn trust_bundle_fill_rotation_and_resync_of_2000_namespaces() {
+    use istio_csr_rs::pki::testing::{KeyAlg, TestCa};
+    install_crypto_provider();
+    let cluster = shared().await;
+    cluster.namespace("bundle-bench").await;
+    let created = Instant::now();
+    futures_util::stream::iter(0..BUNDLE_NAMESPACES)
+        .map(|i| async move {
+            let ns: k8s_openapi::api::core::v1::Namespace =
+                serde_json::from_value(serde_json::json!({
+                    "metadata": {"name": format!("bb-{i}"), "labels": {"bundle-bench": "yes"}}
+                }))
+                .unwrap();
+            ::kube::Api::<k8s_openapi::api::core::v1::Namespace>::all(cluster.client().await)
+                .create(&Default::default(), &ns)
+                .await
+                .unwrap();
+        })
+        .buffer_unordered(32)
+        .collect::<Vec<()>>()
+        .await;
+    eprintln!(
+        "created {BUNDLE_NAMESPACES} namespaces in {:?}",
+        created.elapsed()
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let root = TestCa::root("bundle bench root", KeyAlg::EcdsaP256);
+    println!(
+        "\n| {BUNDLE_NAMESPACES} namespaces, --max-concurrent-reconciles 8 | time s | creates | updates | GETs |"
+    );
+    println!("|---|---|---|---|---|");
+    let report = |what: &str, (elapsed, creates, updates): (Duration, f64, f64), gets: f64| {
+        println!(
+            "| {what} | {:.2} | {creates} | {updates} | {gets} |",
+            elapsed.as_secs_f64()
+        );
+    };
+    let gets = |metrics: &openmetrics::Exposition| {
+        calls(metrics, "get", "configmaps", "200") + calls(metrics, "get", "configmaps", "404")
+    };
+
+    let first = bundle_server(dir.path(), &root).await;
+    let fill = until_in_sync(first.admin_address).await;
+    report(
+        "first leader: every ConfigMap created",
+        fill,
+        gets(&api_calls(first.admin_address).await),
+    );
+
+    // A second pinned root: every ConfigMap is updated.
+    let next = TestCa::root("bundle bench next root", KeyAlg::EcdsaP256);
+    std::fs::write(
+        dir.path().join("pinned.pem"),
+        format!("{}{}", root.cert_pem(), next.cert_pem()),
+    )
+    .unwrap();
+    let noticed = eventually(Duration::from_secs(30), || async {
+        let (_, body) = http_get(&format!("http://{}/debug/bundle", first.admin_address)).await;
+        serde_json::from_str::<serde_json::Value>(&body).unwrap()["roots"]["certificates"]
+            .as_array()
+            .is_some_and(|c| c.len() == 2)
+    })
+    .await;
+    assert!(noticed, "the new root was not picked up");
+    let (elapsed, creates, updates) = until_in_sync(first.admin_address).await;
+    report(
+        "root rotation: every ConfigMap updated",
+        (elapsed, creates - fill.1, updates - fill.2),
+        gets(&api_calls(first.admin_address).await),
+    );
+    first.shutdown();
+    first.wait().await.unwrap();
+
+    // A new leader over correct ConfigMaps: a full pass from its caches, no write at all.
+    let second = bundle_server(dir.path(), &root).await;
+    let resync = until_in_sync(second.admin_address).await;
+    report(
+        "new leader: full resync, all correct",
+        resync,
+        gets(&api_calls(second.admin_address).await),
+    );
+    assert_eq!((resync.1, resync.2), (0.0, 0.0), "a correct resync wrote");
+}
