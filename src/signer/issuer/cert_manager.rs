@@ -10,13 +10,13 @@ use arc_swap::ArcSwapOption;
 use async_trait::async_trait;
 use base64::Engine;
 use futures_util::StreamExt;
-use kube::api::{Api, ObjectMeta, PostParams};
+use kube::CustomResource;
+use kube::api::{Api, ObjectMeta};
 use kube::runtime::{WatchStreamExt, watcher};
-use kube::{CustomResource, ResourceExt};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, watch};
 
-use super::requests::{Cleanup, Waiters, Waiting, request_name};
+use super::requests::{self, InFlight, Waiters};
 use super::{IssueError, IssueRequest, Issued, Issuer};
 use crate::pki::pem;
 
@@ -78,14 +78,17 @@ pub struct Condition {
     pub message: Option<String>,
 }
 
-/// What a CertificateRequest came to.
-#[derive(Clone, Debug, PartialEq)]
-pub enum Outcome {
-    Issued { chain_pem: String, ca_pem: String },
-    Denied(String),
-    Failed(String),
-    Deleted,
+/// A signed CertificateRequest's answer, PEM.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IssuedPem {
+    /// `status.certificate`: the leaf, maybe with intermediates.
+    pub chain_pem: String,
+    /// `status.ca`.
+    pub ca_pem: String,
 }
+
+/// What a CertificateRequest came to.
+pub type Outcome = requests::Outcome<IssuedPem>;
 
 /// cert-manager's conditions, read the way its own controllers write them.
 pub fn outcome_of(status: Option<&CertificateRequestStatus>) -> Option<Outcome> {
@@ -108,10 +111,10 @@ pub fn outcome_of(status: Option<&CertificateRequestStatus>) -> Option<Outcome> 
                     .and_then(|bytes| String::from_utf8(bytes).ok())
                     .unwrap_or_default()
             };
-            Some(Outcome::Issued {
+            Some(Outcome::Issued(IssuedPem {
                 chain_pem: decode(&status.certificate),
                 ca_pem: decode(&status.ca),
-            })
+            }))
         }
         ("False", Some("Denied")) => Some(Outcome::Denied(message(ready))),
         ("False", Some("Failed")) => Some(Outcome::Failed(message(ready))),
@@ -278,33 +281,18 @@ async fn run_watch(
     synced: watch::Sender<bool>,
     ready_changed: Arc<Notify>,
 ) -> anyhow::Result<()> {
-    let mut events = watcher(api, watcher::Config::default())
-        .default_backoff()
-        .boxed();
-    while let Some(event) = events.next().await {
-        match event {
-            Ok(watcher::Event::Apply(cr) | watcher::Event::InitApply(cr)) => {
-                if let Some(outcome) = outcome_of(cr.status.as_ref())
-                    && let Ok(mut waiters) = waiters.lock()
-                {
-                    waiters.deliver(&cr.name_any(), outcome);
-                }
-            }
-            Ok(watcher::Event::Delete(cr)) => {
-                if let Ok(mut waiters) = waiters.lock() {
-                    waiters.deliver(&cr.name_any(), Outcome::Deleted);
-                }
-            }
-            Ok(watcher::Event::InitDone) => {
-                synced.send_replace(true);
-                ready_changed.notify_waiters();
-            }
-            Ok(watcher::Event::Init) => {}
-            // The watcher re-lists and resumes by itself; its errors are worth a line only.
-            Err(error) => tracing::warn!(%error, "CertificateRequest watch interrupted"),
-        }
-    }
-    anyhow::bail!("CertificateRequest watch ended")
+    requests::dispatch_outcomes(
+        api,
+        watcher::Config::default(),
+        waiters,
+        |cr: &CertificateRequest| outcome_of(cr.status.as_ref()),
+        || {
+            synced.send_replace(true);
+            ready_changed.notify_waiters();
+        },
+        "CertificateRequest",
+    )
+    .await
 }
 
 #[async_trait]
@@ -351,41 +339,28 @@ impl CertManagerIssuer {
                 "no issuer configured (runtime ConfigMap)".into(),
             ));
         };
-        // The name is chosen here rather than by generateName, so the cleanup guard and the
-        // waiter exist before the create is sent: a caller that goes away mid-create leaves
-        // nothing, and no answer can arrive before its waiter.
-        let name = request_name();
-        let mut cleanup = Cleanup {
-            api: self.api.clone(),
-            name: name.clone(),
-            preserve: self.settings.preserve_requests,
-            settled: false,
-        };
-        let mut waiting = Waiting::register(&self.waiters, &name)
-            .ok_or_else(|| IssueError::Internal("waiter registry poisoned".into()))?;
-        // One deadline for the whole request: create, then the answer.
-        let deadline = tokio::time::Instant::now() + self.settings.timeout;
-        let object = self.request_for(&name, csr_pem, identities, lifetime, (*issuer_ref).clone());
-        let created =
-            tokio::time::timeout_at(deadline, self.api.create(&PostParams::default(), &object))
-                .await
-                .map_err(|_| {
-                    IssueError::Unavailable("the API server did not answer the create".into())
-                })?;
-        cleanup.settled = true;
-        created
+        // Named here rather than by generateName, so the clean-up and the waiter exist
+        // before the create is sent.
+        let mut request = InFlight::start(
+            &self.api,
+            &self.waiters,
+            self.settings.preserve_requests,
+            self.settings.timeout,
+            "CertificateRequest",
+        )?;
+        let object = self.request_for(
+            &request.name,
+            csr_pem,
+            identities,
+            lifetime,
+            (*issuer_ref).clone(),
+        );
+        request
+            .create(&object)
+            .await?
             .map_err(|e| IssueError::Unavailable(format!("creating a CertificateRequest: {e}")))?;
-        let outcome = tokio::time::timeout_at(deadline, &mut waiting.answer).await;
-        match outcome {
-            Err(_) => Err(IssueError::Timeout),
-            Ok(Err(_)) => Err(IssueError::Internal("watch stopped".into())),
-            Ok(Ok(Outcome::Issued { chain_pem, ca_pem })) => Ok((chain_pem, ca_pem)),
-            Ok(Ok(Outcome::Denied(message))) => Err(IssueError::Denied(message)),
-            Ok(Ok(Outcome::Failed(message))) => Err(IssueError::Failed(message)),
-            Ok(Ok(Outcome::Deleted)) => Err(IssueError::Failed(
-                "the CertificateRequest was deleted while waiting".into(),
-            )),
-        }
+        let issued = request.answer().await?;
+        Ok((issued.chain_pem, issued.ca_pem))
     }
 }
 
@@ -422,10 +397,10 @@ mod tests {
                 cond("Approved", "True", None),
                 cond("Ready", "True", Some("Issued"))
             ]))),
-            Some(Outcome::Issued {
+            Some(Outcome::Issued(IssuedPem {
                 chain_pem: "LEAF".into(),
                 ca_pem: String::new()
-            })
+            }))
         );
         assert_eq!(
             outcome_of(Some(&with(vec![cond("Denied", "True", Some("Denied"))]))),

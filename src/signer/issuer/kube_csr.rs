@@ -9,17 +9,15 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use futures_util::StreamExt;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::certificates::v1::{
     CertificateSigningRequest, CertificateSigningRequestCondition, CertificateSigningRequestSpec,
 };
-use kube::ResourceExt;
 use kube::api::{Api, ObjectMeta, PostParams};
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::watcher;
 use tokio::sync::watch;
 
-use super::requests::{Cleanup, Waiters, Waiting, request_name};
+use super::requests::{self, InFlight, Waiters};
 use super::{IssueError, IssueRequest, Issued, Issuer};
 use crate::pki::pem;
 
@@ -40,14 +38,9 @@ pub struct Settings {
     pub preserve_requests: bool,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Outcome {
-    /// `status.certificate`: the leaf and maybe intermediates, PEM.
-    Issued(String),
-    Denied(String),
-    Failed(String),
-    Deleted,
-}
+/// What a CertificateSigningRequest came to; when issued, `status.certificate` (the leaf and
+/// maybe intermediates, PEM).
+pub type Outcome = requests::Outcome<String>;
 
 /// What a CertificateSigningRequest came to, if anything yet.
 pub fn outcome_of(csr: &CertificateSigningRequest) -> Option<Outcome> {
@@ -129,19 +122,16 @@ impl KubeCsrIssuer {
                 "CertificateSigningRequest watch not synced".into(),
             ));
         }
-        // Named here, with the clean-up and the waiter in place before the create is sent.
-        let name = request_name();
-        let mut cleanup = Cleanup {
-            api: self.api.clone(),
-            name: name.clone(),
-            preserve: self.settings.preserve_requests,
-            settled: false,
-        };
-        let mut waiting = Waiting::register(&self.waiters, &name)
-            .ok_or_else(|| IssueError::Internal("waiter registry poisoned".into()))?;
+        let mut in_flight = InFlight::start(
+            &self.api,
+            &self.waiters,
+            self.settings.preserve_requests,
+            self.settings.timeout,
+            "CertificateSigningRequest",
+        )?;
         let request = CertificateSigningRequest {
             metadata: ObjectMeta {
-                name: Some(name.clone()),
+                name: Some(in_flight.name.clone()),
                 labels: Some([(REQUEST_LABEL_KEY.to_owned(), "true".to_owned())].into()),
                 ..Default::default()
             },
@@ -165,16 +155,7 @@ impl KubeCsrIssuer {
             },
             status: None,
         };
-        // One deadline for the whole request: create, approve, then the answer.
-        let deadline = tokio::time::Instant::now() + self.settings.timeout;
-        let created =
-            tokio::time::timeout_at(deadline, self.api.create(&PostParams::default(), &request))
-                .await
-                .map_err(|_| {
-                    IssueError::Unavailable("the API server did not answer the create".into())
-                })?;
-        cleanup.settled = true;
-        created.map_err(|e| match e {
+        in_flight.create(&request).await?.map_err(|e| match e {
             kube::Error::Api(e) if e.code == 422 => {
                 IssueError::Failed(format!("CertificateSigningRequest refused: {}", e.message))
             }
@@ -183,23 +164,16 @@ impl KubeCsrIssuer {
             }
         })?;
         if self.settings.approve {
-            tokio::time::timeout_at(deadline, self.approve(&name, signer_name))
-                .await
-                .map_err(|_| {
-                    IssueError::Unavailable("the API server did not answer the approval".into())
-                })??;
+            tokio::time::timeout_at(
+                in_flight.deadline,
+                self.approve(&in_flight.name, signer_name),
+            )
+            .await
+            .map_err(|_| {
+                IssueError::Unavailable("the API server did not answer the approval".into())
+            })??;
         }
-        let outcome = tokio::time::timeout_at(deadline, &mut waiting.answer).await;
-        match outcome {
-            Err(_) => Err(IssueError::Timeout),
-            Ok(Err(_)) => Err(IssueError::Internal("watch stopped".into())),
-            Ok(Ok(Outcome::Issued(chain))) => Ok(chain),
-            Ok(Ok(Outcome::Denied(message))) => Err(IssueError::Denied(message)),
-            Ok(Ok(Outcome::Failed(message))) => Err(IssueError::Failed(message)),
-            Ok(Ok(Outcome::Deleted)) => Err(IssueError::Failed(
-                "the CertificateSigningRequest was deleted while waiting".into(),
-            )),
-        }
+        in_flight.answer().await
     }
 }
 
@@ -283,30 +257,17 @@ async fn run_watch(
     waiters: Arc<Mutex<Waiters<Outcome>>>,
     synced: watch::Sender<bool>,
 ) -> anyhow::Result<()> {
-    let config = watcher::Config::default().labels(&format!("{REQUEST_LABEL_KEY}=true"));
-    let mut events = watcher(api, config).default_backoff().boxed();
-    while let Some(event) = events.next().await {
-        match event {
-            Ok(watcher::Event::Apply(csr) | watcher::Event::InitApply(csr)) => {
-                if let Some(outcome) = outcome_of(&csr)
-                    && let Ok(mut waiters) = waiters.lock()
-                {
-                    waiters.deliver(&csr.name_any(), outcome);
-                }
-            }
-            Ok(watcher::Event::Delete(csr)) => {
-                if let Ok(mut waiters) = waiters.lock() {
-                    waiters.deliver(&csr.name_any(), Outcome::Deleted);
-                }
-            }
-            Ok(watcher::Event::InitDone) => {
-                synced.send_replace(true);
-            }
-            Ok(watcher::Event::Init) => {}
-            Err(error) => tracing::warn!(%error, "CertificateSigningRequest watch interrupted"),
-        }
-    }
-    anyhow::bail!("CertificateSigningRequest watch ended")
+    requests::dispatch_outcomes(
+        api,
+        watcher::Config::default().labels(&format!("{REQUEST_LABEL_KEY}=true")),
+        waiters,
+        outcome_of,
+        || {
+            synced.send_replace(true);
+        },
+        "CertificateSigningRequest",
+    )
+    .await
 }
 
 #[cfg(test)]

@@ -6,9 +6,14 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use kube::Api;
-use kube::api::DeleteParams;
+use futures_util::StreamExt;
+use kube::api::{DeleteParams, PostParams};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, ResourceExt};
 use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+use super::IssueError;
 
 /// The prefix of every request name (istio-csr's generateName).
 pub const NAME_PREFIX: &str = "istio-csr-";
@@ -83,6 +88,132 @@ impl<O> Drop for Waiting<O> {
             waiters.waiting.remove(&self.name);
         }
     }
+}
+
+/// What a request object came to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome<T> {
+    Issued(T),
+    Denied(String),
+    Failed(String),
+    Deleted,
+}
+
+/// One request on its way: named here, with its clean-up and its waiter in place before the
+/// create is sent (a caller that goes away mid-create leaves nothing, and no answer can come
+/// before its waiter), and one deadline for all of it.
+pub struct InFlight<K, T>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
+{
+    pub name: String,
+    pub deadline: Instant,
+    /// The object's kind, for messages.
+    kind: &'static str,
+    api: Api<K>,
+    cleanup: Cleanup<K>,
+    waiting: Waiting<Outcome<T>>,
+}
+
+impl<K, T> InFlight<K, T>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug,
+    K: Send + 'static,
+{
+    pub fn start(
+        api: &Api<K>,
+        waiters: &Arc<Mutex<Waiters<Outcome<T>>>>,
+        preserve: bool,
+        timeout: Duration,
+        kind: &'static str,
+    ) -> Result<Self, IssueError> {
+        let name = request_name();
+        let waiting = Waiting::register(waiters, &name)
+            .ok_or_else(|| IssueError::Internal("waiter registry poisoned".into()))?;
+        Ok(Self {
+            cleanup: Cleanup {
+                api: api.clone(),
+                name: name.clone(),
+                preserve,
+                settled: false,
+            },
+            name,
+            deadline: Instant::now() + timeout,
+            kind,
+            api: api.clone(),
+            waiting,
+        })
+    }
+
+    /// Sends the create. An API server that does not answer is Unavailable; its own answer is
+    /// returned for the issuer to classify.
+    pub async fn create(&mut self, object: &K) -> Result<Result<K, kube::Error>, IssueError> {
+        let created = tokio::time::timeout_at(
+            self.deadline,
+            self.api.create(&PostParams::default(), object),
+        )
+        .await
+        .map_err(|_| {
+            IssueError::Unavailable(format!(
+                "the API server did not answer the {} create",
+                self.kind
+            ))
+        })?;
+        self.cleanup.settled = true;
+        Ok(created)
+    }
+
+    /// Waits for the answer until the deadline; the object is deleted afterwards either way.
+    pub async fn answer(mut self) -> Result<T, IssueError> {
+        match tokio::time::timeout_at(self.deadline, &mut self.waiting.answer).await {
+            Err(_) => Err(IssueError::Timeout),
+            Ok(Err(_)) => Err(IssueError::Internal("watch stopped".into())),
+            Ok(Ok(Outcome::Issued(issued))) => Ok(issued),
+            Ok(Ok(Outcome::Denied(message))) => Err(IssueError::Denied(message)),
+            Ok(Ok(Outcome::Failed(message))) => Err(IssueError::Failed(message)),
+            Ok(Ok(Outcome::Deleted)) => Err(IssueError::Failed(format!(
+                "the {} was deleted while waiting",
+                self.kind
+            ))),
+        }
+    }
+}
+
+/// The one shared watch of an issuer: every event `config` selects, dispatched to the waiters
+/// by name; `synced` is called each time the watch has listed.
+pub async fn dispatch_outcomes<K, T>(
+    api: Api<K>,
+    config: watcher::Config,
+    waiters: Arc<Mutex<Waiters<Outcome<T>>>>,
+    outcome_of: impl Fn(&K) -> Option<Outcome<T>>,
+    synced: impl Fn(),
+    kind: &'static str,
+) -> anyhow::Result<()>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
+{
+    let mut events = watcher(api, config).default_backoff().boxed();
+    while let Some(event) = events.next().await {
+        match event {
+            Ok(watcher::Event::Apply(object) | watcher::Event::InitApply(object)) => {
+                if let Some(outcome) = outcome_of(&object)
+                    && let Ok(mut waiters) = waiters.lock()
+                {
+                    waiters.deliver(&object.name_any(), outcome);
+                }
+            }
+            Ok(watcher::Event::Delete(object)) => {
+                if let Ok(mut waiters) = waiters.lock() {
+                    waiters.deliver(&object.name_any(), Outcome::Deleted);
+                }
+            }
+            Ok(watcher::Event::InitDone) => synced(),
+            Ok(watcher::Event::Init) => {}
+            // The watcher re-lists and resumes by itself; its errors are worth a line only.
+            Err(error) => tracing::warn!(%error, kind, "watch interrupted"),
+        }
+    }
+    anyhow::bail!("the {kind} watch ended")
 }
 
 /// Deletes the request object when dropped (every outcome, the caller going away included),
