@@ -83,12 +83,8 @@ async fn answers_every_pinned_root_for_a_rotation() {
     );
     let running = app::start(args, Hooks::default()).await.unwrap();
     let target = Target {
-        address: running.grpc_address.to_string(),
-        server_name: Some("localhost".into()),
-        root_cert: pinned.clone(),
-        token_file: None,
-        cluster_id: "Kubernetes".into(),
         timeout: std::time::Duration::from_secs(10),
+        ..localhost_target(running.grpc_address, pinned.clone())
     };
     let (csr, _) = p256_csr(DEFAULT_ID);
     let mut client = target.connect().await.unwrap();
@@ -118,12 +114,8 @@ async fn stops_signing_when_the_pinned_roots_no_longer_cover_the_ca_and_recovers
     .unwrap();
     let running = app::start(args, Hooks::default()).await.unwrap();
     let target = Target {
-        address: running.grpc_address.to_string(),
-        server_name: Some("localhost".into()),
-        root_cert: client_roots,
-        token_file: None,
-        cluster_id: "Kubernetes".into(),
         timeout: std::time::Duration::from_secs(10),
+        ..localhost_target(running.grpc_address, client_roots)
     };
     let call = || request_certificate(&target, Some("t0ken"), DEFAULT_ID);
     let readyz = || async {
@@ -272,14 +264,7 @@ async fn a_serving_certificate_renewal_keeps_open_connections_and_calls() {
     let (hooks, gate) = GatedIssuer::hooks();
     let running = app::start(args, hooks).await.unwrap();
     let gate = gate.get().unwrap().clone();
-    let target = Target {
-        address: running.grpc_address.to_string(),
-        server_name: Some("localhost".into()),
-        root_cert: pinned.clone(),
-        token_file: None,
-        cluster_id: "Kubernetes".into(),
-        timeout: std::time::Duration::from_secs(20),
-    };
+    let target = localhost_target(running.grpc_address, pinned.clone());
     let before = presented_certificate(running.grpc_address, &pinned).await;
 
     // A call held in flight on an open connection...

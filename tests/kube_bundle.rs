@@ -529,12 +529,8 @@ async fn tokens_are_reviewed_by_the_cluster_their_clusterid_names() {
         .await;
     let identity = "spiffe://cluster.local/ns/tokens-app/sa/web";
     let target = |cluster_id: &str| Target {
-        address: server.running.grpc_address.to_string(),
-        server_name: Some("localhost".into()),
-        root_cert: server.pinned(),
-        token_file: None,
         cluster_id: cluster_id.into(),
-        timeout: Duration::from_secs(20),
+        ..localhost_target(server.running.grpc_address, server.pinned())
     };
     let registered = eventually(WAIT, || async {
         server

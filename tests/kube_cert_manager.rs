@@ -271,12 +271,8 @@ async fn two_hundred_service_accounts_at_once_all_get_their_certificates() {
         ));
     }
     let target = istio_csr_rs::client::Target {
-        address: running.grpc_address.to_string(),
-        server_name: Some("localhost".into()),
-        root_cert: dir.path().join("roots.pem"),
-        token_file: None,
-        cluster_id: "Kubernetes".into(),
         timeout: Duration::from_secs(60),
+        ..localhost_target(running.grpc_address, dir.path().join("roots.pem"))
     };
     let client = target.connect().await.unwrap();
     let mut calls = Vec::new();
@@ -345,14 +341,7 @@ async fn without_pinned_roots_it_trusts_the_issuers_ca_on_first_use() {
     let token = cluster
         .token(namespace, "web", &["istio-ca"], 3600, None)
         .await;
-    let target = istio_csr_rs::client::Target {
-        address: running.grpc_address.to_string(),
-        server_name: Some("localhost".into()),
-        root_cert: dir.path().join("roots.pem"),
-        token_file: None,
-        cluster_id: "Kubernetes".into(),
-        timeout: Duration::from_secs(20),
-    };
+    let target = target_for(&running, &dir);
     let (csr, _) = p256_csr("spiffe://cluster.local/ns/cm-tofu/sa/web");
     let mut client = target.connect().await.unwrap();
     let chain = client
@@ -408,14 +397,7 @@ async fn the_runtime_issuer_config_map_switches_issuers_for_new_requests() {
     let token = cluster
         .token(namespace, "web", &["istio-ca"], 3600, None)
         .await;
-    let target = istio_csr_rs::client::Target {
-        address: running.grpc_address.to_string(),
-        server_name: Some("localhost".into()),
-        root_cert: dir.path().join("roots.pem"),
-        token_file: None,
-        cluster_id: "Kubernetes".into(),
-        timeout: Duration::from_secs(20),
-    };
+    let target = target_for(&running, &dir);
     let call = || async {
         request_certificate(
             &target,

@@ -84,12 +84,8 @@ async fn csr_server(namespace: &str, extra: &[&str]) -> CsrServer {
 impl CsrServer {
     fn target(&self) -> Target {
         Target {
-            address: self.running.grpc_address.to_string(),
-            server_name: Some("localhost".into()),
-            root_cert: self.dir.path().join("roots.pem"),
-            token_file: None,
-            cluster_id: "Kubernetes".into(),
             timeout: Duration::from_secs(30),
+            ..localhost_target(self.running.grpc_address, self.dir.path().join("roots.pem"))
         }
     }
 

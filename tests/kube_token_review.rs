@@ -2,8 +2,6 @@
 
 mod support;
 
-use std::time::Duration;
-
 use clap::Parser;
 use istio_csr_rs::app::{self, Hooks, Running};
 use istio_csr_rs::client::Target;
@@ -57,14 +55,10 @@ async fn signer(cluster: &TestCluster, extra: &[&str]) -> Signer {
 
 impl Signer {
     fn target(&self) -> Target {
-        Target {
-            address: self.running.grpc_address.to_string(),
-            server_name: Some("localhost".into()),
-            root_cert: self.dir.path().join("ca/root-cert.pem"),
-            token_file: None,
-            cluster_id: "Kubernetes".into(),
-            timeout: Duration::from_secs(20),
-        }
+        localhost_target(
+            self.running.grpc_address,
+            self.dir.path().join("ca/root-cert.pem"),
+        )
     }
 
     async fn create(&self, token: &str, identity: &str) -> Result<Vec<String>, tonic::Status> {

@@ -100,14 +100,7 @@ impl Replica {
     }
 
     fn target(&self, dir: &Path) -> Target {
-        Target {
-            address: self.grpc.to_string(),
-            server_name: Some("localhost".into()),
-            root_cert: dir.join("ca/root-cert.pem"),
-            token_file: None,
-            cluster_id: "Kubernetes".into(),
-            timeout: Duration::from_secs(20),
-        }
+        localhost_target(self.grpc, dir.join("ca/root-cert.pem"))
     }
 }
 

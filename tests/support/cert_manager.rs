@@ -271,12 +271,5 @@ pub fn target_for(
     running: &istio_csr_rs::app::Running,
     dir: &tempfile::TempDir,
 ) -> istio_csr_rs::client::Target {
-    istio_csr_rs::client::Target {
-        address: running.grpc_address.to_string(),
-        server_name: Some("localhost".into()),
-        root_cert: dir.path().join("roots.pem"),
-        token_file: None,
-        cluster_id: "Kubernetes".into(),
-        timeout: Duration::from_secs(20),
-    }
+    super::localhost_target(running.grpc_address, dir.path().join("roots.pem"))
 }

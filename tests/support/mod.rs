@@ -344,3 +344,17 @@ pub async fn presented_certificate(
         .clone()
         .into_owned()
 }
+
+/// A client of a test server on `address` presenting a `localhost` certificate, trusting
+/// `root_cert`, as a pod of the local cluster (20 s per call; tests that need another
+/// timeout or cluster override those fields).
+pub fn localhost_target(address: impl std::fmt::Display, root_cert: PathBuf) -> Target {
+    Target {
+        address: address.to_string(),
+        server_name: Some("localhost".into()),
+        root_cert,
+        token_file: None,
+        cluster_id: "Kubernetes".into(),
+        timeout: Duration::from_secs(20),
+    }
+}
