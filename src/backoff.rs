@@ -43,9 +43,14 @@ impl Backoff {
 }
 
 fn jitter(delay: Duration) -> Duration {
+    delay + delay.mul_f64(random_fraction() * 0.2)
+}
+
+/// A random number in [0, 1], in 256 steps: enough to spread retries apart.
+pub fn random_fraction() -> f64 {
     let mut byte = [0u8; 1];
     let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut byte);
-    delay + delay.mul_f64(f64::from(byte[0]) / 255.0 * 0.2)
+    f64::from(byte[0]) / 255.0
 }
 
 /// Runs `attempt` until it succeeds, logging each failure as `what failed`.
