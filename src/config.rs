@@ -43,6 +43,8 @@ pub struct ServeArgs {
     #[command(flatten)]
     pub bundle: BundleArgs,
     #[command(flatten)]
+    pub istiod_cert: IstiodCertArgs,
+    #[command(flatten)]
     pub admin: AdminArgs,
     #[command(flatten)]
     pub log: LogArgs,
@@ -97,6 +99,79 @@ pub struct BundleArgs {
     /// can write a Secret there could then run programs or read files in this pod.
     #[arg(long, env = "ISTIO_CSR_ALLOW_INSECURE_KUBECONFIG")]
     pub allow_insecure_kubeconfig: bool,
+}
+
+#[derive(Debug, Args)]
+#[command(next_help_heading = "istiod's serving certificate (leader only)")]
+pub struct IstiodCertArgs {
+    /// Issue istiod's serving certificate into Secret `istiod-tls` (tls.crt, tls.key, ca.crt),
+    /// for istiod running with ENABLE_CA_SERVER=false. Accepts `--istiod-cert-enabled=false`.
+    #[arg(long, env = "ISTIO_CSR_ISTIOD_CERT_ENABLED", num_args = 0..=1,
+          default_value_t = false, default_missing_value = "true",
+          value_parser = clap::builder::BoolishValueParser::new())]
+    pub istiod_cert_enabled: bool,
+
+    /// Namespace of istiod and of its Secret `istiod-tls`.
+    #[arg(
+        long,
+        env = "ISTIO_CSR_ISTIOD_CERT_NAMESPACE",
+        default_value = "istio-system"
+    )]
+    pub istiod_cert_namespace: String,
+
+    /// Lifetime requested for istiod's certificate.
+    #[arg(long, env = "ISTIO_CSR_ISTIOD_CERT_DURATION", default_value = "1h",
+          value_parser = humantime::parse_duration)]
+    pub istiod_cert_duration: Duration,
+
+    /// How long before expiry istiod's certificate is renewed.
+    #[arg(long, env = "ISTIO_CSR_ISTIOD_CERT_RENEW_BEFORE", default_value = "30m",
+          value_parser = humantime::parse_duration)]
+    pub istiod_cert_renew_before: Duration,
+
+    /// Key algorithm of istiod's private key.
+    #[arg(long, env = "ISTIO_CSR_ISTIOD_CERT_KEY_ALGORITHM", value_enum,
+          default_value_t = IstiodKeyAlgorithm::Rsa, ignore_case = true)]
+    pub istiod_cert_key_algorithm: IstiodKeyAlgorithm,
+
+    /// Key size: 2048, 3072 or 4096 for RSA; 256 or 384 for ECDSA [default: 2048 / 256].
+    #[arg(long, env = "ISTIO_CSR_ISTIOD_CERT_KEY_SIZE")]
+    pub istiod_cert_key_size: Option<u32>,
+
+    /// More DNS names for istiod's certificate, comma-separated.
+    #[arg(
+        long,
+        env = "ISTIO_CSR_ISTIOD_CERT_ADDITIONAL_DNS_NAMES",
+        value_delimiter = ','
+    )]
+    pub istiod_cert_additional_dns_names: Vec<String>,
+
+    /// Annotations on istiod's CertificateRequest, `key=value`, comma-separated.
+    #[arg(
+        long,
+        env = "ISTIO_CSR_ISTIOD_CERT_ADDITIONAL_ANNOTATIONS",
+        value_delimiter = ','
+    )]
+    pub istiod_cert_additional_annotations: Vec<String>,
+
+    /// Istio revisions served: `default` gives istiod.<ns>.svc, any other R gives
+    /// istiod-R.<ns>.svc; comma-separated.
+    #[arg(
+        long,
+        env = "ISTIO_CSR_ISTIOD_CERT_ISTIO_REVISIONS",
+        value_delimiter = ',',
+        default_value = "default"
+    )]
+    pub istiod_cert_istio_revisions: Vec<String>,
+}
+
+/// istio-csr's `--istiod-cert-key-algorithm` values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum IstiodKeyAlgorithm {
+    #[value(name = "RSA")]
+    Rsa,
+    #[value(name = "ECDSA")]
+    Ecdsa,
 }
 
 #[derive(Debug, Args)]

@@ -9,6 +9,7 @@ pub mod client;
 pub mod cluster;
 pub mod config;
 pub mod fswatch;
+pub mod istiod;
 pub mod leader;
 pub mod pki;
 pub mod signer;

@@ -96,7 +96,9 @@ impl DataDir {
         }
         if wants.tokens && !self.tokens_csv().exists() {
             let token = random_token()?;
-            write_new(&self.token_file(), format!("{token}\n").as_bytes(), 0o600)?;
+            // No trailing newline: ztunnel sends the file's bytes as the header value, untrimmed,
+            // and a newline makes the header invalid (the call never leaves ztunnel).
+            write_new(&self.token_file(), token.as_bytes(), 0o600)?;
             write_new(
                 &self.tokens_csv(),
                 format!("# token,namespace,serviceaccount\n{token},default,default\n").as_bytes(),
@@ -232,8 +234,10 @@ mod tests {
         assert_eq!(mode(data.token_file()), 0o600);
         let token = std::fs::read_to_string(data.token_file()).unwrap();
         let csv = std::fs::read_to_string(data.tokens_csv()).unwrap();
-        assert!(csv.contains(&format!("{},default,default", token.trim())));
-        assert_eq!(token.trim().len(), 64);
+        assert!(csv.contains(&format!("{token},default,default")));
+        // Exactly the token: ztunnel sends the raw bytes as a header value.
+        assert_eq!(token.len(), 64);
+        assert!(token.bytes().all(|b| b.is_ascii_hexdigit()), "{token:?}");
     }
 
     #[test]

@@ -94,9 +94,9 @@ async fn answers_an_external_chain_that_verifies_in_istio_order() {
     let server = with_real_ca(move |request, root| {
         let mid =
             intermediate.get_or_init(|| root.intermediate("vault intermediate", KeyAlg::EcdsaP256));
-        let leaf = leaf_for(request, mid, request.identities);
+        let leaf = leaf_for(request, mid, &request.names.uris);
         // Vault-style: the root and a duplicate mixed in.
-        Ok(Issued::External(vec![
+        Ok(Issued::external(vec![
             leaf,
             root.cert.clone(),
             mid.cert.clone(),
@@ -117,8 +117,8 @@ async fn answers_an_external_chain_that_verifies_in_istio_order() {
 async fn refuses_a_chain_from_a_rogue_ca_as_internal() {
     let rogue = Arc::new(TestCa::root("rogue", KeyAlg::EcdsaP256));
     let server = with_real_ca(move |request, _| {
-        Ok(Issued::External(vec![
-            leaf_for(request, &rogue, request.identities),
+        Ok(Issued::external(vec![
+            leaf_for(request, &rogue, &request.names.uris),
             rogue.cert.clone(),
         ]))
     })
@@ -130,7 +130,7 @@ async fn refuses_a_chain_from_a_rogue_ca_as_internal() {
 async fn refuses_a_trusted_chain_for_another_identity_as_internal() {
     let server = with_real_ca(|request, root| {
         let other = ["spiffe://cluster.local/ns/kube-system/sa/admin".to_owned()];
-        Ok(Issued::External(vec![leaf_for(request, root, &other)]))
+        Ok(Issued::external(vec![leaf_for(request, root, &other)]))
     })
     .await;
     assert_eq!(call(&server).await.unwrap_err().code(), Code::Internal);
@@ -142,13 +142,13 @@ async fn refuses_a_trusted_chain_for_another_key_as_internal() {
         let key = KeyAlg::EcdsaP256.generate();
         let now = OffsetDateTime::now_utc();
         let leaf = leaf::sign_workload(
-            request.identities,
+            &request.names.uris,
             &key,
             (now, now + time::Duration::hours(1)),
             &root.issuer(),
         )
         .unwrap();
-        Ok(Issued::External(vec![leaf]))
+        Ok(Issued::external(vec![leaf]))
     })
     .await;
     assert_eq!(call(&server).await.unwrap_err().code(), Code::Internal);

@@ -11,6 +11,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
+use istio_csr_rs::signer::issuer::{IssueRequest, Issuer, LeafNames, NO_ANNOTATIONS, Purpose};
 use support::cert_manager::{cert_manager_server_with, target_for};
 use support::kube::shared;
 use support::*;
@@ -238,8 +239,17 @@ async fn csr_latency_and_api_cost_on_a_real_apiserver() {
                     let identity = format!("spiffe://cluster.local/ns/{NAMESPACE}/sa/direct-{i}");
                     let (csr, _) = p256_csr(&identity);
                     let t = Instant::now();
+                    let checked = istio_csr_rs::pki::csr::parse_and_check(&csr).unwrap();
+                    let names = LeafNames::identities(&checked.uris);
                     issuer
-                        .submit(&csr, &identity, Duration::from_secs(3600))
+                        .issue(IssueRequest {
+                            purpose: Purpose::Workload,
+                            csr: &checked,
+                            names: &names,
+                            lifetime: Duration::from_secs(3600),
+                            cert_signer: None,
+                            annotations: &NO_ANNOTATIONS,
+                        })
                         .await
                         .unwrap();
                     t.elapsed()

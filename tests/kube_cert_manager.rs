@@ -9,13 +9,16 @@ use std::time::Duration;
 
 use ::kube::api::{Api, ListParams};
 use istio_csr_rs::app::Hooks;
-use istio_csr_rs::pki::chain::{self, ChainError, Expected, RootBundle};
+use istio_csr_rs::pki::chain::{self, ChainError, RootBundle};
 use istio_csr_rs::pki::csr::{self, CheckedCsr};
 use istio_csr_rs::pki::testing::{CsrBuilder, KeyAlg, TestCa};
+use istio_csr_rs::signer::issuance::{Issuance, IssuanceError};
 use istio_csr_rs::signer::issuer::cert_manager::{
     CertManagerIssuer, CertificateRequest, IDENTITIES_ANNOTATION, IssuerRef, Settings,
 };
-use istio_csr_rs::signer::issuer::{IssueError, IssueRequest, Issued, Issuer};
+use istio_csr_rs::signer::issuer::{
+    IssueError, IssueRequest, Issuer, LeafNames, NO_ANNOTATIONS, Purpose,
+};
 use rustls_pki_types::UnixTime;
 use support::cert_manager::{
     cert_manager_server, cert_manager_server_with, fixture_in, launch_cert_manager_server,
@@ -74,30 +77,26 @@ async fn issue(
 ) -> Result<Vec<rustls_pki_types::CertificateDer<'static>>, IssueError> {
     let csr = csr_for(identity);
     let identities = [identity.to_owned()];
-    let issued = setup
-        .issuer
+    // The service's own way in: the answer is verified against the pinned root.
+    let roots = RootBundle::from_certs(vec![setup.root.cert.clone()]).unwrap();
+    let (_keep, roots) = tokio::sync::watch::channel(std::sync::Arc::new(roots));
+    let issuance = Issuance::new(setup.issuer.clone(), roots);
+    let certified = issuance
         .issue(IssueRequest {
+            purpose: Purpose::Workload,
             csr: &csr,
-            identities: &identities,
+            names: &LeafNames::identities(&identities),
             lifetime: Duration::from_secs(3600),
             cert_signer: None,
+            annotations: &NO_ANNOTATIONS,
         })
-        .await?;
-    let Issued::External(certs) = issued else {
-        panic!("cert-manager answers are external");
-    };
-    // What the service does with it: verify against the pinned root.
-    let roots = RootBundle::from_certs(vec![setup.root.cert.clone()]).unwrap();
-    chain::verify(
-        &certs,
-        &roots,
-        UnixTime::now(),
-        &Expected {
-            uris: &identities,
-            spki_der: &csr.public_key.spki_der,
-        },
-    )
-    .map_err(|e| IssueError::Internal(e.to_string()))?;
+        .await
+        .map_err(|e| match e {
+            IssuanceError::Issue(e) => e,
+            IssuanceError::Chain(e) => IssueError::Internal(e.to_string()),
+        })?;
+    let mut certs = vec![certified.chain.leaf().clone()];
+    certs.extend(certified.chain.intermediates().iter().cloned());
     Ok(certs)
 }
 
@@ -210,11 +209,14 @@ async fn a_cancelled_wait_still_deletes_its_request() {
     let setup = setup("cm-cancel", "slow-issuer", Duration::from_secs(30), false).await;
     let csr = csr_for("spiffe://cluster.local/ns/cm-cancel/sa/web");
     let identities = ["spiffe://cluster.local/ns/cm-cancel/sa/web".to_owned()];
+    let names = LeafNames::identities(&identities);
     let call = setup.issuer.issue(IssueRequest {
+        purpose: Purpose::Workload,
         csr: &csr,
-        identities: &identities,
+        names: &names,
         lifetime: Duration::from_secs(3600),
         cert_signer: None,
+        annotations: &NO_ANNOTATIONS,
     });
     // The client goes away while the request waits: its future is dropped.
     let created = async {

@@ -253,3 +253,46 @@ async fn kube_csr_needs_a_signer_name_and_pinned_roots() {
         assert!(error.contains(expected), "{error}");
     }
 }
+
+#[tokio::test]
+async fn istiod_tls_comes_through_the_csr_api_too() {
+    let ns = "csr-istiod";
+    let server = csr_server(
+        ns,
+        &[
+            "--istiod-cert-enabled",
+            "--istiod-cert-namespace",
+            ns,
+            "--multicluster-secret-namespace",
+            ns,
+        ],
+    )
+    .await;
+    let api: ::kube::Api<k8s_openapi::api::core::v1::Secret> =
+        ::kube::Api::namespaced(shared().await.client().await, ns);
+    let secret = tokio::time::timeout(
+        Duration::from_secs(60),
+        ::kube::runtime::wait::await_condition(
+            api,
+            "istiod-tls",
+            ::kube::runtime::wait::conditions::is_created(),
+        ),
+    )
+    .await
+    .expect("istiod-tls never written")
+    .unwrap()
+    .unwrap();
+    let data = secret.data.unwrap();
+    let chain = istio_csr_rs::pki::pem::parse_certificates(&data["tls.crt"].0).unwrap();
+    let roots =
+        istio_csr_rs::pki::chain::RootBundle::from_certs(vec![cas().0.cert.clone()]).unwrap();
+    istio_csr_rs::pki::chain::verify_path(
+        &chain[0],
+        &chain[1..],
+        &roots,
+        rustls_pki_types::UnixTime::now(),
+    )
+    .expect("signed by the CSR API's signer, verified against the pinned root");
+    assert_eq!(data["ca.crt"].0, roots.pem().as_bytes());
+    drop(server);
+}

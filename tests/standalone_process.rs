@@ -270,3 +270,52 @@ fn logs_never_carry_the_token_or_any_pem_block() {
         assert!(line.starts_with('{'), "not a JSON log line: {line}");
     }
 }
+
+#[test]
+fn the_start_up_log_names_the_built_in_ca_as_the_signer_in_standalone_mode() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut child = Command::new(BIN)
+        .args(["serve", "--standalone", "--data-dir"])
+        .arg(tmp.path().join("data"))
+        .args([
+            "--serving-address",
+            "127.0.0.1:0",
+            "--admin-address",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, lines) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let config = loop {
+        let line = lines
+            .recv_timeout(Duration::from_secs(60))
+            .expect("no effective configuration logged");
+        if line.contains("effective configuration") {
+            break line;
+        }
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    let event: serde_json::Value = serde_json::from_str(&config).unwrap();
+    assert_eq!(event["signer"], "local-ca", "{config}");
+    assert!(
+        event["signs_with"]
+            .as_str()
+            .unwrap()
+            .starts_with("built-in CA in "),
+        "{config}"
+    );
+    assert!(!config.contains("cert-manager"), "{config}");
+}

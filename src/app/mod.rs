@@ -23,6 +23,7 @@ use crate::cluster::client::ClientFactory;
 use crate::cluster::remote::{ClusterWork, RemoteSecrets};
 use crate::cluster::{self, ClusterRegistry};
 use crate::config::{LogFormat, ServeArgs};
+use crate::istiod::{IstiodCertMetrics, IstiodCerts};
 use crate::leader::{self, Elector, LeaderMetrics, Leadership};
 use crate::pki::chain::RootBundle;
 use crate::proto::istio_v1_auth::istio_certificate_service_server::IstioCertificateServiceServer;
@@ -31,6 +32,7 @@ use crate::signer::authn::client_cert::ClientCertAuthenticator;
 use crate::signer::authn::node::KubeNodeAuthorizer;
 use crate::signer::authn::static_tokens::StaticTokens;
 use crate::signer::authn::token_review::{TokenReviewMetrics, TokenReviewer};
+use crate::signer::issuance::Issuance;
 use crate::signer::issuer::Issuer;
 use crate::signer::issuer::cert_manager::CertManagerIssuer;
 use crate::signer::issuer::kube_csr::KubeCsrIssuer;
@@ -38,7 +40,7 @@ use crate::signer::issuer::local_ca::LocalCa;
 use crate::signer::listener;
 use crate::signer::metrics::SignerMetrics;
 use crate::signer::service::{CaService, Settings};
-use crate::signer::serving::{ServingCerts, ServingNames, ServingSource};
+use crate::signer::serving::{ServingCerts, ServingNames};
 use crate::signer::tls::{self, MeshClientVerifier, ServingCertResolver};
 use crate::standalone::{self, DataDir, Wants};
 use plan::{Plan, SignerPlan};
@@ -246,6 +248,16 @@ pub async fn launch(args: ServeArgs, hooks: Hooks) -> anyhow::Result<Launched> {
         None => None,
     };
     let bundle_metrics = BundleMetrics::register(&mut registry);
+    let istiod_metrics = plan
+        .istiod_cert
+        .as_ref()
+        .map(|_| IstiodCertMetrics::register(&mut registry));
+    if plan.istiod_cert.is_some() && kube.is_none() {
+        bail!(
+            "--istiod-cert-enabled needs a Kubernetes configuration (--kubeconfig, KUBECONFIG or \
+             in-cluster) to write Secret istiod-tls"
+        );
+    }
     let mut issuer = signer.issuer.clone();
     if let Some(wrap) = hooks.wrap_issuer {
         issuer = wrap(issuer);
@@ -321,6 +333,7 @@ pub async fn launch(args: ServeArgs, hooks: Hooks) -> anyhow::Result<Launched> {
         clusters,
         leader,
         bundle_metrics,
+        istiod_metrics,
     };
     let stop_requested = stop.clone();
     let done = tokio::spawn(async move {
@@ -339,7 +352,6 @@ pub async fn launch(args: ServeArgs, hooks: Hooks) -> anyhow::Result<Launched> {
 /// The signer's parts that exist before anything is waited for.
 struct SignerParts {
     issuer: Arc<dyn Issuer>,
-    serving_source: ServingSource,
     /// Set for `--signer cert-manager`: start-up waits for it to be usable.
     cert_manager: Option<Arc<CertManagerIssuer>>,
     /// `None`: trust the issuer's CA on first use.
@@ -365,8 +377,7 @@ fn build_signer(
             let ca = Arc::new(ca);
             tasks.push(liveness.spawn("ca-reload", ca.clone().watch()?));
             Ok(SignerParts {
-                issuer: ca.clone(),
-                serving_source: ServingSource::LocalCa(ca),
+                issuer: ca,
                 cert_manager: None,
                 roots: Some(roots),
             })
@@ -391,7 +402,6 @@ fn build_signer(
             }
             Ok(SignerParts {
                 issuer: issuer.clone(),
-                serving_source: ServingSource::CertManager(issuer.clone()),
                 cert_manager: Some(issuer),
                 roots: pinned,
             })
@@ -404,8 +414,7 @@ fn build_signer(
             let (issuer, watch) = KubeCsrIssuer::new(client, settings.clone());
             tasks.push(liveness.spawn("certificate-signing-request-watch", watch));
             Ok(SignerParts {
-                issuer: issuer.clone(),
-                serving_source: ServingSource::KubeCsr(issuer),
+                issuer,
                 cert_manager: None,
                 roots: pinned,
             })
@@ -438,6 +447,7 @@ struct Starting {
     clusters: ClusterRegistry,
     leader: Option<LeaderTask>,
     bundle_metrics: BundleMetrics,
+    istiod_metrics: Option<IstiodCertMetrics>,
 }
 
 impl Starting {
@@ -545,7 +555,7 @@ impl Starting {
             (None, Some(issuer)) => {
                 let bundle =
                     backoff::retry_forever("trusting the issuer's CA on first use", || {
-                        roots::roots_on_first_use(issuer, &self.plan.serving_names)
+                        roots::roots_on_first_use(issuer.as_ref(), &self.plan.serving_names)
                     })
                     .await;
                 let (tx, rx) = watch::channel(Arc::new(bundle));
@@ -593,16 +603,34 @@ impl Starting {
             None
         };
 
+        // The one way into the issuers, for every certificate from here on.
+        let issuance = Issuance::new(self.issuer.clone(), roots.clone());
         let serving_certs = Arc::new(ServingCerts::new(
-            self.signer.serving_source.clone(),
-            ServingNames::from_names(&self.plan.serving_names),
+            issuance.clone(),
+            &ServingNames::from_names(&self.plan.serving_names),
             args.serving_tls.serving_certificate_duration,
             self.resolver.clone(),
-            roots.clone(),
         ));
         let renewals = serving_certs.start().await;
         self.tasks
             .push(self.liveness.spawn("serving-cert", renewals));
+        if let (Some(spec), Some(metrics), Some(client), Some(leader)) = (
+            &self.plan.istiod_cert,
+            &self.istiod_metrics,
+            &self.kube,
+            &self.leader,
+        ) {
+            let istiod = IstiodCerts {
+                client: client.clone(),
+                spec: Arc::new(spec.clone()),
+                issuance: issuance.clone(),
+                metrics: metrics.clone(),
+            };
+            self.tasks.push(self.liveness.spawn(
+                "istiod-cert",
+                istiod.run_while_leader(leader.leadership.clone()),
+            ));
+        }
 
         let service = CaService::new(
             Settings {
@@ -614,8 +642,7 @@ impl Starting {
             self.signer_metrics.clone(),
             self.clusters.clone(),
             authenticators,
-            self.issuer.clone(),
-            roots,
+            issuance.clone(),
         );
         let service = match &self.kube {
             Some(client) => {

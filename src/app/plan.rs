@@ -9,6 +9,7 @@ use anyhow::{Context, bail};
 
 use crate::bundle::selector::Selector;
 use crate::config::{IssuanceArgs, ServeArgs};
+use crate::istiod::IstiodCertSpec;
 use crate::leader::Timing;
 use crate::pki::identity;
 use crate::signer::Signer;
@@ -42,6 +43,8 @@ pub(super) struct Plan {
     pub standalone: Option<DataDir>,
     pub namespace_selector: Selector,
     pub leader_timing: Timing,
+    /// istiod's certificate, when `--istiod-cert-enabled`.
+    pub istiod_cert: Option<IstiodCertSpec>,
 }
 
 impl Plan {
@@ -98,6 +101,17 @@ impl Plan {
             }
         }
         let standalone = args.standalone.standalone;
+        let istiod_cert = if args.istiod_cert.istiod_cert_enabled {
+            if standalone {
+                bail!("--istiod-cert-enabled needs Kubernetes: it writes Secret istiod-tls");
+            }
+            Some(
+                IstiodCertSpec::from_args(&args.istiod_cert, &args.server.trust_domain)
+                    .map_err(anyhow::Error::msg)?,
+            )
+        } else {
+            None
+        };
         let address = |given: Option<SocketAddr>, default: &str, standalone_default: &str| {
             given.map_or_else(
                 || {
@@ -143,6 +157,7 @@ impl Plan {
                 standalone: Some(data),
                 namespace_selector,
                 leader_timing,
+                istiod_cert,
             });
         }
         let signer = match args.issuance.signer {
@@ -167,6 +182,10 @@ impl Plan {
                     "--serving-certificate-duration",
                     args.serving_tls.serving_certificate_duration,
                 ),
+                (
+                    "--istiod-cert-duration",
+                    istiod_cert.as_ref().map_or(Duration::MAX, |c| c.duration),
+                ),
             ] {
                 if value < Duration::from_secs(600) {
                     bail!("{flag} must be at least 10m with --signer kube-csr");
@@ -185,6 +204,7 @@ impl Plan {
             standalone: None,
             namespace_selector,
             leader_timing,
+            istiod_cert,
         })
     }
 }
@@ -244,11 +264,26 @@ fn cert_manager_settings(args: &IssuanceArgs) -> anyhow::Result<cert_manager::Se
 impl Plan {
     /// The effective configuration, once, at start-up. Paths only: never file contents.
     pub(super) fn log(&self, args: &ServeArgs) {
+        // The signer that really signs: standalone mode always uses the built-in CA.
+        let (signer, signs_with) = match &self.signer {
+            SignerPlan::LocalCa(dir) => ("local-ca", format!("built-in CA in {}", dir.display())),
+            SignerPlan::CertManager(s) => (
+                "cert-manager",
+                match &args.issuance.runtime_issuance_config_map_name {
+                    Some(name) => format!("the issuer named by ConfigMap {name}"),
+                    None => format!(
+                        "{}/{}.{} in {}",
+                        s.issuer.name, s.issuer.kind, s.issuer.group, s.namespace
+                    ),
+                },
+            ),
+            SignerPlan::KubeCsr(s) => ("kube-csr", format!("signerName {}", s.signer_name)),
+        };
         tracing::info!(
             standalone = self.standalone.is_some(),
-            signer = args.issuance.signer.label(),
-            local_ca_dir = ?args.issuance.local_ca_dir,
-            issuer = %format!("{}/{}.{}", args.issuance.issuer_name, args.issuance.issuer_kind, args.issuance.issuer_group),
+            signer,
+            signs_with = %signs_with,
+            istiod_cert = ?self.istiod_cert.as_ref().map(|c| (&c.namespace, &c.names.dns)),
             root_ca_file = ?args.issuance.root_ca_file,
             token_auth_file = ?self.token_auth_file,
             client_cert_authenticator = args.server.enable_client_cert_authenticator,

@@ -10,7 +10,8 @@ use tokio::sync::watch;
 use super::plan::MIN_CERTIFICATE_DURATION;
 use crate::fswatch::{self, FileWatch};
 use crate::pki::chain::RootBundle;
-use crate::signer::issuer::cert_manager::CertManagerIssuer;
+use crate::signer::issuance::own_csr;
+use crate::signer::issuer::{IssueRequest, Issued, Issuer, NO_ANNOTATIONS, Purpose};
 use crate::signer::serving::ServingNames;
 use crate::standalone;
 
@@ -63,8 +64,9 @@ pub(super) fn watch_root_file(
 
 /// Without --root-ca-file, trusts the CA cert-manager names in `status.ca` of a first request
 /// (istio-csr's behaviour, with its warning): a hijacked issuer at that moment would be trusted.
+/// The one request that is not verified, since it is what the roots come from.
 pub(super) async fn roots_on_first_use(
-    issuer: &CertManagerIssuer,
+    issuer: &dyn Issuer,
     serving_names: &[String],
 ) -> anyhow::Result<RootBundle> {
     tracing::warn!(
@@ -72,13 +74,24 @@ pub(super) async fn roots_on_first_use(
          Pin the roots with --root-ca-file to defend against a hijacked signer"
     );
     let key = crate::pki::keys::generate_ecdsa_p256()?;
-    let names = ServingNames::from_names(serving_names);
-    let csr = crate::signer::serving::serving_csr(&names, &key)?;
-    let (_, ca_pem) = issuer
-        .submit(&csr, &names.dns.join(","), MIN_CERTIFICATE_DURATION)
+    let names = ServingNames::from_names(serving_names).leaf_names();
+    let csr = own_csr(&names, &key)?;
+    let issued = issuer
+        .issue(IssueRequest {
+            purpose: Purpose::Serving,
+            csr: &csr,
+            names: &names,
+            lifetime: MIN_CERTIFICATE_DURATION,
+            cert_signer: None,
+            annotations: &NO_ANNOTATIONS,
+        })
         .await
         .context("asking the issuer for its CA (status.ca)")?;
-    RootBundle::from_pem(ca_pem.as_bytes())
+    let ca = match issued {
+        Issued::External { ca, .. } => ca,
+        Issued::InProcess { roots, .. } => roots.certs().to_vec(),
+    };
+    RootBundle::from_certs(ca)
         .context("the issuer's status.ca holds no usable root: pin one with --root-ca-file")
 }
 

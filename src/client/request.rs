@@ -99,10 +99,7 @@ async fn request(args: &RequestArgs) -> anyhow::Result<String> {
         &certs,
         &trusted,
         UnixTime::now(),
-        &Expected {
-            uris: &identities,
-            spki_der: &spki,
-        },
+        &Expected::identities(&identities, &spki),
     )
     .context("the returned chain does not verify")?;
     let (_, leaf) = X509Certificate::from_der(verified.leaf())?;

@@ -5,6 +5,7 @@
 //! workloads accept a certificate the mesh does not trust, nor one for another identity or key.
 
 use std::collections::HashSet;
+use std::net::IpAddr;
 
 use rustls_pki_types::{CertificateDer, TrustAnchor, UnixTime};
 use webpki::{EndEntityCert, KeyUsage};
@@ -99,11 +100,26 @@ impl RootBundle {
     }
 }
 
-/// What the issued leaf must carry, checked on top of the signature path.
+/// What the issued leaf must carry, checked on top of the signature path: exactly these
+/// names (no more, no fewer, in any order) and this key.
 pub struct Expected<'a> {
     pub uris: &'a [String],
+    pub dns: &'a [String],
+    pub ips: &'a [IpAddr],
     /// DER SubjectPublicKeyInfo of the CSR's key.
     pub spki_der: &'a [u8],
+}
+
+impl<'a> Expected<'a> {
+    /// A workload leaf: URI SANs only.
+    pub fn identities(uris: &'a [String], spki_der: &'a [u8]) -> Self {
+        Self {
+            uris,
+            dns: &[],
+            ips: &[],
+            spki_der,
+        }
+    }
 }
 
 /// A leaf and its intermediates, in path order (leaf's issuer first), root excluded.
@@ -216,11 +232,18 @@ fn check_leaf(
     if cert.public_key().raw != expected.spki_der {
         return Err(ChainError::KeyMismatch);
     }
-    let mut uris = uri_sans(&cert)?;
-    uris.sort_unstable();
-    let mut want: Vec<&str> = expected.uris.iter().map(String::as_str).collect();
-    want.sort_unstable();
-    if uris != want {
+    let names = LeafSans::of(&cert)?;
+    let sorted = |items: &[String]| {
+        let mut v: Vec<String> = items.to_vec();
+        v.sort_unstable();
+        v.dedup();
+        v
+    };
+    let mut ips = expected.ips.to_vec();
+    ips.sort_unstable();
+    ips.dedup();
+    if names.uris != sorted(expected.uris) || names.dns != sorted(expected.dns) || names.ips != ips
+    {
         return Err(ChainError::IdentityMismatch);
     }
     let validity = cert.validity();
@@ -228,6 +251,51 @@ fn check_leaf(
         validity.not_before.timestamp(),
         validity.not_after.timestamp(),
     ))
+}
+
+/// A leaf's SANs by kind, each sorted and deduplicated; a kind other than these is an error.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct LeafSans {
+    pub uris: Vec<String>,
+    pub dns: Vec<String>,
+    pub ips: Vec<IpAddr>,
+}
+
+impl LeafSans {
+    pub fn of(cert: &X509Certificate<'_>) -> Result<Self, ChainError> {
+        let mut out = Self::default();
+        for ext in cert.extensions() {
+            if let ParsedExtension::SubjectAlternativeName(san) = ext.parsed_extension() {
+                for name in &san.general_names {
+                    match name {
+                        GeneralName::URI(u) => out.uris.push((*u).to_owned()),
+                        GeneralName::DNSName(d) => out.dns.push((*d).to_owned()),
+                        GeneralName::IPAddress(bytes) => out.ips.push(ip_from_bytes(bytes)?),
+                        _ => return Err(ChainError::IdentityMismatch),
+                    }
+                }
+            }
+        }
+        out.uris.sort_unstable();
+        out.uris.dedup();
+        out.dns.sort_unstable();
+        out.dns.dedup();
+        out.ips.sort_unstable();
+        out.ips.dedup();
+        Ok(out)
+    }
+}
+
+fn ip_from_bytes(bytes: &[u8]) -> Result<IpAddr, ChainError> {
+    match bytes.len() {
+        4 => Ok(IpAddr::from(
+            <[u8; 4]>::try_from(bytes).map_err(|_| ChainError::IdentityMismatch)?,
+        )),
+        16 => Ok(IpAddr::from(
+            <[u8; 16]>::try_from(bytes).map_err(|_| ChainError::IdentityMismatch)?,
+        )),
+        _ => Err(ChainError::IdentityMismatch),
+    }
 }
 
 /// The URI SANs of a certificate; any other SAN type on a workload leaf is an error.
@@ -270,10 +338,7 @@ mod tests {
         let spki = cert.public_key().raw;
         // Leak-free: tie the slice to the leaf's buffer, which outlives the check.
         let start = spki.as_ptr() as usize - leaf.as_ref().as_ptr() as usize;
-        Expected {
-            uris,
-            spki_der: &leaf.as_ref()[start..start + spki.len()],
-        }
+        Expected::identities(uris, &leaf.as_ref()[start..start + spki.len()])
     }
 
     fn ids() -> Vec<String> {

@@ -150,6 +150,20 @@ pub fn check_der(der: &[u8]) -> Result<CheckedCsr, CsrError> {
     })
 }
 
+/// Reads a CSR this process made for itself (serving certificates, istiod's): its key and DER,
+/// without the workload policy, which forbids the DNS names and CN those carry. The names to
+/// sign come from the caller, never from this CSR.
+pub fn own_der(der: &[u8]) -> Result<CheckedCsr, CsrError> {
+    let (_, csr) =
+        X509CertificationRequest::from_der(der).map_err(|e| CsrError::Malformed(e.to_string()))?;
+    let public_key = check_public_key(&csr)?;
+    Ok(CheckedCsr {
+        uris: Vec::new(),
+        public_key,
+        der: der.to_vec(),
+    })
+}
+
 fn check_signature_algorithm(csr: &X509CertificationRequest<'_>) -> Result<(), CsrError> {
     let alg = &csr.signature_algorithm.algorithm;
     // SHA-1 (still accepted by x509-parser's verifier) and Ed25519 are refused here.

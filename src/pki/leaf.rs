@@ -55,6 +55,52 @@ pub fn random_serial() -> SerialNumber {
     SerialNumber::from_slice(&bytes)
 }
 
+/// The names a leaf carries. Every certificate this project asks for or signs is described by
+/// one: a workload's URI SANs, a serving certificate's DNS names and IPs, istiod's both plus a CN.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LeafNames {
+    pub uris: Vec<String>,
+    pub dns: Vec<String>,
+    pub ips: Vec<IpAddr>,
+    /// The subject CN, when the certificate has one (istiod's); workloads have none.
+    pub common_name: Option<String>,
+}
+
+impl LeafNames {
+    /// A workload's: its SPIFFE identities only.
+    pub fn identities(uris: &[String]) -> Self {
+        Self {
+            uris: uris.to_vec(),
+            ..Self::default()
+        }
+    }
+
+    /// Every name, comma-separated, for request annotations and logs.
+    pub fn describe(&self) -> String {
+        let mut all: Vec<String> = self.uris.clone();
+        all.extend(self.dns.iter().cloned());
+        all.extend(self.ips.iter().map(IpAddr::to_string));
+        all.join(",")
+    }
+
+    fn sans(&self) -> Result<Vec<SanType>, LeafError> {
+        let invalid = |name: &String| LeafError::InvalidSan(name.clone());
+        let mut sans = Vec::with_capacity(self.uris.len() + self.dns.len() + self.ips.len());
+        for uri in &self.uris {
+            sans.push(SanType::URI(
+                uri.as_str().try_into().map_err(|_| invalid(uri))?,
+            ));
+        }
+        for name in &self.dns {
+            sans.push(SanType::DnsName(
+                name.as_str().try_into().map_err(|_| invalid(name))?,
+            ));
+        }
+        sans.extend(self.ips.iter().copied().map(SanType::IpAddress));
+        Ok(sans)
+    }
+}
+
 /// Issues a workload certificate: empty subject, the URI SANs (critical because the subject is
 /// empty), digitalSignature + keyEncipherment, serverAuth + clientAuth.
 pub fn sign_workload(
@@ -63,36 +109,21 @@ pub fn sign_workload(
     window: (OffsetDateTime, OffsetDateTime),
     issuer: &rcgen::Issuer<'_, impl SigningKey>,
 ) -> Result<CertificateDer<'static>, LeafError> {
-    let sans = uris
-        .iter()
-        .map(|u| {
-            u.as_str()
-                .try_into()
-                .map(SanType::URI)
-                .map_err(|_| LeafError::InvalidSan(u.clone()))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    sign_tls_leaf(sans, public_key, window, issuer)
+    sign_leaf(&LeafNames::identities(uris), public_key, window, issuer)
 }
 
-/// Issues a serving certificate for DNS names and IP addresses.
-pub fn sign_serving(
-    dns_names: &[String],
-    ips: &[IpAddr],
+/// Issues a TLS leaf for `names`: the same profile as workloads, with a CN when one is given.
+pub fn sign_leaf(
+    names: &LeafNames,
     public_key: &impl PublicKeyData,
     window: (OffsetDateTime, OffsetDateTime),
     issuer: &rcgen::Issuer<'_, impl SigningKey>,
 ) -> Result<CertificateDer<'static>, LeafError> {
-    let mut sans = Vec::with_capacity(dns_names.len() + ips.len());
-    for name in dns_names {
-        let ia5 = name
-            .as_str()
-            .try_into()
-            .map_err(|_| LeafError::InvalidSan(name.clone()))?;
-        sans.push(SanType::DnsName(ia5));
+    let mut subject = DistinguishedName::new();
+    if let Some(cn) = &names.common_name {
+        subject.push(rcgen::DnType::CommonName, cn.as_str());
     }
-    sans.extend(ips.iter().copied().map(SanType::IpAddress));
-    sign_tls_leaf(sans, public_key, window, issuer)
+    sign_tls_leaf(names.sans()?, subject, public_key, window, issuer)
 }
 
 /// Parameters of a CA certificate (self-signed root or intermediate) valid from an hour ago
@@ -124,12 +155,13 @@ pub fn ca_params(
 
 fn sign_tls_leaf(
     sans: Vec<SanType>,
+    subject: DistinguishedName,
     public_key: &impl PublicKeyData,
     (not_before, not_after): (OffsetDateTime, OffsetDateTime),
     issuer: &rcgen::Issuer<'_, impl SigningKey>,
 ) -> Result<CertificateDer<'static>, LeafError> {
     let mut params = CertificateParams::default();
-    params.distinguished_name = DistinguishedName::new();
+    params.distinguished_name = subject;
     params.subject_alt_names = sans;
     params.not_before = not_before;
     params.not_after = not_after;

@@ -7,6 +7,7 @@
 use tonic::{Code, Status};
 
 use super::authn::AuthnError;
+use super::issuance::IssuanceError;
 use super::issuer::IssueError;
 use crate::pki::chain::ChainError;
 use crate::pki::csr::CsrError;
@@ -34,6 +35,15 @@ pub enum SignError {
     Chain(#[from] ChainError),
     #[error("too many requests in flight")]
     Overloaded,
+}
+
+impl From<IssuanceError> for SignError {
+    fn from(error: IssuanceError) -> Self {
+        match error {
+            IssuanceError::Issue(e) => SignError::Issue(e),
+            IssuanceError::Chain(e) => SignError::Chain(e),
+        }
+    }
 }
 
 impl SignError {

@@ -2,6 +2,7 @@
 
 pub mod authn;
 pub mod error;
+pub mod issuance;
 pub mod issuer;
 pub mod listener;
 pub mod metrics;

@@ -4,18 +4,17 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use prost_types::value::Kind;
-use rustls_pki_types::UnixTime;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::Semaphore;
 use tonic::{Code, Request, Response, Status};
 
 use super::authn::node::{NodeAuthorizer, NodeCheckError};
 use super::authn::{self, Authenticator, Caller, Credentials};
 use super::error::{SignError, to_status};
-use super::issuer::{IssueRequest, Issued, Issuer};
+use super::issuance::{Certified, Issuance};
+use super::issuer::{IssueRequest, LeafNames, NO_ANNOTATIONS, Purpose};
 use super::listener::ConnInfo;
 use super::metrics::SignerMetrics;
 use crate::cluster::{ClusterRegistry, ClusterTarget};
-use crate::pki::chain::{self, Expected, RootBundle};
 use crate::pki::csr;
 use crate::pki::identity::SpiffeId;
 use crate::proto::istio_v1_auth::istio_certificate_service_server::IstioCertificateService;
@@ -40,8 +39,7 @@ pub struct CaService {
     metrics: SignerMetrics,
     clusters: ClusterRegistry,
     authenticators: Vec<Arc<dyn Authenticator>>,
-    issuer: Arc<dyn Issuer>,
-    roots: watch::Receiver<Arc<RootBundle>>,
+    issuance: Issuance,
     inflight: Arc<Semaphore>,
     node_authorizer: Option<Arc<dyn NodeAuthorizer>>,
 }
@@ -52,8 +50,7 @@ impl CaService {
         metrics: SignerMetrics,
         clusters: ClusterRegistry,
         authenticators: Vec<Arc<dyn Authenticator>>,
-        issuer: Arc<dyn Issuer>,
-        roots: watch::Receiver<Arc<RootBundle>>,
+        issuance: Issuance,
     ) -> Self {
         let inflight = Arc::new(Semaphore::new(settings.max_inflight));
         Self {
@@ -61,8 +58,7 @@ impl CaService {
             metrics,
             clusters,
             authenticators,
-            issuer,
-            roots,
+            issuance,
             inflight,
             node_authorizer: None,
         }
@@ -116,32 +112,21 @@ impl CaService {
         }
 
         let lifetime = clamp_lifetime(body.validity_duration, self.settings.max_lifetime);
-        let issued = self
-            .issuer
+        let names = LeafNames::identities(&csr.uris);
+        let Certified {
+            chain: verified,
+            roots,
+        } = self
+            .issuance
             .issue(IssueRequest {
+                purpose: Purpose::Workload,
                 csr: &csr,
-                identities: &csr.uris,
+                names: &names,
                 lifetime,
                 cert_signer: options.cert_signer,
+                annotations: &NO_ANNOTATIONS,
             })
             .await?;
-        let (verified, roots) = match issued {
-            Issued::InProcess { chain, roots } => (chain, roots),
-            Issued::External(certs) => {
-                // Read the roots after signing so a rotation during the wait is honoured.
-                let roots = self.roots.borrow().clone();
-                let chain = chain::verify(
-                    &certs,
-                    &roots,
-                    UnixTime::now(),
-                    &Expected {
-                        uris: &csr.uris,
-                        spki_der: &csr.public_key.spki_der,
-                    },
-                )?;
-                (chain, roots)
-            }
-        };
         Ok(Signed {
             lifetime_secs: verified.lifetime_secs() as f64,
             response: IstioCertificateResponse {
@@ -285,7 +270,7 @@ impl IstioCertificateService for CaService {
         let impersonating = options.and_then(|o| o.impersonated_identity).unwrap_or("-");
         let elapsed = started.elapsed().as_secs_f64();
         let elapsed_ms = (elapsed * 1e5).round() / 100.0;
-        let signer = self.issuer.label();
+        let signer = self.issuance.issuer().label();
         match result {
             Ok(signed) => {
                 self.metrics.observe_request(Code::Ok, signer, elapsed);

@@ -11,16 +11,12 @@ use time::OffsetDateTime;
 
 use tokio::sync::watch;
 
-use rustls_pki_types::UnixTime;
-
-use super::issuer::cert_manager::CertManagerIssuer;
-use super::issuer::kube_csr::KubeCsrIssuer;
-use super::issuer::local_ca::LocalCa;
+use super::issuance::{Issuance, own_csr};
+use super::issuer::{IssueRequest, LeafNames, NO_ANNOTATIONS, Purpose};
 use super::tls::ServingCertResolver;
 use crate::backoff;
 use crate::pki::chain::RootBundle;
 use crate::pki::keys;
-use crate::pki::{chain, pem};
 
 /// Keeps a CA about to expire (so short leaves) from a busy renewal loop.
 const RENEW_FLOOR: Duration = Duration::from_secs(1);
@@ -46,90 +42,21 @@ impl ServingNames {
     }
 }
 
-/// Where serving certificates come from: the active issuer.
-#[derive(Clone)]
-pub enum ServingSource {
-    LocalCa(Arc<LocalCa>),
-    CertManager(Arc<CertManagerIssuer>),
-    KubeCsr(Arc<KubeCsrIssuer>),
-}
-
-impl ServingSource {
-    /// A chain (leaf first, no root) for `key`, verified against `roots`.
-    async fn obtain(
-        &self,
-        names: &ServingNames,
-        key: &KeyPair,
-        lifetime: Duration,
-        roots: &RootBundle,
-    ) -> anyhow::Result<Vec<CertificateDer<'static>>> {
-        match self {
-            ServingSource::LocalCa(ca) => {
-                let chain = ca.usable()?.sign_serving(
-                    &names.dns,
-                    &names.ips,
-                    key,
-                    lifetime,
-                    OffsetDateTime::now_utc(),
-                )?;
-                let mut certs = vec![chain.leaf().clone()];
-                certs.extend(chain.intermediates().iter().cloned());
-                Ok(certs)
-            }
-            ServingSource::CertManager(issuer) => {
-                let csr = serving_csr(names, key)?;
-                let label = names.dns.join(",");
-                let (chain_pem, ca_pem) = issuer.submit(&csr, &label, lifetime).await?;
-                let mut certs = pem::parse_certificates(chain_pem.as_bytes())?;
-                certs.extend(pem::parse_certificates(ca_pem.as_bytes()).unwrap_or_default());
-                verified_chain(certs, roots)
-            }
-            ServingSource::KubeCsr(issuer) => {
-                let csr = serving_csr(names, key)?;
-                let chain_pem = issuer
-                    .submit(&csr, &issuer.signer_for(None)?, lifetime)
-                    .await?;
-                verified_chain(pem::parse_certificates(chain_pem.as_bytes())?, roots)
-            }
+impl ServingNames {
+    /// As the issuers take them.
+    pub fn leaf_names(&self) -> LeafNames {
+        LeafNames {
+            dns: self.dns.clone(),
+            ips: self.ips.clone(),
+            ..LeafNames::default()
         }
     }
 }
 
-/// An external signer's answer (leaf first, then whatever came with it), as the chain to serve:
-/// the same defence as for workloads, only a path to the pinned roots is served.
-fn verified_chain(
-    mut certs: Vec<CertificateDer<'static>>,
-    roots: &RootBundle,
-) -> anyhow::Result<Vec<CertificateDer<'static>>> {
-    anyhow::ensure!(!certs.is_empty(), "the signer answered no certificate");
-    let leaf = certs.remove(0);
-    let intermediates = chain::verify_path(&leaf, &certs, roots, UnixTime::now())?;
-    let mut out = vec![leaf];
-    out.extend(intermediates);
-    Ok(out)
-}
-
-/// A CSR for the serving names: empty subject, DNS and IP SANs.
-pub fn serving_csr(names: &ServingNames, key: &KeyPair) -> anyhow::Result<String> {
-    let mut params = rcgen::CertificateParams::default();
-    params.distinguished_name = rcgen::DistinguishedName::new();
-    for dns in &names.dns {
-        params
-            .subject_alt_names
-            .push(rcgen::SanType::DnsName(dns.as_str().try_into()?));
-    }
-    for ip in &names.ips {
-        params
-            .subject_alt_names
-            .push(rcgen::SanType::IpAddress(*ip));
-    }
-    Ok(params.serialize_request(key)?.pem()?)
-}
-
 /// Obtains, installs and renews this replica's serving certificate.
 pub struct ServingCerts {
-    source: ServingSource,
-    names: ServingNames,
+    issuance: Issuance,
+    names: LeafNames,
     lifetime: Duration,
     resolver: Arc<ServingCertResolver>,
     /// Clients trust the CA's serving certificate through the root bundle: when the roots
@@ -145,29 +72,37 @@ struct Installed {
 
 impl ServingCerts {
     pub fn new(
-        source: ServingSource,
-        names: ServingNames,
+        issuance: Issuance,
+        names: &ServingNames,
         lifetime: Duration,
         resolver: Arc<ServingCertResolver>,
-        roots: watch::Receiver<Arc<RootBundle>>,
     ) -> Self {
         Self {
-            source,
-            names,
+            roots: issuance.roots().clone(),
+            issuance,
+            names: names.leaf_names(),
             lifetime,
             resolver,
-            roots,
         }
     }
 
     async fn renew(&self) -> anyhow::Result<Installed> {
         let key = keys::generate_ecdsa_p256()?;
         let now = OffsetDateTime::now_utc();
-        let roots = self.roots.borrow().clone();
-        let certs = self
-            .source
-            .obtain(&self.names, &key, self.lifetime, &roots)
+        let csr = own_csr(&self.names, &key)?;
+        let certified = self
+            .issuance
+            .issue(IssueRequest {
+                purpose: Purpose::Serving,
+                csr: &csr,
+                names: &self.names,
+                lifetime: self.lifetime,
+                cert_signer: None,
+                annotations: &NO_ANNOTATIONS,
+            })
             .await?;
+        let mut certs = vec![certified.chain.leaf().clone()];
+        certs.extend(certified.chain.intermediates().iter().cloned());
         install(&self.resolver, certs, &key)?;
         let not_after = OffsetDateTime::from_unix_timestamp(self.resolver.not_after_unix())?;
         tracing::info!(%not_after, "serving certificate installed");

@@ -5,6 +5,7 @@
 //! `foreign-issuer` signs with a CA nobody pinned.
 #![allow(dead_code)]
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -127,7 +128,8 @@ async fn answer(
     foreign: &TestCa,
 ) {
     let status = match cr.spec.issuer_ref.name.as_str() {
-        "ca-issuer" => signed(cr, root, root),
+        // Two issuers of one CA: switching between them must not break trust.
+        "ca-issuer" | "second-ca-issuer" => signed(cr, root, root),
         "foreign-issuer" => signed(cr, foreign, foreign),
         "deny-issuer" => serde_json::json!({"conditions": [
             {"type": "Denied", "status": "True", "reason": "PolicyDenied", "message": "not allowed"},
@@ -222,17 +224,33 @@ pub async fn launch_cert_manager_server(
     Arc<TestCa>,
     AbortOnDropHandle<()>,
 ) {
-    use clap::Parser;
     let (root, fixture) = fixture_in(namespace).await;
-    let cluster = shared().await;
     let dir = tempfile::tempdir().unwrap();
     // The client always trusts the fixture's root; the server pins it only when asked to.
     let pinned = dir.path().join("roots.pem");
     std::fs::write(&pinned, root.cert_pem()).unwrap();
-    let (pinned, kubeconfig) = (
-        pinned.to_str().unwrap().to_owned(),
-        cluster.kubeconfig.to_str().unwrap().to_owned(),
-    );
+    let launched = launch_replica(
+        namespace,
+        pin_root.then_some(pinned.as_path()),
+        extra,
+        hooks,
+    )
+    .await;
+    (launched, dir, root, fixture)
+}
+
+/// Another replica against a fixture already running in `namespace` (started by
+/// `launch_cert_manager_server`), pinning `pinned` when given.
+pub async fn launch_replica(
+    namespace: &str,
+    pinned: Option<&Path>,
+    extra: &[&str],
+    hooks: Hooks,
+) -> istio_csr_rs::app::Launched {
+    use clap::Parser;
+    let cluster = shared().await;
+    let pinned = pinned.map(|p| p.to_str().unwrap().to_owned());
+    let kubeconfig = cluster.kubeconfig.to_str().unwrap().to_owned();
     let mut argv = vec![
         "istio-csr-rs",
         "serve",
@@ -251,7 +269,7 @@ pub async fn launch_cert_manager_server(
         "--serving-certificate-dns-names",
         "localhost",
     ];
-    if pin_root {
+    if let Some(pinned) = &pinned {
         argv.extend(["--root-ca-file", pinned.as_str()]);
     }
     argv.extend_from_slice(extra);
@@ -262,8 +280,7 @@ pub async fn launch_cert_manager_server(
     else {
         unreachable!()
     };
-    let launched = istio_csr_rs::app::launch(*args, hooks).await.unwrap();
-    (launched, dir, root, fixture)
+    istio_csr_rs::app::launch(*args, hooks).await.unwrap()
 }
 
 /// A client target for a server from `cert_manager_server`, trusting the fixture's root.

@@ -18,7 +18,7 @@ use istio_csr_rs::client::{Target, build_csr, metadata};
 use istio_csr_rs::config::{Cli, Command, ServeArgs};
 use istio_csr_rs::proto::istio_v1_auth::IstioCertificateRequest;
 use istio_csr_rs::proto::istio_v1_auth::istio_certificate_service_client::IstioCertificateServiceClient;
-use istio_csr_rs::signer::issuer::{IssueError, IssueRequest, Issued, Issuer};
+use istio_csr_rs::signer::issuer::{IssueError, IssueRequest, Issued, Issuer, Purpose};
 use rcgen::KeyPair;
 use tokio::sync::Semaphore;
 use tonic::transport::Channel;
@@ -250,7 +250,15 @@ impl Issuer for GatedIssuer {
         self.inner.ready()
     }
 
+    fn signed_by(&self) -> tokio::sync::watch::Receiver<String> {
+        self.inner.signed_by()
+    }
+
     async fn issue(&self, request: IssueRequest<'_>) -> Result<Issued, IssueError> {
+        // Only workload requests are held: the replica's own certificates must not wait.
+        if request.purpose != Purpose::Workload {
+            return self.inner.issue(request).await;
+        }
         self.entered.add_permits(1);
         self.release
             .acquire()
@@ -286,6 +294,8 @@ pub type Answer = Box<dyn Fn(&IssueRequest<'_>) -> Result<Issued, IssueError> + 
 
 pub struct ScriptedIssuer {
     pub answer: Answer,
+    /// Signs everything but workload certificates (the serving certificate, istiod's).
+    pub real: Arc<dyn Issuer>,
 }
 
 impl ScriptedIssuer {
@@ -293,9 +303,10 @@ impl ScriptedIssuer {
         answer: impl Fn(&IssueRequest<'_>) -> Result<Issued, IssueError> + Send + Sync + 'static,
     ) -> Hooks {
         Hooks {
-            wrap_issuer: Some(Box::new(move |_real| {
+            wrap_issuer: Some(Box::new(move |real| {
                 Arc::new(ScriptedIssuer {
                     answer: Box::new(answer),
+                    real,
                 })
             })),
         }
@@ -312,7 +323,14 @@ impl Issuer for ScriptedIssuer {
         true
     }
 
+    fn signed_by(&self) -> tokio::sync::watch::Receiver<String> {
+        self.real.signed_by()
+    }
+
     async fn issue(&self, request: IssueRequest<'_>) -> Result<Issued, IssueError> {
+        if request.purpose != Purpose::Workload {
+            return self.real.issue(request).await;
+        }
         (self.answer)(&request)
     }
 }

@@ -142,6 +142,16 @@ pub struct CertManagerIssuer {
     synced: watch::Receiver<bool>,
     /// Woken when the watch syncs or the issuer in force changes: what `wait_ready` waits on.
     ready_changed: Arc<Notify>,
+    /// The issuer in force, as `Issuer::signed_by` names it.
+    signed_by: watch::Sender<String>,
+}
+
+/// How `Issuer::signed_by` names an issuerRef (or its absence).
+fn describe_issuer(issuer: Option<&IssuerRef>) -> String {
+    match issuer {
+        Some(i) => format!("cert-manager:{}.{}/{}", i.kind, i.group, i.name),
+        None => "cert-manager:none".to_owned(),
+    }
 }
 
 impl CertManagerIssuer {
@@ -157,9 +167,11 @@ impl CertManagerIssuer {
         let waiters = Arc::new(Mutex::new(Waiters::default()));
         let (synced_tx, synced) = watch::channel(false);
         let ready_changed = Arc::new(Notify::new());
+        let (signed_by, _) = watch::channel(describe_issuer(Some(&settings.issuer)));
         let issuer = Arc::new(Self {
             api: api.clone(),
             issuer_ref: ArcSwapOption::from_pointee(settings.issuer.clone()),
+            signed_by,
             settings,
             waiters: waiters.clone(),
             synced,
@@ -188,8 +200,10 @@ impl CertManagerIssuer {
         identities: &str,
         lifetime: Duration,
         issuer_ref: IssuerRef,
+        extra_annotations: &BTreeMap<String, String>,
     ) -> CertificateRequest {
         let mut annotations = self.settings.additional_annotations.clone();
+        annotations.extend(extra_annotations.clone());
         annotations.insert(IDENTITIES_ANNOTATION.to_owned(), identities.to_owned());
         CertificateRequest {
             metadata: ObjectMeta {
@@ -224,7 +238,7 @@ impl CertManagerIssuer {
         let api: Api<ConfigMap> = Api::namespaced(client, namespace);
         let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
         let defaults = self.settings.issuer.clone();
-        self.issuer_ref.store(None);
+        self.set_issuer(None);
         async move {
             let mut events = watcher(api, config).default_backoff().boxed();
             while let Some(event) = events.next().await {
@@ -246,11 +260,19 @@ impl CertManagerIssuer {
                     }
                 };
                 tracing::info!(issuer = ?next, "runtime issuer changed");
-                self.issuer_ref.store(next.map(Arc::new));
-                self.ready_changed.notify_waiters();
+                self.set_issuer(next);
             }
             anyhow::bail!("runtime issuance ConfigMap watch ended")
         }
+    }
+}
+
+impl CertManagerIssuer {
+    fn set_issuer(&self, issuer: Option<IssuerRef>) {
+        self.signed_by
+            .send_replace(describe_issuer(issuer.as_ref()));
+        self.issuer_ref.store(issuer.map(Arc::new));
+        self.ready_changed.notify_waiters();
     }
 }
 
@@ -305,30 +327,38 @@ impl Issuer for CertManagerIssuer {
         *self.synced.borrow() && self.issuer_ref.load().is_some()
     }
 
+    fn signed_by(&self) -> watch::Receiver<String> {
+        self.signed_by.subscribe()
+    }
+
     async fn issue(&self, request: IssueRequest<'_>) -> Result<Issued, IssueError> {
         let csr_pem = pem::encode("CERTIFICATE REQUEST", &request.csr.der);
-        let (chain_pem, ca_pem) = self
-            .submit(&csr_pem, &request.identities.join(","), request.lifetime)
+        let issued = self
+            .submit(
+                &csr_pem,
+                &request.names.describe(),
+                request.lifetime,
+                request.annotations,
+            )
             .await?;
-        let mut certs = pem::parse_certificates(chain_pem.as_bytes())
+        let chain = pem::parse_certificates(issued.chain_pem.as_bytes())
             .map_err(|e| IssueError::Failed(format!("status.certificate: {e}")))?;
         // status.ca may hold intermediates the chain left out; verification sorts it out.
-        if let Ok(ca) = pem::parse_certificates(ca_pem.as_bytes()) {
-            certs.extend(ca);
-        }
-        Ok(Issued::External(certs))
+        let ca = pem::parse_certificates(issued.ca_pem.as_bytes()).unwrap_or_default();
+        Ok(Issued::External { chain, ca })
     }
 }
 
 impl CertManagerIssuer {
     /// Creates a CertificateRequest for `csr_pem` and waits for its outcome on the shared
-    /// watch: (status.certificate, status.ca) as PEM.
-    pub async fn submit(
+    /// watch.
+    async fn submit(
         &self,
         csr_pem: &str,
         identities: &str,
         lifetime: Duration,
-    ) -> Result<(String, String), IssueError> {
+        annotations: &BTreeMap<String, String>,
+    ) -> Result<IssuedPem, IssueError> {
         if !*self.synced.borrow() {
             return Err(IssueError::NotReady(
                 "CertificateRequest watch not synced".into(),
@@ -354,13 +384,13 @@ impl CertManagerIssuer {
             identities,
             lifetime,
             (*issuer_ref).clone(),
+            annotations,
         );
         request
             .create(&object)
             .await?
             .map_err(|e| IssueError::Unavailable(format!("creating a CertificateRequest: {e}")))?;
-        let issued = request.answer().await?;
-        Ok((issued.chain_pem, issued.ca_pem))
+        request.answer().await
     }
 }
 

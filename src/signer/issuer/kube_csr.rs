@@ -111,7 +111,7 @@ impl KubeCsrIssuer {
 
     /// Creates one request for `csr_pem`, approves it (when configured), waits for its answer
     /// and deletes it: the PEM chain.
-    pub async fn submit(
+    async fn submit(
         &self,
         csr_pem: &str,
         signer_name: &str,
@@ -247,7 +247,7 @@ impl Issuer for KubeCsrIssuer {
         let chain = self.submit(&csr_pem, &signer, request.lifetime).await?;
         let certs = pem::parse_certificates(chain.as_bytes())
             .map_err(|e| IssueError::Failed(format!("status.certificate: {e}")))?;
-        Ok(Issued::External(certs))
+        Ok(Issued::external(certs))
     }
 }
 

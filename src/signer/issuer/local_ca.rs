@@ -21,7 +21,7 @@ use time::OffsetDateTime;
 use tokio::sync::watch;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
-use super::{IssueError, IssueRequest, Issued, Issuer};
+use super::{IssueError, IssueRequest, Issued, Issuer, LeafNames};
 use crate::fswatch::{self, FileWatch};
 use crate::pki::chain::{self, RootBundle, VerifiedChain};
 use crate::pki::{keys, leaf, pem};
@@ -91,6 +91,8 @@ pub struct LoadedCa {
     /// The roots this CA was proven to chain to: what every answer it signs carries.
     trusted: Arc<RootBundle>,
     fingerprint: [u8; 32],
+    /// `local-ca:` and the SHA-256 of the CA certificate: what `Issuer::signed_by` reports.
+    ca_id: String,
 }
 
 impl LoadedCa {
@@ -167,6 +169,10 @@ impl LoadedCa {
         let own_roots = Arc::new(own_roots);
         let trusted = pinned.map_or_else(|| own_roots.clone(), |p| Arc::new(p.clone()));
         let intermediates = prove(&issuer, &ca_cert, &chain_certs, &trusted, not_after)?;
+        let ca_id = format!(
+            "local-ca:{}",
+            hex::encode(ring::digest::digest(&ring::digest::SHA256, &ca_cert))
+        );
         Ok(Self {
             issuer,
             not_after,
@@ -174,6 +180,7 @@ impl LoadedCa {
             own_roots,
             trusted,
             fingerprint,
+            ca_id,
         })
     }
 
@@ -198,26 +205,24 @@ impl LoadedCa {
         lifetime: Duration,
         now: OffsetDateTime,
     ) -> Result<VerifiedChain, leaf::LeafError> {
-        let window = leaf::validity(now, lifetime, self.not_after)?;
-        let cert = leaf::sign_workload(identities, public_key, window, &self.issuer)?;
-        Ok(VerifiedChain::signed_in_process(
-            cert,
-            self.intermediates.clone(),
-            (window.0.unix_timestamp(), window.1.unix_timestamp()),
-        ))
+        self.sign_names(
+            &LeafNames::identities(identities),
+            public_key,
+            lifetime,
+            now,
+        )
     }
 
-    /// Signs a serving certificate for this replica's own TLS listener.
-    pub fn sign_serving(
+    /// Signs a leaf for any purpose (workload, serving, istiod); no I/O.
+    pub fn sign_names(
         &self,
-        dns_names: &[String],
-        ips: &[std::net::IpAddr],
-        key: &KeyPair,
+        names: &LeafNames,
+        public_key: &impl rcgen::PublicKeyData,
         lifetime: Duration,
         now: OffsetDateTime,
     ) -> Result<VerifiedChain, leaf::LeafError> {
         let window = leaf::validity(now, lifetime, self.not_after)?;
-        let cert = leaf::sign_serving(dns_names, ips, key, window, &self.issuer)?;
+        let cert = leaf::sign_leaf(names, public_key, window, &self.issuer)?;
         Ok(VerifiedChain::signed_in_process(
             cert,
             self.intermediates.clone(),
@@ -271,6 +276,8 @@ pub struct LocalCa {
     pinned: Option<watch::Receiver<Arc<RootBundle>>>,
     /// Published when the CA's own roots are the trust roots (no pinned file).
     roots_out: Option<watch::Sender<Arc<RootBundle>>>,
+    /// The CA certificate in force, by its `ca_id`.
+    signed_by: watch::Sender<String>,
 }
 
 impl LocalCa {
@@ -282,11 +289,13 @@ impl LocalCa {
             let pinned_now = pinned.as_ref().map(|rx| rx.borrow().clone());
             LoadedCa::load(dir, pinned_now.as_deref())?
         };
+        let (signed_by, _) = watch::channel(loaded.ca_id.clone());
         Ok(Self {
             dir: dir.to_path_buf(),
             current: ArcSwap::from_pointee(loaded),
             pinned,
             roots_out: None,
+            signed_by,
         })
     }
 
@@ -328,6 +337,13 @@ impl LocalCa {
         // Store before publishing: whoever reacts to the new roots (the serving certificate)
         // must find the new CA in place.
         self.current.store(loaded.clone());
+        self.signed_by.send_if_modified(|id| {
+            let differs = *id != loaded.ca_id;
+            if differs {
+                id.clone_from(&loaded.ca_id);
+            }
+            differs
+        });
         if let Some(tx) = &self.roots_out {
             tx.send_if_modified(|roots| {
                 let differs = roots.certs() != loaded.own_roots.certs();
@@ -393,6 +409,10 @@ impl Issuer for LocalCa {
         self.usable().is_ok()
     }
 
+    fn signed_by(&self) -> watch::Receiver<String> {
+        self.signed_by.subscribe()
+    }
+
     async fn issue(&self, request: IssueRequest<'_>) -> Result<Issued, IssueError> {
         if let Some(signer) = request.cert_signer {
             // One CA signs everything here; istio-csr also ignores CertSigner.
@@ -403,8 +423,8 @@ impl Issuer for LocalCa {
         }
         let ca = self.usable()?;
         let chain = ca
-            .sign(
-                request.identities,
+            .sign_names(
+                request.names,
                 &request.csr.public_key,
                 request.lifetime,
                 OffsetDateTime::now_utc(),

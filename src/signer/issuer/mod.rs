@@ -1,29 +1,62 @@
-//! The backends that sign: the built-in CA now; cert-manager and the Kubernetes CSR API next.
+//! The backends that sign: cert-manager, the Kubernetes CSR API and the built-in CA. Every
+//! certificate, whatever it is for, reaches them through `signer::issuance::Issuance`.
 
 pub mod cert_manager;
 pub mod kube_csr;
 pub mod local_ca;
 pub mod requests;
 
+use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use rustls_pki_types::CertificateDer;
-
-use std::sync::Arc;
+use tokio::sync::watch;
 
 use crate::pki::chain::{RootBundle, VerifiedChain};
 use crate::pki::csr::CheckedCsr;
 
-/// One signing request after authentication and the CSR policy passed.
+/// What a certificate is for: decides nothing about trust (every chain is verified the same
+/// way) but names it in requests, logs and metrics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Purpose {
+    /// A mesh workload's SPIFFE certificate (CreateCertificate).
+    Workload,
+    /// This replica's own gRPC serving certificate.
+    Serving,
+    /// istiod's serving certificate (Secret `istiod-tls`).
+    Istiod,
+}
+
+impl Purpose {
+    /// A bounded label for logs and metrics.
+    pub fn label(self) -> &'static str {
+        match self {
+            Purpose::Workload => "workload",
+            Purpose::Serving => "serving",
+            Purpose::Istiod => "istiod",
+        }
+    }
+}
+
+pub use crate::pki::leaf::LeafNames;
+
+/// No extra annotations.
+pub static NO_ANNOTATIONS: BTreeMap<String, String> = BTreeMap::new();
+
+/// One signing request: a CSR that passed its checks (the workload policy, or made here).
 pub struct IssueRequest<'a> {
+    pub purpose: Purpose,
     pub csr: &'a CheckedCsr,
-    /// The identities the leaf must carry (the CSR's URI SANs, equal to the caller's).
-    pub identities: &'a [String],
+    /// What the leaf must carry (for workloads, the CSR's URI SANs, equal to the caller's).
+    pub names: &'a LeafNames,
     /// Already clamped to the configured maximum.
     pub lifetime: Duration,
     /// pilot-agent's `CertSigner` metadata, when non-empty.
     pub cert_signer: Option<&'a str>,
+    /// Added to the request object (cert-manager), e.g. istiod's additional annotations.
+    pub annotations: &'a BTreeMap<String, String>,
 }
 
 /// What an issuer answers.
@@ -34,8 +67,23 @@ pub enum Issued {
         chain: VerifiedChain,
         roots: Arc<RootBundle>,
     },
-    /// An external signer's chain, leaf first: it must be verified against the pinned roots.
-    External(Vec<CertificateDer<'static>>),
+    /// An external signer's answer: it must be verified against the pinned roots.
+    External {
+        /// Leaf first, then whatever came with it.
+        chain: Vec<CertificateDer<'static>>,
+        /// The CA the signer reports (cert-manager's `status.ca`); never trusted by itself.
+        ca: Vec<CertificateDer<'static>>,
+    },
+}
+
+impl Issued {
+    /// An external answer with no separate CA.
+    pub fn external(chain: Vec<CertificateDer<'static>>) -> Self {
+        Issued::External {
+            chain,
+            ca: Vec::new(),
+        }
+    }
 }
 
 #[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
@@ -63,6 +111,13 @@ pub trait Issuer: Send + Sync {
 
     /// Whether requests can be signed now.
     fn ready(&self) -> bool;
+
+    /// Names the issuer that signs now (the runtime ConfigMap's issuerRef, the loaded CA...),
+    /// and changes when another takes over: long-kept certificates (istiod's) are then
+    /// reissued. The default never changes.
+    fn signed_by(&self) -> watch::Receiver<String> {
+        watch::channel(self.label().to_owned()).1
+    }
 
     async fn issue(&self, request: IssueRequest<'_>) -> Result<Issued, IssueError>;
 }

@@ -1,0 +1,112 @@
+//! The ONE way into the issuers. Workload certificates, this replica's serving certificate and
+//! istiod's certificate all go through `Issuance::issue`, so every chain an external signer
+//! returns is verified here, in one place, against the pinned roots in force: a hijacked or
+//! misconfigured signer cannot hand out a chain the mesh does not trust, nor one with other
+//! names or another key than asked for.
+
+use std::sync::Arc;
+
+use rcgen::KeyPair;
+use rustls_pki_types::UnixTime;
+use tokio::sync::watch;
+
+use super::issuer::{IssueError, IssueRequest, Issued, Issuer, LeafNames};
+use crate::pki::chain::{self, ChainError, Expected, RootBundle, VerifiedChain};
+use crate::pki::csr::{self, CheckedCsr, CsrError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum IssuanceError {
+    #[error(transparent)]
+    Issue(#[from] IssueError),
+    #[error("issued chain rejected: {0}")]
+    Chain(#[from] ChainError),
+}
+
+/// A verified leaf and the roots it was verified against (what the answer carries).
+#[derive(Clone, Debug)]
+pub struct Certified {
+    pub chain: VerifiedChain,
+    pub roots: Arc<RootBundle>,
+}
+
+/// The active issuer and the pinned roots every external answer must verify against.
+#[derive(Clone)]
+pub struct Issuance {
+    issuer: Arc<dyn Issuer>,
+    roots: watch::Receiver<Arc<RootBundle>>,
+}
+
+impl Issuance {
+    pub fn new(issuer: Arc<dyn Issuer>, roots: watch::Receiver<Arc<RootBundle>>) -> Self {
+        Self { issuer, roots }
+    }
+
+    pub fn issuer(&self) -> &Arc<dyn Issuer> {
+        &self.issuer
+    }
+
+    pub fn roots(&self) -> &watch::Receiver<Arc<RootBundle>> {
+        &self.roots
+    }
+
+    /// Signs `request` and verifies the answer.
+    pub async fn issue(&self, request: IssueRequest<'_>) -> Result<Certified, IssuanceError> {
+        let names = request.names;
+        let spki = &request.csr.public_key.spki_der;
+        match self.issuer.issue(request).await? {
+            // Proven against these roots when the CA was loaded (local_ca's module docs).
+            Issued::InProcess { chain, roots } => Ok(Certified { chain, roots }),
+            Issued::External { mut chain, ca } => {
+                // Read the roots after signing, so a rotation during the wait is honoured.
+                let roots = self.roots.borrow().clone();
+                // The reported CA may hold intermediates the chain left out; a root among them
+                // is dropped by path building, and is never trusted for being there.
+                chain.extend(ca);
+                let expected = Expected {
+                    uris: &names.uris,
+                    dns: &names.dns,
+                    ips: &names.ips,
+                    spki_der: spki,
+                };
+                let chain = chain::verify(&chain, &roots, UnixTime::now(), &expected)?;
+                Ok(Certified { chain, roots })
+            }
+        }
+    }
+}
+
+/// A CSR for a key of our own, carrying `names` (SANs and CN) as external signers expect.
+pub fn own_csr(names: &LeafNames, key: &KeyPair) -> Result<CheckedCsr, OwnCsrError> {
+    let mut params = rcgen::CertificateParams::default();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    if let Some(cn) = &names.common_name {
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, cn.as_str());
+    }
+    for uri in &names.uris {
+        params
+            .subject_alt_names
+            .push(rcgen::SanType::URI(uri.as_str().try_into()?));
+    }
+    for dns in &names.dns {
+        params
+            .subject_alt_names
+            .push(rcgen::SanType::DnsName(dns.as_str().try_into()?));
+    }
+    for ip in &names.ips {
+        params
+            .subject_alt_names
+            .push(rcgen::SanType::IpAddress(*ip));
+    }
+    let der = params.serialize_request(key)?;
+    Ok(csr::own_der(der.der())?)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OwnCsrError {
+    #[error("building the CSR: {0}")]
+    Build(#[from] rcgen::Error),
+    #[error("reading back the CSR: {0}")]
+    Read(#[from] CsrError),
+}
