@@ -291,6 +291,14 @@ pub struct IssuanceArgs {
     )]
     pub certificate_namespace: String,
 
+    /// Sign with the static issuer (--issuer-name/-kind/-group) when no runtime issuance
+    /// ConfigMap names one. False: only the runtime ConfigMap's issuer signs, and until it
+    /// exists nothing does. Accepts `--issuer-enabled=false`.
+    #[arg(long, env = "ISTIO_CSR_ISSUER_ENABLED", num_args = 0..=1,
+          default_value_t = true, default_missing_value = "true",
+          value_parser = clap::builder::BoolishValueParser::new())]
+    pub issuer_enabled: bool,
+
     /// cert-manager issuer that signs: name, kind and group of its issuerRef.
     #[arg(long, env = "ISTIO_CSR_ISSUER_NAME", default_value = "istio-ca")]
     pub issuer_name: String,
@@ -317,7 +325,8 @@ pub struct IssuanceArgs {
     pub certificate_request_additional_annotations: Vec<String>,
 
     /// ConfigMap naming the issuer at run time (keys issuer-name, issuer-kind, issuer-group);
-    /// when set, the issuer comes from it alone, and changes apply to new requests at once.
+    /// changes apply to new requests at once. While it does not exist, the static issuer signs
+    /// (unless --issuer-enabled=false); while it is invalid, none does.
     #[arg(long, env = "ISTIO_CSR_RUNTIME_ISSUANCE_CONFIG_MAP_NAME")]
     pub runtime_issuance_config_map_name: Option<String>,
 

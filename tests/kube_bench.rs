@@ -212,6 +212,7 @@ async fn csr_latency_and_api_cost_on_a_real_apiserver() {
     let (issuer, watch) = istio_csr_rs::signer::issuer::cert_manager::CertManagerIssuer::new(
         cluster.client().await,
         istio_csr_rs::signer::issuer::cert_manager::Settings {
+            static_issuer: true,
             namespace: NAMESPACE.into(),
             issuer: istio_csr_rs::signer::issuer::cert_manager::IssuerRef {
                 name: "ca-issuer".into(),

@@ -44,6 +44,7 @@ async fn setup(namespace: &str, issuer_name: &str, timeout: Duration, preserve: 
     let (issuer, watch) = CertManagerIssuer::new(
         cluster.client().await,
         Settings {
+            static_issuer: true,
             namespace: namespace.to_owned(),
             issuer: IssuerRef {
                 name: issuer_name.to_owned(),
@@ -314,9 +315,25 @@ async fn two_hundred_service_accounts_at_once_all_get_their_certificates() {
 
     // What it cost the apiserver: per CSR one create and one delete of a CertificateRequest
     // and one TokenReview (distinct tokens); no GET and no polling. The serving certificate
-    // accounts for the one extra create and delete.
-    let (_, body) = http_get(&format!("http://{}/metrics", running.admin_address)).await;
-    let metrics = support::openmetrics::parse(&body);
+    // accounts for the one extra create and delete. A delete is counted when its answer
+    // arrives, which may trail the object's disappearance from the list by a moment.
+    let scrape = || async {
+        let (_, body) = http_get(&format!("http://{}/metrics", running.admin_address)).await;
+        support::openmetrics::parse(&body)
+    };
+    let delete_key = [
+        ("code", "200"),
+        ("resource", "certificaterequests"),
+        ("verb", "delete"),
+    ];
+    eventually(Duration::from_secs(10), || async {
+        scrape()
+            .await
+            .value("istio_csr_kube_api_requests_total", &delete_key)
+            >= 201.0
+    })
+    .await;
+    let metrics = scrape().await;
     let calls = |verb: &str, resource: &str, code: &str| {
         metrics.value(
             "istio_csr_kube_api_requests_total",
@@ -419,6 +436,55 @@ async fn the_runtime_issuer_config_map_switches_issuers_for_new_requests() {
     .await;
     assert!(switched, "the new issuer was not used");
 
+    // Deleted: back to the static issuer (--issuer-name ca-issuer), as istio-csr does.
+    put_issuer_config_map(namespace, None).await;
+    let fell_back = eventually(Duration::from_secs(10), || async { call().await.is_ok() }).await;
+    assert!(
+        fell_back,
+        "the static issuer was not used once the ConfigMap was gone"
+    );
+
+    put_issuer_config_map(namespace, Some("fail-issuer")).await;
+    let failing = eventually(Duration::from_secs(10), || async {
+        call().await == Err(tonic::Code::Internal)
+    })
+    .await;
+    assert!(failing, "a re-created ConfigMap was not followed");
+}
+
+#[tokio::test]
+async fn without_the_static_issuer_a_deleted_runtime_config_map_means_unavailable() {
+    let namespace = "cm-runtime-only";
+    let cluster = shared().await;
+    cluster.namespace(namespace).await;
+    put_issuer_config_map(namespace, Some("ca-issuer")).await;
+    let (running, dir, _root, _fixture) = cert_manager_server_with(
+        namespace,
+        true,
+        &[
+            "--runtime-issuance-config-map-name",
+            "istio-issuer",
+            "--issuer-enabled=false",
+        ],
+    )
+    .await;
+    cluster.service_account(namespace, "web").await;
+    let token = cluster
+        .token(namespace, "web", &["istio-ca"], 3600, None)
+        .await;
+    let target = target_for(&running, &dir);
+    let call = || async {
+        request_certificate(
+            &target,
+            Some(&token),
+            "spiffe://cluster.local/ns/cm-runtime-only/sa/web",
+        )
+        .await
+        .map(|_| ())
+        .map_err(|s| s.code())
+    };
+    assert!(call().await.is_ok());
+
     put_issuer_config_map(namespace, None).await;
     let unavailable = eventually(Duration::from_secs(10), || async {
         call().await == Err(tonic::Code::Unavailable)
@@ -448,7 +514,11 @@ async fn without_an_issuer_it_is_up_but_not_ready_until_one_appears() {
     let (launched, dir, root, _fixture) = launch_cert_manager_server(
         namespace,
         false,
-        &["--runtime-issuance-config-map-name", "istio-issuer"],
+        &[
+            "--runtime-issuance-config-map-name",
+            "istio-issuer",
+            "--issuer-enabled=false",
+        ],
         Hooks::default(),
     )
     .await;
@@ -504,7 +574,11 @@ async fn a_stop_while_waiting_for_an_issuer_ends_cleanly() {
     let (launched, _dir, _root, _fixture) = launch_cert_manager_server(
         namespace,
         true,
-        &["--runtime-issuance-config-map-name", "never-created"],
+        &[
+            "--runtime-issuance-config-map-name",
+            "never-created",
+            "--issuer-enabled=false",
+        ],
         Hooks::default(),
     )
     .await;

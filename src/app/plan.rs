@@ -248,7 +248,14 @@ fn cert_manager_settings(args: &IssuanceArgs) -> anyhow::Result<cert_manager::Se
         })?;
         annotations.insert(key.trim().to_owned(), value.trim().to_owned());
     }
+    if !args.issuer_enabled && args.runtime_issuance_config_map_name.is_none() {
+        bail!(
+            "--issuer-enabled=false needs --runtime-issuance-config-map-name: nothing would \
+             name an issuer"
+        );
+    }
     Ok(cert_manager::Settings {
+        static_issuer: args.issuer_enabled,
         namespace: args.certificate_namespace.clone(),
         issuer: cert_manager::IssuerRef {
             name: args.issuer_name.clone(),
@@ -270,7 +277,13 @@ impl Plan {
             SignerPlan::CertManager(s) => (
                 "cert-manager",
                 match &args.issuance.runtime_issuance_config_map_name {
-                    Some(name) => format!("the issuer named by ConfigMap {name}"),
+                    Some(name) if !s.static_issuer => {
+                        format!("the issuer named by ConfigMap {name}")
+                    }
+                    Some(name) => format!(
+                        "the issuer named by ConfigMap {name}, else {}/{}.{} in {}",
+                        s.issuer.name, s.issuer.kind, s.issuer.group, s.namespace
+                    ),
                     None => format!(
                         "{}/{}.{} in {}",
                         s.issuer.name, s.issuer.kind, s.issuer.group, s.namespace

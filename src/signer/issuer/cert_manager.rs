@@ -126,7 +126,11 @@ pub fn outcome_of(status: Option<&CertificateRequestStatus>) -> Option<Outcome> 
 #[derive(Clone, Debug)]
 pub struct Settings {
     pub namespace: String,
+    /// The static issuer (flags): the defaults of the runtime ConfigMap's kind and group.
     pub issuer: IssuerRef,
+    /// Whether the static issuer signs while no runtime ConfigMap exists (istio-csr's
+    /// `--issuer-enabled`).
+    pub static_issuer: bool,
     pub additional_annotations: BTreeMap<String, String>,
     pub preserve_requests: bool,
     pub timeout: Duration,
@@ -226,8 +230,10 @@ impl CertManagerIssuer {
 
 impl CertManagerIssuer {
     /// Follows the runtime issuance ConfigMap (istio-csr's `issuer-name`, `issuer-kind`,
-    /// `issuer-group` keys): each change applies to new requests at once. Without the
-    /// ConfigMap, or with an invalid one, there is no issuer: not ready, Unavailable.
+    /// `issuer-group` keys): each change applies to new requests at once. Until the watch
+    /// has listed, nothing signs (the ConfigMap may name another issuer). Without the
+    /// ConfigMap the static issuer signs, as istio-csr falls back to it (none with
+    /// `--issuer-enabled=false`); with an invalid one nothing does: not ready, Unavailable.
     pub fn follow_runtime_config(
         self: Arc<Self>,
         client: kube::Client,
@@ -238,12 +244,26 @@ impl CertManagerIssuer {
         let api: Api<ConfigMap> = Api::namespaced(client, namespace);
         let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
         let defaults = self.settings.issuer.clone();
+        let fallback = self.settings.static_issuer.then(|| defaults.clone());
         self.set_issuer(None);
         async move {
             let mut events = watcher(api, config).default_backoff().boxed();
+            let mut listed = false;
             while let Some(event) = events.next().await {
                 let next = match event {
+                    Ok(watcher::Event::Init) => {
+                        listed = false;
+                        continue;
+                    }
+                    Ok(watcher::Event::InitDone) if listed => continue,
+                    Ok(watcher::Event::InitDone) => {
+                        tracing::info!(
+                            "no runtime issuance ConfigMap; using the static issuer, if enabled"
+                        );
+                        fallback.clone()
+                    }
                     Ok(watcher::Event::Apply(cm) | watcher::Event::InitApply(cm)) => {
+                        listed = true;
                         match issuer_from_config_map(cm.data.as_ref(), &defaults) {
                             Ok(issuer) => Some(issuer),
                             Err(reason) => {
@@ -252,8 +272,12 @@ impl CertManagerIssuer {
                             }
                         }
                     }
-                    Ok(watcher::Event::Delete(_)) => None,
-                    Ok(_) => continue,
+                    Ok(watcher::Event::Delete(_)) => {
+                        tracing::info!(
+                            "runtime issuance ConfigMap deleted; falling back to the static issuer, if enabled"
+                        );
+                        fallback.clone()
+                    }
                     Err(error) => {
                         tracing::warn!(%error, "runtime issuance ConfigMap watch interrupted");
                         continue;
