@@ -90,6 +90,13 @@ pub struct BundleArgs {
     #[arg(long, env = "ISTIO_CSR_MAX_CONCURRENT_RECONCILES", default_value_t = 8)]
     pub max_concurrent_reconciles: usize,
 
+    /// Follow remote-cluster Secrets (istiod's multi-cluster convention). False: the local
+    /// cluster only, and no Secret is read. Accepts `--multicluster-enabled=false`.
+    #[arg(long, env = "ISTIO_CSR_MULTICLUSTER_ENABLED", num_args = 0..=1,
+          default_value_t = true, default_missing_value = "true",
+          value_parser = clap::builder::BoolishValueParser::new())]
+    pub multicluster_enabled: bool,
+
     /// Namespace of the remote-cluster Secrets (label istio/multiCluster=true; each key a
     /// cluster ID, each value a kubeconfig) [default: --leader-election-namespace].
     #[arg(long, env = "ISTIO_CSR_MULTICLUSTER_SECRET_NAMESPACE")]

@@ -516,6 +516,10 @@ impl Starting {
                 local.bundle.clone(),
             ),
         );
+        if !self.args.bundle.multicluster_enabled {
+            tracing::info!("remote clusters are off (--multicluster-enabled=false)");
+            return vec![local_work];
+        }
         let remotes = RemoteSecrets {
             namespace: self
                 .args

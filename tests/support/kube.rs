@@ -39,7 +39,9 @@ struct Guarded(Child);
 
 impl Drop for Guarded {
     fn drop(&mut self) {
-        let _ = self.0.kill();
+        // Closing stdin makes the guard shell kill the child and clean up; killing the shell
+        // itself would leave the child running.
+        drop(self.0.stdin.take());
         let _ = self.0.wait();
     }
 }

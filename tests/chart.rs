@@ -1,0 +1,1332 @@
+//! Tier 4: the Helm chart as a user installs it. For each set of values the chart is linted,
+//! rendered and schema-checked by Helm's own Go SDK (`tests/chart/render.py`, rendering for the
+//! test cluster the way `helm install --dry-run=server` does), every object is applied
+//! server-side to a real kube-apiserver, and then the real binary runs with exactly the
+//! rendered container's arguments and environment, as the chart's ServiceAccount, under the
+//! chart's RBAC and nothing else. It must sign, write the bundle, take the Lease and (when on)
+//! write istiod-tls; SubjectAccessReviews prove what it may not do.
+//!
+//! What stands in for Kubernetes running the pod, and nothing more:
+//! - the ServiceAccount's token comes from the TokenRequest API and reaches the binary as a
+//!   kubeconfig in `KUBECONFIG` (the kubelet would mount a projected token instead);
+//! - `valueFrom.fieldRef` environment variables are resolved as the kubelet would (POD_NAME);
+//! - the image's own ENV (ISTIO_CSR_SERVING_ADDRESS, ...) is left out: the chart passes every
+//!   one of those as a flag, and flags win.
+//!
+//! Values chosen for this machine (see `Install::values`): the gRPC and admin addresses are
+//! free loopback ports (`app.server.serving.*`, `app.metrics.address/port`); the root bundle is
+//! mounted (`app.tls.rootCA`) at a temporary directory where the test writes the file the
+//! kubelet would project from the Secret; every namespace value points at the test's own
+//! namespace, and the bundle's namespace selector at namespaces labelled for this test, so
+//! the tests sharing one cluster stay apart.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use ::kube::api::{Api, DynamicObject, ListParams, Patch, PatchParams, PostParams};
+use ::kube::core::GroupVersionKind;
+use ::kube::discovery::{self, Scope};
+use ::kube::runtime::wait::await_condition;
+use istio_csr_rs::client::Target;
+use istio_csr_rs::pki::testing::{KeyAlg, TestCa};
+use k8s_openapi::api::authorization::v1::{
+    ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec,
+};
+use k8s_openapi::api::certificates::v1::CertificateSigningRequest;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Secret};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use serde_json::{Value, json};
+use support::kube::{SA_ISSUER, TestCluster, shared};
+use support::*;
+use tokio_util::task::AbortOnDropHandle;
+
+const BIN: &str = env!("CARGO_BIN_EXE_istio-csr-rs");
+const CHART: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/charts/istio-csr-rs");
+const SCRIPTS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/chart");
+const FIELD_MANAGER: &str = "istio-csr-rs-chart-test";
+/// Start-up includes the serving certificate (one issuance round trip) and the caches.
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// Leader work (Lease, bundle, istiod-tls) after the binary is ready.
+const WAIT: Duration = Duration::from_secs(30);
+/// The cert-manager fixture's issuer that signs (support::cert_manager).
+const SIGNING_ISSUER: &str = "ca-issuer";
+
+/// The venv's interpreter, set up once per test binary by tests/chart/setup.sh.
+fn python() -> &'static Path {
+    static PYTHON: OnceLock<PathBuf> = OnceLock::new();
+    PYTHON.get_or_init(|| {
+        let out = Command::new("bash")
+            .arg(format!("{SCRIPTS}/setup.sh"))
+            .output()
+            .expect("bash must be installed");
+        assert!(
+            out.status.success(),
+            "tests/chart/setup.sh failed (it installs PyPI helm-python-sdk and \
+             kubernetes-validate into a venv; scripts/provision.sh runs it):\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let cache = std::env::var("ISTIO_CSR_CACHE")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| {
+                PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/istio-csr-rs")
+            });
+        cache.join("chart-venv/bin/python")
+    })
+}
+
+/// Runs the Python side with `stdin`; its stdout parsed as JSON. Blocking: call it through
+/// `spawn_blocking`.
+fn run_python(args: &[&str], stdin: &str) -> Value {
+    use std::io::Write;
+    let mut child = Command::new(python())
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("the script's output is JSON")
+}
+
+/// The chart's objects for `values` (render.py lints and schema-checks them), rendered for
+/// `cluster` as a server dry run of `helm install` would (its version picks API versions;
+/// objects of the release must not exist there yet), or offline (`helm template`) without one.
+async fn render(
+    cluster: Option<&TestCluster>,
+    release: &str,
+    namespace: &str,
+    values: &Value,
+) -> Vec<Value> {
+    let mut args = vec![
+        format!("{SCRIPTS}/render.py"),
+        CHART.to_owned(),
+        format!("--release={release}"),
+        format!("--namespace={namespace}"),
+        "--values=-".to_owned(),
+    ];
+    if let Some(cluster) = cluster {
+        args.push(format!("--kubeconfig={}", cluster.kubeconfig.display()));
+    }
+    let values = values.to_string();
+    tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        match run_python(&args, &values) {
+            Value::Array(objects) => objects,
+            other => panic!("render.py printed {other}"),
+        }
+    })
+    .await
+    .unwrap()
+}
+
+/// The objects of a multi-document YAML file (through the venv's PyYAML: no YAML crate here).
+async fn yaml_objects(path: &str) -> Vec<Value> {
+    let path = path.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let code = "import json, sys, yaml; \
+                    json.dump([d for d in yaml.safe_load_all(open(sys.argv[1])) if d], sys.stdout)";
+        match run_python(&["-c", code, &path], "") {
+            Value::Array(objects) => objects,
+            other => panic!("{path}: {other}"),
+        }
+    })
+    .await
+    .unwrap()
+}
+
+/// Applies every object server-side, as `kubectl apply --server-side` would; namespaced objects
+/// without a namespace go to `namespace` (as Helm does).
+async fn apply_all(client: &::kube::Client, objects: &[Value], namespace: &str) {
+    for object in objects {
+        let api_version = object["apiVersion"].as_str().unwrap();
+        let kind = object["kind"].as_str().unwrap();
+        let name = object["metadata"]["name"].as_str().unwrap();
+        let (group, version) = api_version.rsplit_once('/').unwrap_or(("", api_version));
+        let gvk = GroupVersionKind::gvk(group, version, kind);
+        let (resource, capabilities) = discovery::pinned_kind(client, &gvk)
+            .await
+            .unwrap_or_else(|e| panic!("the API server does not serve {api_version} {kind}: {e}"));
+        let api: Api<DynamicObject> = match capabilities.scope {
+            Scope::Namespaced => {
+                let ns = object["metadata"]["namespace"]
+                    .as_str()
+                    .unwrap_or(namespace);
+                Api::namespaced_with(client.clone(), ns, &resource)
+            }
+            Scope::Cluster => Api::all_with(client.clone(), &resource),
+        };
+        api.patch(
+            name,
+            &PatchParams::apply(FIELD_MANAGER),
+            &Patch::Apply(object),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("server-side apply of {kind} {name} refused: {e}"));
+    }
+}
+
+async fn labelled_namespace(client: &::kube::Client, name: &str, labels: Value) {
+    let ns = json!({"apiVersion": "v1", "kind": "Namespace",
+                    "metadata": {"name": name, "labels": labels}});
+    Api::<Namespace>::all(client.clone())
+        .patch(name, &PatchParams::apply(FIELD_MANAGER), &Patch::Apply(&ns))
+        .await
+        .unwrap();
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Deep merge: `overrides` wins, objects merge key by key (like Helm's values coalescing).
+fn merge(base: &mut Value, overrides: &Value) {
+    match (base, overrides) {
+        (Value::Object(base), Value::Object(overrides)) => {
+            for (key, value) in overrides {
+                merge(base.entry(key.clone()).or_insert(Value::Null), value);
+            }
+        }
+        (base, overrides) => *base = overrides.clone(),
+    }
+}
+
+/// A kubeconfig authenticating with `token`, for the server of `cluster` (inline CA and token,
+/// which is also what remote-cluster Secrets must look like). JSON is YAML.
+fn kubeconfig_with_token(cluster: &TestCluster, user: &str, token: &str) -> String {
+    let admin = ::kube::config::Kubeconfig::read_from(&cluster.kubeconfig).unwrap();
+    let ca = admin.clusters[0]
+        .cluster
+        .as_ref()
+        .and_then(|c| c.certificate_authority_data.clone())
+        .expect("the harness kubeconfig carries its CA");
+    json!({
+        "apiVersion": "v1", "kind": "Config",
+        "clusters": [{"name": "test", "cluster": {"server": cluster.url, "certificate-authority-data": ca}}],
+        "users": [{"name": user, "user": {"token": token}}],
+        "contexts": [{"name": user, "context": {"cluster": "test", "user": user}}],
+        "current-context": user,
+    })
+    .to_string()
+}
+
+/// One installation of the chart, in namespace `name` (which plays istio-system: certificates,
+/// Lease, istiod), with workloads in `<name>-app`, the namespace the bundle must reach.
+struct Install {
+    name: String,
+    app_namespace: String,
+    dir: tempfile::TempDir,
+    root: Arc<TestCa>,
+    objects: Vec<Value>,
+    _fixture: Option<AbortOnDropHandle<()>>,
+}
+
+impl Install {
+    /// The values every entry shares (see the module comment), with `overrides` merged in.
+    fn values(name: &str, dir: &Path, overrides: Value) -> Value {
+        let mut values = json!({
+            "app": {
+                "server": {"serving": {"address": "127.0.0.1", "port": free_port()}},
+                "metrics": {"address": "127.0.0.1", "port": free_port()},
+                "tls": {"rootCA": {
+                    "secretName": "istio-root-ca",
+                    "key": "ca.crt",
+                    "mountPath": dir.join("root-ca").to_str().unwrap(),
+                }},
+                "certmanager": {"namespace": name, "issuer": {"name": SIGNING_ISSUER}},
+                "istio": {"namespace": name},
+                "controller": {
+                    "leaderElectionNamespace": name,
+                    "configmapNamespaceSelector": format!("chart-test={name}"),
+                },
+            }
+        });
+        merge(&mut values, &overrides);
+        values
+    }
+
+    /// Renders with `overrides`, prepares what the chart expects to exist (namespaces, the root
+    /// Secret and its mounted file), and applies every object. With `root` the signer is not
+    /// cert-manager's fixture (whose CA is used otherwise).
+    async fn new(name: &str, overrides: Value, root: Option<Arc<TestCa>>) -> Self {
+        install_crypto_provider();
+        let cluster = shared().await;
+        let admin = cluster.client().await;
+        let (root, fixture) = match root {
+            Some(root) => {
+                cluster.namespace(name).await;
+                (root, None)
+            }
+            None => {
+                let (root, fixture) = support::cert_manager::fixture_in(name).await;
+                (root, Some(fixture))
+            }
+        };
+        let app_namespace = format!("{name}-app");
+        labelled_namespace(&admin, &app_namespace, json!({"chart-test": name})).await;
+        cluster.service_account(&app_namespace, "web").await;
+        let dir = tempfile::tempdir().unwrap();
+        // What the kubelet would project from Secret istio-root-ca (key ca.crt).
+        std::fs::create_dir_all(dir.path().join("root-ca")).unwrap();
+        std::fs::write(dir.path().join("root-ca/root-cert.pem"), root.cert_pem()).unwrap();
+        let secret = json!({"apiVersion": "v1", "kind": "Secret",
+                            "metadata": {"name": "istio-root-ca", "namespace": name},
+                            "stringData": {"ca.crt": root.cert_pem()}});
+        apply_all(&admin, &[secret], name).await;
+
+        let values = Self::values(name, dir.path(), overrides);
+        let objects = render(Some(cluster), name, name, &values).await;
+        apply_all(&admin, &objects, name).await;
+        Self {
+            name: name.to_owned(),
+            app_namespace,
+            dir,
+            root,
+            objects,
+            _fixture: fixture,
+        }
+    }
+
+    fn object(&self, kind: &str) -> &Value {
+        self.objects
+            .iter()
+            .find(|o| o["kind"] == kind)
+            .unwrap_or_else(|| panic!("the chart rendered no {kind}"))
+    }
+
+    fn objects_of(&self, kind: &str) -> Vec<&Value> {
+        self.objects.iter().filter(|o| o["kind"] == kind).collect()
+    }
+
+    fn container(&self) -> &Value {
+        &self.object("Deployment")["spec"]["template"]["spec"]["containers"][0]
+    }
+
+    fn args(&self) -> Vec<String> {
+        self.container()["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap().to_owned())
+            .collect()
+    }
+
+    fn arg(&self, flag: &str) -> Option<String> {
+        let prefix = format!("{flag}=");
+        self.args()
+            .iter()
+            .find_map(|a| a.strip_prefix(&prefix).map(str::to_owned))
+    }
+
+    fn service_account(&self) -> String {
+        self.object("ServiceAccount")["metadata"]["name"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    }
+
+    fn user(&self) -> String {
+        format!(
+            "system:serviceaccount:{}:{}",
+            self.name,
+            self.service_account()
+        )
+    }
+
+    /// A client of the shared cluster as the chart's ServiceAccount.
+    async fn sa_client(&self) -> ::kube::Client {
+        let cluster = shared().await;
+        let token = cluster
+            .token(
+                &self.name,
+                &self.service_account(),
+                &[SA_ISSUER],
+                3600,
+                None,
+            )
+            .await;
+        cluster.client_with_token(&token).await
+    }
+
+    /// Starts the binary as the pod would run it, and waits until /readyz answers 200.
+    async fn start(&self) -> Process {
+        let cluster = shared().await;
+        let token = cluster
+            .token(
+                &self.name,
+                &self.service_account(),
+                &[SA_ISSUER],
+                3600,
+                None,
+            )
+            .await;
+        let kubeconfig = self.dir.path().join("kubeconfig");
+        std::fs::write(
+            &kubeconfig,
+            kubeconfig_with_token(cluster, &self.service_account(), &token),
+        )
+        .unwrap();
+        let deployment = self.object("Deployment");
+        let pod_name = format!("{}-0", deployment["metadata"]["name"].as_str().unwrap());
+        let mut env = BTreeMap::new();
+        for var in self.container()["env"].as_array().into_iter().flatten() {
+            let name = var["name"].as_str().unwrap().to_owned();
+            let value = match (&var["value"], &var["valueFrom"]["fieldRef"]["fieldPath"]) {
+                (Value::String(v), _) => v.clone(),
+                (_, Value::String(path)) if path == "metadata.name" => pod_name.clone(),
+                (_, Value::String(path)) if path == "metadata.namespace" => self.name.clone(),
+                _ => panic!("the test cannot resolve env {var}: teach it how the kubelet would"),
+            };
+            env.insert(name, value);
+        }
+        let log = self.dir.path().join("istio-csr-rs.log");
+        let file = std::fs::File::create(&log).unwrap();
+        let child = Command::new(BIN)
+            .args(self.args())
+            .env_clear()
+            .envs(&env)
+            .env("KUBECONFIG", &kubeconfig)
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .unwrap();
+        let address = |flag: &str| -> SocketAddr {
+            self.arg(flag)
+                .unwrap_or_else(|| panic!("the chart passes no {flag}"))
+                .parse()
+                .unwrap()
+        };
+        let mut process = Process {
+            child,
+            log,
+            grpc: address("--serving-address"),
+            admin: address("--admin-address"),
+            pod_name,
+        };
+        process.wait_ready().await;
+        process
+    }
+
+    /// A client of `process` as pilot-agent in this install's cluster would be: it dials the
+    /// Service's name and trusts the mounted root.
+    fn target(&self, process: &Process) -> Target {
+        let service = self
+            .objects_of("Service")
+            .into_iter()
+            .find(|s| s["spec"]["ports"][0]["name"] == "grpc")
+            .expect("the gRPC Service")["metadata"]["name"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        Target {
+            server_name: Some(format!("{service}.{}.svc", self.name)),
+            ..localhost_target(process.grpc, self.dir.path().join("root-ca/root-cert.pem"))
+        }
+    }
+
+    /// `web` of the app namespace gets a certificate for its identity.
+    async fn signs_a_workload_certificate(&self, process: &Process) {
+        let cluster = shared().await;
+        let token = cluster
+            .token(&self.app_namespace, "web", &["istio-ca"], 3600, None)
+            .await;
+        let identity = format!("spiffe://cluster.local/ns/{}/sa/web", self.app_namespace);
+        let chain = request_certificate(&self.target(process), Some(&token), &identity)
+            .await
+            .unwrap_or_else(|s| panic!("no certificate: {s}\n{}", process.log_tail()));
+        assert_eq!(leaf_identity(&chain).0, vec![identity]);
+        let roots =
+            istio_csr_rs::pki::pem::parse_certificates(chain.last().unwrap().as_bytes()).unwrap();
+        assert_eq!(
+            roots,
+            vec![self.root.cert.clone()],
+            "the root bundle is the pinned root"
+        );
+    }
+
+    /// The bundle in the app namespace, the Lease held by this pod: the leader's work.
+    async fn leads_and_writes_the_bundle(&self, process: &Process) {
+        let cluster = shared().await;
+        let admin = cluster.client().await;
+        let prefix = format!("{}_", process.pod_name);
+        let lease = Api::<Lease>::namespaced(admin.clone(), &self.name);
+        let held = tokio::time::timeout(
+            WAIT,
+            await_condition(lease, "istio-csr-rs", |l: Option<&Lease>| {
+                l.and_then(|l| l.spec.as_ref())
+                    .and_then(|s| s.holder_identity.as_deref())
+                    .is_some_and(|h| h.starts_with(&prefix))
+            }),
+        )
+        .await;
+        assert!(
+            matches!(held, Ok(Ok(_))),
+            "Lease istio-csr-rs in {} not taken by {} within {WAIT:?}\n{}",
+            self.name,
+            process.pod_name,
+            process.log_tail()
+        );
+        let pem = self.root.cert_pem();
+        has_bundle(&admin, &self.app_namespace, &pem, process).await;
+    }
+
+    /// Secret istiod-tls as istiod reads it; its certificate names istiod's Service.
+    async fn writes_istiod_tls(&self, process: &Process) {
+        let admin = shared().await.client().await;
+        let secrets = Api::<Secret>::namespaced(admin, &self.name);
+        let written = tokio::time::timeout(
+            WAIT,
+            await_condition(secrets, "istiod-tls", |s: Option<&Secret>| {
+                s.is_some_and(|s| {
+                    let data = s.data.clone().unwrap_or_default();
+                    s.type_.as_deref() == Some("kubernetes.io/tls")
+                        && ["tls.crt", "tls.key", "ca.crt"]
+                            .iter()
+                            .all(|k| data.get(*k).is_some_and(|v| !v.0.is_empty()))
+                })
+            }),
+        )
+        .await;
+        let secret = match written {
+            Ok(Ok(Some(secret))) => secret,
+            _ => panic!(
+                "Secret istiod-tls (kubernetes.io/tls: tls.crt, tls.key, ca.crt) not written in \
+                 {} within {WAIT:?}\n{}",
+                self.name,
+                process.log_tail()
+            ),
+        };
+        let crt = &secret.data.unwrap()["tls.crt"].0;
+        let leaf = istio_csr_rs::pki::pem::parse_certificates(crt)
+            .unwrap()
+            .remove(0);
+        let (_, cert) = x509_parser::parse_x509_certificate(&leaf).unwrap();
+        let want = format!("istiod.{}.svc", self.name);
+        let names: Vec<String> = cert
+            .subject_alternative_name()
+            .unwrap()
+            .map(|san| {
+                san.value
+                    .general_names
+                    .iter()
+                    .map(|n| n.to_string())
+                    .collect()
+            })
+            .unwrap_or_default();
+        assert!(
+            names.iter().any(|n| n.contains(&want)),
+            "istiod's certificate does not name {want}: {names:?}"
+        );
+    }
+
+    /// Whether the chart's ServiceAccount may do `verb` on `resource` (a SubjectAccessReview).
+    async fn may(
+        &self,
+        verb: &str,
+        group: &str,
+        resource: &str,
+        namespace: Option<&str>,
+        name: Option<&str>,
+    ) -> bool {
+        let admin = shared().await.client().await;
+        let review = SubjectAccessReview {
+            spec: SubjectAccessReviewSpec {
+                user: Some(self.user()),
+                groups: Some(vec![
+                    "system:serviceaccounts".into(),
+                    format!("system:serviceaccounts:{}", self.name),
+                    "system:authenticated".into(),
+                ]),
+                resource_attributes: Some(ResourceAttributes {
+                    verb: Some(verb.into()),
+                    group: Some(group.into()),
+                    resource: Some(resource.into()),
+                    namespace: namespace.map(Into::into),
+                    name: name.map(Into::into),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        Api::<SubjectAccessReview>::all(admin)
+            .create(&PostParams::default(), &review)
+            .await
+            .unwrap()
+            .status
+            .is_some_and(|s| s.allowed)
+    }
+
+    /// What no configuration of the chart may allow (all in the core API group).
+    async fn refuses_what_it_never_needs(&self) {
+        struct Denied<'a> {
+            verb: &'a str,
+            resource: &'a str,
+            namespace: Option<&'a str>,
+            name: Option<&'a str>,
+            what: &'a str,
+        }
+        let app = Some(self.app_namespace.as_str());
+        let denied = [
+            Denied {
+                verb: "list",
+                resource: "secrets",
+                namespace: None,
+                name: None,
+                what: "read Secrets cluster-wide",
+            },
+            Denied {
+                verb: "get",
+                resource: "secrets",
+                namespace: Some("kube-system"),
+                name: Some("any"),
+                what: "read a Secret in kube-system",
+            },
+            Denied {
+                verb: "list",
+                resource: "secrets",
+                namespace: Some("kube-system"),
+                name: None,
+                what: "list Secrets in kube-system",
+            },
+            Denied {
+                verb: "update",
+                resource: "configmaps",
+                namespace: Some("kube-system"),
+                name: Some("coredns"),
+                what: "update ConfigMap coredns",
+            },
+            Denied {
+                verb: "list",
+                resource: "configmaps",
+                namespace: None,
+                name: None,
+                what: "list every ConfigMap",
+            },
+            Denied {
+                verb: "create",
+                resource: "pods",
+                namespace: app,
+                name: None,
+                what: "create pods",
+            },
+            Denied {
+                verb: "delete",
+                resource: "namespaces",
+                namespace: None,
+                name: app,
+                what: "delete namespaces",
+            },
+        ];
+        for d in denied {
+            assert!(
+                !self.may(d.verb, "", d.resource, d.namespace, d.name).await,
+                "the chart's ServiceAccount may {}",
+                d.what
+            );
+        }
+    }
+}
+
+/// istio-ca-root-cert in `namespace` holds exactly `pem` (event-driven, bounded).
+async fn has_bundle(client: &::kube::Client, namespace: &str, pem: &str, process: &Process) {
+    let config_maps = Api::<ConfigMap>::namespaced(client.clone(), namespace);
+    let written = tokio::time::timeout(
+        WAIT,
+        await_condition(
+            config_maps,
+            "istio-ca-root-cert",
+            |cm: Option<&ConfigMap>| {
+                cm.and_then(|cm| cm.data.as_ref())
+                    .and_then(|d| d.get("root-cert.pem"))
+                    .is_some_and(|v| v == pem)
+            },
+        ),
+    )
+    .await;
+    assert!(
+        matches!(written, Ok(Ok(_))),
+        "istio-ca-root-cert not written in {namespace} within {WAIT:?}\n{}",
+        process.log_tail()
+    );
+}
+
+/// The binary, killed on drop.
+struct Process {
+    child: Child,
+    log: PathBuf,
+    grpc: SocketAddr,
+    admin: SocketAddr,
+    pod_name: String,
+}
+
+impl Process {
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        format!(
+            "--- istio-csr-rs log (last lines) ---\n{}",
+            lines[lines.len().saturating_sub(40)..].join("\n")
+        )
+    }
+
+    async fn get(&self, path: &str) -> Option<(u16, String)> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(self.admin).await.ok()?;
+        let request = format!(
+            "GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+            self.admin
+        );
+        stream.write_all(request.as_bytes()).await.ok()?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.ok()?;
+        let status = response.get(9..12)?.parse().ok()?;
+        let body = response
+            .split_once("\r\n\r\n")
+            .map_or("", |(_, b)| b)
+            .to_owned();
+        Some((status, body))
+    }
+
+    /// Polls /readyz (bounded): there is no event to wait on from outside the process.
+    async fn wait_ready(&mut self) {
+        let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!(
+                    "istio-csr-rs exited with {status} before it was ready\n{}",
+                    self.log_tail()
+                );
+            }
+            let readyz = self.get("/readyz?verbose").await;
+            if readyz.as_ref().is_some_and(|(status, _)| *status == 200) {
+                return;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                panic!(
+                    "istio-csr-rs not ready within {READY_TIMEOUT:?}: /readyz said {readyz:?}\n{}",
+                    self.log_tail()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn default_values_sign_write_the_bundle_and_istiod_tls_under_least_privilege() {
+    let install = Install::new("chart-default", json!({}), None).await;
+    let args = install.args();
+    assert!(
+        args.contains(&"--signer=cert-manager".to_owned()),
+        "{args:?}"
+    );
+    assert!(
+        args.contains(&"--istiod-cert-enabled=true".to_owned()),
+        "{args:?}"
+    );
+    assert!(
+        args.contains(&"--multicluster-enabled=false".to_owned()),
+        "{args:?}"
+    );
+    let process = install.start().await;
+    install.signs_a_workload_certificate(&process).await;
+    install.leads_and_writes_the_bundle(&process).await;
+    install.refuses_what_it_never_needs().await;
+    // Multi-cluster is opt-in: by default no Secret of istiod's namespace (cacerts...) is
+    // readable, only istiod-tls by name.
+    assert!(
+        !install
+            .may("list", "", "secrets", Some(&install.name), None)
+            .await,
+        "Secrets of the istiod namespace are listable"
+    );
+    assert!(
+        !install
+            .may("get", "", "secrets", Some(&install.name), Some("cacerts"))
+            .await,
+        "Secret cacerts is readable"
+    );
+
+    // Named rights, on the API server these tests run (1.20): a list selecting the name by
+    // field is allowed by a resourceNames rule, a list of everything is not.
+    let sa = install.sa_client().await;
+    let by_name = ListParams::default().fields("metadata.name=istio-ca-root-cert");
+    Api::<ConfigMap>::all(sa.clone())
+        .list(&by_name)
+        .await
+        .expect("list by metadata.name under resourceNames [istio-ca-root-cert]");
+    assert!(
+        Api::<ConfigMap>::all(sa.clone())
+            .list(&ListParams::default())
+            .await
+            .is_err()
+    );
+    let istiod_tls = ListParams::default().fields("metadata.name=istiod-tls");
+    Api::<Secret>::namespaced(sa.clone(), &install.name)
+        .list(&istiod_tls)
+        .await
+        .expect("list by metadata.name under resourceNames [istiod-tls]");
+    assert!(
+        !install
+            .may("get", "", "pods", Some(&install.app_namespace), Some("x"))
+            .await,
+        "pods are readable without trusted node accounts"
+    );
+    assert!(
+        !install
+            .may(
+                "update",
+                "coordination.k8s.io",
+                "leases",
+                Some(&install.name),
+                Some("other")
+            )
+            .await,
+        "other Leases are writable"
+    );
+    install.writes_istiod_tls(&process).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kube_csr_signs_through_the_csr_api_with_approval_limited_to_its_signer() {
+    let (root, foreign) = (
+        Arc::new(TestCa::root("chart kube-csr CA", KeyAlg::EcdsaP256)),
+        Arc::new(TestCa::root("chart kube-csr foreign CA", KeyAlg::EcdsaP256)),
+    );
+    let _signer =
+        support::csr_signer::start_csr_signer(shared().await.client().await, root.clone(), foreign);
+    let install = Install::new(
+        "chart-kube-csr",
+        json!({"app": {"signer": "kube-csr", "kubeCSR": {"signerName": "example.com/ca"}}}),
+        Some(root),
+    )
+    .await;
+    assert!(
+        install.arg("--certificate-namespace").is_none(),
+        "cert-manager flags with kube-csr"
+    );
+    assert!(
+        install
+            .objects_of("Role")
+            .iter()
+            .all(|r| !r["metadata"]["name"]
+                .as_str()
+                .unwrap()
+                .ends_with("-certificates")),
+        "CertificateRequest rights with kube-csr"
+    );
+    let process = install.start().await;
+    install.signs_a_workload_certificate(&process).await;
+    install.leads_and_writes_the_bundle(&process).await;
+    install.refuses_what_it_never_needs().await;
+    let approve = |signer: &'static str| {
+        install.may(
+            "approve",
+            "certificates.k8s.io",
+            "signers",
+            None,
+            Some(signer),
+        )
+    };
+    assert!(approve("example.com/ca").await);
+    assert!(
+        !approve("kubernetes.io/kube-apiserver-client").await,
+        "may approve for any signer"
+    );
+    assert!(
+        !approve("example.com/other").await,
+        "may approve for a signer it does not use"
+    );
+    // Every request it made is gone (deleted after its answer).
+    let csrs = Api::<CertificateSigningRequest>::all(shared().await.client().await);
+    let left = eventually(WAIT, || async {
+        csrs.list(&ListParams::default().labels(&format!(
+            "{}=true",
+            istio_csr_rs::signer::issuer::kube_csr::REQUEST_LABEL_KEY
+        )))
+        .await
+        .is_ok_and(|l| l.items.is_empty())
+    })
+    .await;
+    assert!(left, "CertificateSigningRequests were left behind");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ambient_trusted_node_accounts_get_pod_rights_and_ztunnel_impersonates() {
+    let name = "chart-ambient";
+    let install = Install::new(
+        name,
+        json!({"app": {"server": {"caTrustedNodeAccounts": format!("{name}/ztunnel")}}}),
+        None,
+    )
+    .await;
+    assert_eq!(
+        install.arg("--ca-trusted-node-accounts").as_deref(),
+        Some("chart-ambient/ztunnel")
+    );
+    assert!(
+        install
+            .may("get", "", "pods", Some(name), Some("ztunnel-1"))
+            .await
+    );
+    assert!(
+        install
+            .may("list", "", "pods", Some(&install.app_namespace), None)
+            .await
+    );
+    assert!(
+        !install
+            .may("update", "", "pods", Some(name), Some("ztunnel-1"))
+            .await
+    );
+
+    let cluster = shared().await;
+    cluster.service_account(name, "ztunnel").await;
+    let ztunnel_pod: Pod = cluster.pod(name, "ztunnel-1", "ztunnel", "node-1").await;
+    cluster
+        .pod(&install.app_namespace, "web-1", "web", "node-1")
+        .await;
+    let process = install.start().await;
+    let token = cluster
+        .token(name, "ztunnel", &["istio-ca"], 3600, Some(&ztunnel_pod))
+        .await;
+    let web = format!("spiffe://cluster.local/ns/{}/sa/web", install.app_namespace);
+    let target = install.target(&process);
+    let (csr, _) = p256_csr(&web);
+    let request = target
+        .request(
+            Some(&token),
+            istio_csr_rs::proto::istio_v1_auth::IstioCertificateRequest {
+                csr,
+                validity_duration: 3600,
+                metadata: Some(istio_csr_rs::client::metadata(None, Some(&web))),
+            },
+        )
+        .unwrap();
+    let chain = target
+        .connect()
+        .await
+        .unwrap()
+        .create_certificate(request)
+        .await
+        .unwrap_or_else(|s| panic!("ztunnel was refused: {s}\n{}", process.log_tail()))
+        .into_inner()
+        .cert_chain;
+    assert_eq!(leaf_identity(&chain).0, vec![web]);
+    install.leads_and_writes_the_bundle(&process).await;
+    install.refuses_what_it_never_needs().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runtime_issuer_configmap_from_values_is_the_issuer_in_force() {
+    let name = "chart-runtime";
+    // The static issuer denies everything: only the runtime one can sign.
+    let install = Install::new(
+        name,
+        json!({"app": {
+            "certmanager": {"issuer": {"name": "deny-issuer"}},
+            "runtimeConfiguration": {"create": true, "issuer": {"name": SIGNING_ISSUER}},
+        }}),
+        None,
+    )
+    .await;
+    let config_map = format!("{name}-istio-csr-rs-issuer");
+    assert_eq!(
+        install.arg("--runtime-issuance-config-map-name"),
+        Some(config_map.clone())
+    );
+    assert_eq!(
+        install
+            .arg("--runtime-issuance-config-map-namespace")
+            .as_deref(),
+        Some(name)
+    );
+    let created = Api::<ConfigMap>::namespaced(shared().await.client().await, name)
+        .get(&config_map)
+        .await
+        .expect("the chart creates the runtime ConfigMap");
+    assert_eq!(created.data.unwrap()["issuer-name"], SIGNING_ISSUER);
+    assert!(
+        install
+            .may("watch", "", "configmaps", Some(name), Some(&config_map))
+            .await
+    );
+    assert!(
+        !install
+            .may("get", "", "configmaps", Some(name), Some("other"))
+            .await
+    );
+    assert!(
+        !install
+            .may("update", "", "configmaps", Some(name), Some(&config_map))
+            .await,
+        "may change its own issuer"
+    );
+
+    let process = install.start().await;
+    install.signs_a_workload_certificate(&process).await;
+    install.leads_and_writes_the_bundle(&process).await;
+    install.refuses_what_it_never_needs().await;
+    install.writes_istiod_tls(&process).await;
+
+    // istio-csr's app.certmanager.issuer.enabled=false: only the ConfigMap names an issuer.
+    let values = Install::values(
+        name,
+        install.dir.path(),
+        json!({"app": {
+            "certmanager": {"issuer": {"enabled": false}},
+            "runtimeConfiguration": {"create": true},
+        }}),
+    );
+    let objects = render(None, name, name, &values).await;
+    let deployment = objects.iter().find(|o| o["kind"] == "Deployment").unwrap();
+    let args = &deployment["spec"]["template"]["spec"]["containers"][0]["args"];
+    assert!(
+        args.as_array()
+            .unwrap()
+            .contains(&json!("--issuer-enabled=false")),
+        "{args}"
+    );
+}
+
+/// A second cluster with its own etcd, kept for the life of the test binary like the shared one:
+/// the harness stops a cluster's processes cleanly when the test process exits, whereas
+/// dropping a `TestCluster` kills only its guard shells and leaves kube-apiserver running.
+async fn remote_cluster() -> &'static TestCluster {
+    static REMOTE: tokio::sync::OnceCell<TestCluster> = tokio::sync::OnceCell::const_new();
+    REMOTE.get_or_init(TestCluster::start).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remote_cluster_secrets_are_read_in_their_namespace_only_and_remotes_are_served() {
+    let name = "chart-remote";
+    let secrets_namespace = format!("{name}-remotes");
+    let admin = shared().await.client().await;
+    shared().await.namespace(&secrets_namespace).await;
+    let install = Install::new(
+        name,
+        json!({"app": {"multicluster": {"enabled": true, "secretNamespace": secrets_namespace}}}),
+        None,
+    )
+    .await;
+    assert!(
+        install
+            .may("list", "", "secrets", Some(&secrets_namespace), None)
+            .await
+    );
+    assert!(
+        install
+            .may("watch", "", "secrets", Some(&secrets_namespace), None)
+            .await
+    );
+    assert!(
+        !install.may("list", "", "secrets", Some(name), None).await,
+        "Secrets outside the remote-secret namespace are listable"
+    );
+    assert!(
+        !install
+            .may("get", "", "secrets", Some(name), Some("istio-root-ca"))
+            .await,
+        "the istiod-tls rights reach other Secrets of istiod's namespace"
+    );
+
+    // A remote cluster with the documented remote RBAC (deploy/multicluster/remote-rbac.yaml).
+    let remote = remote_cluster().await;
+    let remote_admin = remote.client().await;
+    let rbac = yaml_objects(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/deploy/multicluster/remote-rbac.yaml"
+    ))
+    .await;
+    apply_all(&remote_admin, &rbac, "istio-system").await;
+    let remote_token = remote
+        .token(
+            "istio-system",
+            "istio-csr-rs-remote",
+            &[SA_ISSUER],
+            3600,
+            None,
+        )
+        .await;
+    let secret = json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {
+            "name": "istio-remote-secret-remote-1", "namespace": secrets_namespace,
+            "labels": {"istio/multiCluster": "true"},
+            "annotations": {"networking.istio.io/cluster": "remote-1"},
+        },
+        "stringData": {"remote-1": kubeconfig_with_token(remote, "istio-csr-rs-remote", &remote_token)},
+    });
+    apply_all(&admin, &[secret], &secrets_namespace).await;
+    let remote_app = format!("{name}-remote-app");
+    labelled_namespace(&remote_admin, &remote_app, json!({"chart-test": name})).await;
+    remote.service_account(&remote_app, "web").await;
+
+    let process = install.start().await;
+    install.signs_a_workload_certificate(&process).await;
+    install.leads_and_writes_the_bundle(&process).await;
+    has_bundle(
+        &remote_admin,
+        &remote_app,
+        &install.root.cert_pem(),
+        &process,
+    )
+    .await;
+    // A workload of the remote cluster, reviewed there.
+    let token = remote
+        .token(&remote_app, "web", &["istio-ca"], 3600, None)
+        .await;
+    let identity = format!("spiffe://cluster.local/ns/{remote_app}/sa/web");
+    let target = Target {
+        cluster_id: "remote-1".into(),
+        ..install.target(&process)
+    };
+    let signed = eventually(WAIT, || async {
+        request_certificate(&target, Some(&token), &identity)
+            .await
+            .is_ok()
+    })
+    .await;
+    assert!(
+        signed,
+        "the remote cluster's workload got no certificate\n{}",
+        process.log_tail()
+    );
+    install.refuses_what_it_never_needs().await;
+    // Under the istiod-tls rights alone: Secrets of this namespace are not readable otherwise.
+    install.writes_istiod_tls(&process).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_istiod_certificate_off_no_secret_rights_in_istiods_namespace() {
+    let name = "chart-no-istiod";
+    shared().await.namespace(&format!("{name}-remotes")).await;
+    let install = Install::new(
+        name,
+        json!({"app": {
+            "tls": {"istiodCertificateEnable": false},
+            "multicluster": {"enabled": true, "secretNamespace": format!("{name}-remotes")},
+        }}),
+        None,
+    )
+    .await;
+    assert!(
+        install
+            .args()
+            .contains(&"--istiod-cert-enabled=false".to_owned())
+    );
+    assert!(install.arg("--istiod-cert-namespace").is_none());
+    for verb in ["get", "create", "update"] {
+        assert!(
+            !install
+                .may(verb, "", "secrets", Some(name), Some("istiod-tls"))
+                .await,
+            "may {verb} istiod-tls with the istiod certificate off"
+        );
+    }
+    let process = install.start().await;
+    install.signs_a_workload_certificate(&process).await;
+    // Once the leader has done its other work, istiod-tls still does not exist.
+    install.leads_and_writes_the_bundle(&process).await;
+    let secret = Api::<Secret>::namespaced(shared().await.client().await, name)
+        .get_opt("istiod-tls")
+        .await
+        .unwrap();
+    assert!(
+        secret.is_none(),
+        "istiod-tls written with the istiod certificate off"
+    );
+    install.refuses_what_it_never_needs().await;
+}
+
+/// The ServiceMonitor CRD (the Prometheus Operator's), schema-less: its server-side checks are
+/// not what this test is about (render.py checks the spec).
+async fn install_service_monitor_crd(client: &::kube::Client) {
+    let crd: CustomResourceDefinition = serde_json::from_value(json!({
+        "metadata": {"name": "servicemonitors.monitoring.coreos.com"},
+        "spec": {
+            "group": "monitoring.coreos.com", "scope": "Namespaced",
+            "names": {"kind": "ServiceMonitor", "listKind": "ServiceMonitorList",
+                      "plural": "servicemonitors", "singular": "servicemonitor"},
+            "versions": [{"name": "v1", "served": true, "storage": true,
+                          "schema": {"openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": true}}}]
+        }
+    }))
+    .unwrap();
+    let api = Api::<CustomResourceDefinition>::all(client.clone());
+    match api.create(&PostParams::default(), &crd).await {
+        Ok(_) => {}
+        Err(::kube::Error::Api(e)) if e.code == 409 => {}
+        Err(e) => panic!("installing the ServiceMonitor CRD: {e}"),
+    }
+    let established = tokio::time::timeout(
+        WAIT,
+        await_condition(
+            api,
+            "servicemonitors.monitoring.coreos.com",
+            |crd: Option<&CustomResourceDefinition>| {
+                crd.and_then(|c| c.status.as_ref())
+                    .and_then(|s| s.conditions.as_ref())
+                    .is_some_and(|c| {
+                        c.iter()
+                            .any(|c| c.type_ == "Established" && c.status == "True")
+                    })
+            },
+        ),
+    )
+    .await;
+    assert!(
+        matches!(established, Ok(Ok(_))),
+        "the ServiceMonitor CRD was never established"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn optional_objects_render_validate_apply_and_match_what_runs() {
+    let name = "chart-optional";
+    let admin = shared().await.client().await;
+    install_service_monitor_crd(&admin).await;
+    let digest = format!("sha256:{}", "ab".repeat(32));
+    let install = Install::new(
+        name,
+        json!({
+            "image": {"digest": digest},
+            "imagePullSecrets": [{"name": "registry"}],
+            "commonLabels": {"team": "mesh"},
+            "podLabels": {"sidecar.istio.io/inject": "false"},
+            "podAnnotations": {"example.com/note": "chart test"},
+            "priorityClassName": "system-cluster-critical",
+            "topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "kubernetes.io/hostname",
+                "whenUnsatisfiable": "ScheduleAnyway",
+                "labelSelector": {"matchLabels": {"app.kubernetes.io/instance": name}}}],
+            "volumes": [{"name": "scratch", "emptyDir": {}}],
+            "volumeMounts": [{"name": "scratch", "mountPath": "/scratch"}],
+            "podDisruptionBudget": {"maxUnavailable": "50%"},
+            "networkPolicy": {"enabled": true, "adminFrom": [
+                {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]},
+            "app": {"metrics": {"service": {"servicemonitor": {"enabled": true, "labels": {"release": "prom"}}}}},
+            "extraObjects": [
+                "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: '{{ include \"istio-csr-rs.fullname\" . }}-extra'\n  namespace: '{{ .Release.Namespace }}'\ndata:\n  trust-domain: '{{ .Values.app.tls.trustDomain }}'\n",
+            ],
+        }),
+        None,
+    )
+    .await;
+    // Every object of the chart (extraObjects are the user's own) carries commonLabels.
+    let extra_name = format!("{name}-istio-csr-rs-extra");
+    for object in install
+        .objects
+        .iter()
+        .filter(|o| o["metadata"]["name"] != extra_name.as_str())
+    {
+        assert_eq!(
+            object["metadata"]["labels"]["team"], "mesh",
+            "commonLabels missing on {}",
+            object["kind"]
+        );
+    }
+    let pod = &install.object("Deployment")["spec"]["template"];
+    assert_eq!(
+        pod["metadata"]["labels"]["sidecar.istio.io/inject"],
+        "false"
+    );
+    assert_eq!(
+        install.container()["image"],
+        format!("istio-csr-rs@{digest}")
+    );
+    let security = &install.container()["securityContext"];
+    assert_eq!(security["readOnlyRootFilesystem"], true);
+    assert_eq!(security["capabilities"]["drop"], json!(["ALL"]));
+    assert_eq!(pod["spec"]["securityContext"]["runAsUser"], 65532);
+    assert_eq!(
+        pod["spec"]["securityContext"]["seccompProfile"]["type"],
+        "RuntimeDefault"
+    );
+    let pdb = install.object("PodDisruptionBudget");
+    // Rendered for the cluster it is applied to, as `helm install` does: policy/v1 only from
+    // Kubernetes 1.21 (the test apiserver is 1.20).
+    let version = admin.apiserver_version().await.unwrap();
+    let minor: u32 = version.minor.trim_end_matches('+').parse().unwrap();
+    let want = if minor >= 21 {
+        "policy/v1"
+    } else {
+        "policy/v1beta1"
+    };
+    assert_eq!(
+        pdb["apiVersion"], want,
+        "for Kubernetes {}",
+        version.git_version
+    );
+    assert_eq!(pdb["spec"]["maxUnavailable"], "50%");
+    assert!(pdb["spec"].get("minAvailable").is_none());
+    let extra = Api::<ConfigMap>::namespaced(admin.clone(), name)
+        .get(&extra_name)
+        .await
+        .expect("the templated extra object exists");
+    assert_eq!(extra.data.unwrap()["trust-domain"], "cluster.local");
+
+    // The ServiceMonitor scrapes the metrics Service, whose port is the admin listener's.
+    let monitor = install.object("ServiceMonitor");
+    let metrics = install
+        .objects_of("Service")
+        .into_iter()
+        .find(|s| s["spec"]["ports"][0]["name"] == "metrics")
+        .expect("a metrics Service");
+    for (key, value) in monitor["spec"]["selector"]["matchLabels"]
+        .as_object()
+        .unwrap()
+    {
+        assert_eq!(
+            &metrics["metadata"]["labels"][key], value,
+            "the ServiceMonitor misses the Service on {key}"
+        );
+    }
+    assert_eq!(monitor["spec"]["endpoints"][0]["port"], "metrics");
+    assert_eq!(metrics["spec"]["ports"][0]["targetPort"], "admin");
+    let admin_port = install.container()["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "admin")
+        .unwrap()["containerPort"]
+        .as_u64()
+        .unwrap();
+    let policy = install.object("NetworkPolicy");
+    assert_eq!(policy["spec"]["ingress"][1]["ports"][0]["port"], "admin");
+    let process = install.start().await;
+    assert_eq!(u64::from(process.admin.port()), admin_port);
+    let (status, body) = process.get("/metrics").await.expect("/metrics answers");
+    assert_eq!(status, 200);
+    assert!(body.contains("# EOF"), "not OpenMetrics: {body:.200}");
+}
