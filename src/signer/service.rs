@@ -200,13 +200,14 @@ fn credential_kind(credentials: &Credentials<'_>) -> &'static str {
 }
 
 /// The request's metadata Struct, read strictly: known keys must be strings.
-struct RequestOptions<'a> {
-    cert_signer: Option<&'a str>,
-    impersonated_identity: Option<&'a str>,
+#[derive(Debug, PartialEq, Eq)]
+pub struct RequestOptions<'a> {
+    pub cert_signer: Option<&'a str>,
+    pub impersonated_identity: Option<&'a str>,
 }
 
 impl<'a> RequestOptions<'a> {
-    fn from_metadata(metadata: Option<&'a prost_types::Struct>) -> Result<Self, SignError> {
+    pub fn from_metadata(metadata: Option<&'a prost_types::Struct>) -> Result<Self, SignError> {
         let string = |key: &str| -> Result<Option<&'a str>, SignError> {
             let Some(value) = metadata.and_then(|m| m.fields.get(key)) else {
                 return Ok(None);
