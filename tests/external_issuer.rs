@@ -153,3 +153,48 @@ async fn refuses_a_trusted_chain_for_another_key_as_internal() {
     .await;
     assert_eq!(call(&server).await.unwrap_err().code(), Code::Internal);
 }
+
+#[tokio::test]
+async fn refuses_a_trusted_chain_that_outlives_the_granted_lifetime_and_counts_it() {
+    // The server grants 1 h (--max-client-certificate-duration); the issuer answers 30 days.
+    let server = with_real_ca(|request, root| {
+        let now = OffsetDateTime::now_utc();
+        let leaf = leaf::sign_workload(
+            &request.names.uris,
+            &request.csr.public_key,
+            (now, now + time::Duration::days(30)),
+            &root.issuer(),
+        )
+        .unwrap();
+        Ok(Issued::external(vec![leaf]))
+    })
+    .await;
+    assert_eq!(call(&server).await.unwrap_err().code(), Code::Internal);
+    let (_, body) = http_get(&server.admin_url("/metrics")).await;
+    let refused = openmetrics::parse(&body).value(
+        "istio_csr_issued_chains_refused_total",
+        &[("reason", "lifetime")],
+    );
+    assert_eq!(refused, 1.0);
+}
+
+#[tokio::test]
+async fn accepts_a_chain_within_the_granted_lifetime_and_the_clock_skew() {
+    let server = with_real_ca(|request, root| {
+        let now = OffsetDateTime::now_utc();
+        // An issuer whose clock runs two minutes ahead.
+        let leaf = leaf::sign_workload(
+            &request.names.uris,
+            &request.csr.public_key,
+            (
+                now,
+                now + time::Duration::hours(1) + time::Duration::minutes(2),
+            ),
+            &root.issuer(),
+        )
+        .unwrap();
+        Ok(Issued::external(vec![leaf]))
+    })
+    .await;
+    assert!(call(&server).await.is_ok());
+}

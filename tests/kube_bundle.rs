@@ -453,6 +453,32 @@ async fn remote_secrets_come_and_go_at_runtime_and_a_broken_one_harms_no_other()
     })
     .await;
     assert!(reported, "{:#}", server.debug_bundle().await);
+
+    // One whose API server is not verified: whoever sits on the path could answer its
+    // TokenReviews. Refused and reported the same way.
+    let unverified: String = String::from_utf8(kubeconfig_of(&all[2]))
+        .unwrap()
+        .lines()
+        .map(|line| {
+            if line.trim_start().starts_with("certificate-authority-data:") {
+                "    insecure-skip-tls-verify: true\n".to_owned()
+            } else {
+                format!("{line}\n")
+            }
+        })
+        .collect();
+    assert!(unverified.contains("insecure-skip-tls-verify"));
+    server.add_remote("unverified", unverified.as_bytes()).await;
+    let reported = eventually(WAIT, || async {
+        server.cluster_report("unverified").await.is_some_and(|c| {
+            c["state"] == "error"
+                && c["last_error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("insecure-skip-tls-verify"))
+        })
+    })
+    .await;
+    assert!(reported, "{:#}", server.debug_bundle().await);
     managed_namespace(&all[1], test, "runtime-b").await;
     expect_bundle(&all[1], "runtime-b", &pem).await;
     assert_eq!(

@@ -724,7 +724,7 @@ async fn a_denied_renewal_keeps_the_current_certificate_and_retries_until_it_suc
 }
 
 #[tokio::test]
-async fn a_dns_san_is_invalid_argument_and_never_reaches_cert_manager() {
+async fn a_dns_san_or_a_chosen_subject_is_invalid_argument_and_never_reaches_cert_manager() {
     let namespace = "cm-dns-san";
     let (running, dir, _root, _fixture) = cert_manager_server(namespace).await;
     let cluster = shared().await;
@@ -732,17 +732,29 @@ async fn a_dns_san_is_invalid_argument_and_never_reaches_cert_manager() {
     let token = cluster
         .token(namespace, "web", &["istio-ca"], 3600, None)
         .await;
-    let (csr, _) = CsrBuilder::new(KeyAlg::EcdsaP256)
-        .uri("spiffe://cluster.local/ns/cm-dns-san/sa/web")
-        .dns("web.cm-dns-san.svc")
-        .build();
+    let id = "spiffe://cluster.local/ns/cm-dns-san/sa/web";
+    let smuggled = [
+        CsrBuilder::new(KeyAlg::EcdsaP256)
+            .uri(id)
+            .dns("web.cm-dns-san.svc"),
+        // cert-manager's CA issuer would copy this subject into the leaf.
+        CsrBuilder::new(KeyAlg::EcdsaP256)
+            .uri(id)
+            .organization("system:masters"),
+        CsrBuilder::new(KeyAlg::EcdsaP256)
+            .uri(id)
+            .subject_attribute(&[2, 5, 4, 11], "admins"),
+    ];
     let target = target_for(&running, &dir);
     let mut client = target.connect().await.unwrap();
-    let status = client
-        .create_certificate(pilot_agent_request(&target, Some(&token), csr, 3600))
-        .await
-        .unwrap_err();
-    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    for csr in smuggled {
+        let (csr, _) = csr.build();
+        let status = client
+            .create_certificate(pilot_agent_request(&target, Some(&token), csr, 3600))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    }
 
     // Only the serving certificate's request was ever created, and nothing is left.
     let (_, body) = http_get(&format!("http://{}/metrics", running.admin_address)).await;

@@ -32,7 +32,7 @@ use crate::signer::authn::client_cert::ClientCertAuthenticator;
 use crate::signer::authn::node::KubeNodeAuthorizer;
 use crate::signer::authn::static_tokens::StaticTokens;
 use crate::signer::authn::token_review::{TokenReviewMetrics, TokenReviewer};
-use crate::signer::issuance::Issuance;
+use crate::signer::issuance::{Issuance, IssuanceMetrics};
 use crate::signer::issuer::Issuer;
 use crate::signer::issuer::cert_manager::CertManagerIssuer;
 use crate::signer::issuer::kube_csr::KubeCsrIssuer;
@@ -248,6 +248,7 @@ pub async fn launch(args: ServeArgs, hooks: Hooks) -> anyhow::Result<Launched> {
         None => None,
     };
     let bundle_metrics = BundleMetrics::register(&mut registry);
+    let issuance_metrics = IssuanceMetrics::register(&mut registry);
     let istiod_metrics = plan
         .istiod_cert
         .as_ref()
@@ -333,6 +334,7 @@ pub async fn launch(args: ServeArgs, hooks: Hooks) -> anyhow::Result<Launched> {
         clusters,
         leader,
         bundle_metrics,
+        issuance_metrics,
         istiod_metrics,
     };
     let stop_requested = stop.clone();
@@ -447,6 +449,7 @@ struct Starting {
     clusters: ClusterRegistry,
     leader: Option<LeaderTask>,
     bundle_metrics: BundleMetrics,
+    issuance_metrics: IssuanceMetrics,
     istiod_metrics: Option<IstiodCertMetrics>,
 }
 
@@ -608,7 +611,8 @@ impl Starting {
         };
 
         // The one way into the issuers, for every certificate from here on.
-        let issuance = Issuance::new(self.issuer.clone(), roots.clone());
+        let issuance = Issuance::new(self.issuer.clone(), roots.clone())
+            .with_metrics(self.issuance_metrics.clone());
         let serving_certs = Arc::new(ServingCerts::new(
             issuance.clone(),
             &ServingNames::from_names(&self.plan.serving_names),

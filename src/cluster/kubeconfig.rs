@@ -57,14 +57,35 @@ pub fn parse(bytes: &[u8], allow_insecure: bool) -> Result<Kubeconfig, Kubeconfi
             }
         }
         for named in &config.clusters {
-            if named
-                .cluster
-                .as_ref()
-                .is_some_and(|c| c.certificate_authority.is_some())
+            let Some(cluster) = &named.cluster else {
+                continue;
+            };
+            let name = &named.name;
+            if cluster.certificate_authority.is_some() {
+                return Err(KubeconfigError::Insecure(format!(
+                    "cluster {name:?} reads certificate-authority from a file"
+                )));
+            }
+            // Without server verification, or in clear text, whoever sits on the path to that
+            // API server answers the TokenReviews and mints any identity of that cluster.
+            if cluster.insecure_skip_tls_verify == Some(true) {
+                return Err(KubeconfigError::Insecure(format!(
+                    "cluster {name:?} sets insecure-skip-tls-verify"
+                )));
+            }
+            if cluster
+                .server
+                .as_deref()
+                .is_some_and(|s| s.trim().to_ascii_lowercase().starts_with("http://"))
             {
                 return Err(KubeconfigError::Insecure(format!(
-                    "cluster {:?} reads certificate-authority from a file",
-                    named.name
+                    "cluster {name:?} has an http:// server"
+                )));
+            }
+            // A proxy sees (and, over http://, could alter) the API traffic and the tokens.
+            if cluster.proxy_url.is_some() {
+                return Err(KubeconfigError::Insecure(format!(
+                    "cluster {name:?} sets proxy-url"
                 )));
             }
         }
@@ -137,6 +158,26 @@ current-context: remote
                 "    certificate-authority-data: Zm9v\n",
                 "    certificate-authority: /etc/ca.pem\n",
                 "certificate-authority",
+            ),
+            (
+                "    certificate-authority-data: Zm9v\n",
+                "    insecure-skip-tls-verify: true\n",
+                "insecure-skip-tls-verify",
+            ),
+            (
+                "    server: https://10.0.0.1:6443\n",
+                "    server: http://10.0.0.1:8080\n",
+                "http://",
+            ),
+            (
+                "    server: https://10.0.0.1:6443\n",
+                "    server: HTTP://10.0.0.1:8080\n",
+                "http://",
+            ),
+            (
+                "    certificate-authority-data: Zm9v\n",
+                "    certificate-authority-data: Zm9v\n    proxy-url: http://proxy:3128\n",
+                "proxy-url",
             ),
         ];
         for (from, to, what) in cases {

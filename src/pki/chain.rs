@@ -27,6 +27,21 @@ pub enum ChainError {
     IdentityMismatch,
     #[error("issued certificate does not carry the requested public key")]
     KeyMismatch,
+    #[error("issued certificate lives {issued_secs} s, past the {granted_secs} s granted")]
+    OutlivesGrant { issued_secs: i64, granted_secs: u64 },
+}
+
+impl ChainError {
+    /// A bounded label for metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            ChainError::Empty | ChainError::Malformed(_) => "malformed",
+            ChainError::BadRoot(_) | ChainError::Untrusted(_) => "untrusted",
+            ChainError::IdentityMismatch => "names",
+            ChainError::KeyMismatch => "key",
+            ChainError::OutlivesGrant { .. } => "lifetime",
+        }
+    }
 }
 
 /// Signature algorithms accepted on certificate paths: what Istio, cert-manager and Vault CAs
@@ -145,6 +160,26 @@ impl VerifiedChain {
             intermediates,
             validity,
         }
+    }
+
+    /// Refuses a leaf whose notAfter lies more than `skew` past `now + granted`: a hijacked or
+    /// misconfigured issuer must not hand out certificates that outlive what was asked for.
+    pub fn check_lifetime(
+        &self,
+        now_unix: i64,
+        granted: std::time::Duration,
+        skew: std::time::Duration,
+    ) -> Result<(), ChainError> {
+        let limit = i64::try_from((granted + skew).as_secs())
+            .unwrap_or(i64::MAX)
+            .saturating_add(now_unix);
+        if self.validity.1 > limit {
+            return Err(ChainError::OutlivesGrant {
+                issued_secs: self.validity.1 - now_unix,
+                granted_secs: granted.as_secs(),
+            });
+        }
+        Ok(())
     }
 
     /// notAfter - notBefore of the leaf, in seconds.

@@ -15,7 +15,7 @@ use x509_parser::oid_registry::{
     OID_PKCS1_RSASSAPSS, OID_PKCS1_SHA256WITHRSA, OID_PKCS1_SHA384WITHRSA, OID_PKCS1_SHA512WITHRSA,
     OID_PKCS9_EXTENSION_REQUEST, OID_SIG_ECDSA_WITH_SHA256, OID_SIG_ECDSA_WITH_SHA384,
     OID_X509_COMMON_NAME, OID_X509_EXT_EXTENDED_KEY_USAGE, OID_X509_EXT_KEY_USAGE,
-    OID_X509_EXT_SUBJECT_ALT_NAME,
+    OID_X509_EXT_SUBJECT_ALT_NAME, OID_X509_ORGANIZATION_NAME,
 };
 use x509_parser::prelude::FromDer;
 use x509_parser::public_key::PublicKey;
@@ -47,6 +47,8 @@ pub enum CsrError {
     KeyType,
     #[error("CSR subject must not carry a common name")]
     CommonName,
+    #[error("CSR subject must be empty or a single empty O")]
+    Subject,
     #[error("CSR requests a {0} SAN; only URI SANs are allowed")]
     ForbiddenSan(&'static str),
     #[error("CSR has no URI SAN")]
@@ -218,15 +220,30 @@ fn check_public_key(csr: &X509CertificationRequest<'_>) -> Result<CsrPublicKey, 
     })
 }
 
+/// DECISION (protocol.md): the subject is empty or a single empty `O`, what pilot-agent and
+/// ztunnel send. cert-manager's CA issuer copies the CSR's subject into the leaf, so anything
+/// else (`O=system:masters`, `OU`, `emailAddress`, `UID`) would be a DN chosen by the workload
+/// that DN-mapping peers (Kafka, databases) might trust.
 fn check_subject(csr: &X509CertificationRequest<'_>) -> Result<(), CsrError> {
     let subject = &csr.certification_request_info.subject;
-    if subject
-        .iter_attributes()
+    let attributes: Vec<_> = subject.iter_attributes().collect();
+    if attributes
+        .iter()
         .any(|attr| *attr.attr_type() == OID_X509_COMMON_NAME)
     {
         return Err(CsrError::CommonName);
     }
-    Ok(())
+    match attributes.as_slice() {
+        [] => Ok(()),
+        [only]
+            if subject.iter().count() == 1
+                && *only.attr_type() == OID_X509_ORGANIZATION_NAME
+                && only.as_str() == Ok("") =>
+        {
+            Ok(())
+        }
+        _ => Err(CsrError::Subject),
+    }
 }
 
 fn check_attributes_and_extensions(
@@ -386,6 +403,35 @@ mod tests {
     }
 
     #[test]
+    fn the_subject_is_empty_or_a_single_empty_organization() {
+        let p256 = || CsrBuilder::new(KeyAlg::EcdsaP256).uri(ID);
+        check(p256()).unwrap();
+        check(p256().organization("")).unwrap();
+        let refused: Vec<(&str, CsrBuilder)> = vec![
+            ("O=system:masters", p256().organization("system:masters")),
+            ("OU", p256().subject_attribute(&[2, 5, 4, 11], "admins")),
+            (
+                "emailAddress",
+                p256().subject_attribute(&[1, 2, 840, 113_549, 1, 9, 1], "a@b.c"),
+            ),
+            (
+                "UID",
+                p256().subject_attribute(&[0, 9, 2342, 19_200_300, 100, 1, 1], "root"),
+            ),
+            (
+                "empty O and OU",
+                p256()
+                    .organization("")
+                    .subject_attribute(&[2, 5, 4, 11], ""),
+            ),
+            ("C", p256().subject_attribute(&[2, 5, 4, 6], "US")),
+        ];
+        for (what, csr) in refused {
+            assert_eq!(check(csr).unwrap_err(), CsrError::Subject, "{what}");
+        }
+    }
+
+    #[test]
     fn keeps_several_uri_sans_in_order() {
         let other = "spiffe://cluster.local/ns/a/sa/b";
         let csr = check(CsrBuilder::new(KeyAlg::EcdsaP256).uri(ID).uri(other)).unwrap();
@@ -529,7 +575,8 @@ mod tests {
         let out = Command::new("openssl")
             .args(["req", "-new", "-key"])
             .arg(&key)
-            .args(["-subj", "/O=istio"])
+            // pilot-agent sends an empty O; openssl writes "/O=" as an empty subject.
+            .args(["-subj", "/O="])
             .args(["-addext", &format!("subjectAltName=critical,URI:{ID}")])
             .args(req_args)
             .output()

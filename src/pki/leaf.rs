@@ -166,7 +166,9 @@ fn sign_tls_leaf(
     params.not_before = not_before;
     params.not_after = not_after;
     params.serial_number = Some(random_serial());
-    params.is_ca = IsCa::NoCa;
+    // basicConstraints CA:false, critical: a leaf can never be taken for a CA, whatever a
+    // relying party assumes when the extension is absent.
+    params.is_ca = IsCa::ExplicitNoCa;
     params.key_usages = vec![
         KeyUsagePurpose::DigitalSignature,
         KeyUsagePurpose::KeyEncipherment,
@@ -226,5 +228,31 @@ mod tests {
             assert_eq!(serial[0] & 0xc0, 0x40);
         }
         assert_ne!(random_serial().to_bytes(), random_serial().to_bytes());
+    }
+
+    #[test]
+    fn leaves_carry_a_critical_basic_constraints_ca_false() {
+        use x509_parser::prelude::{FromDer, ParsedExtension, X509Certificate};
+        let ca = crate::pki::testing::TestCa::root("root", crate::pki::testing::KeyAlg::EcdsaP256);
+        let key = crate::pki::testing::KeyAlg::EcdsaP256.generate();
+        let now = OffsetDateTime::now_utc();
+        let leaf = sign_workload(
+            &["spiffe://cluster.local/ns/a/sa/b".to_owned()],
+            &key,
+            (now, now + time::Duration::hours(1)),
+            &ca.issuer(),
+        )
+        .unwrap();
+        let (_, cert) = X509Certificate::from_der(&leaf).unwrap();
+        let constraints = cert
+            .extensions()
+            .iter()
+            .find(|e| matches!(e.parsed_extension(), ParsedExtension::BasicConstraints(_)))
+            .expect("basicConstraints present");
+        assert!(constraints.critical);
+        let ParsedExtension::BasicConstraints(bc) = constraints.parsed_extension() else {
+            unreachable!()
+        };
+        assert!(!bc.ca);
     }
 }

@@ -164,6 +164,14 @@ impl CsrBuilder {
         self
     }
 
+    /// Any subject attribute, by OID (OU, emailAddress, UID...).
+    pub fn subject_attribute(mut self, oid: &[u64], value: &str) -> Self {
+        self.params
+            .distinguished_name
+            .push(DnType::CustomDnType(oid.to_vec()), value);
+        self
+    }
+
     pub fn organization(mut self, o: &str) -> Self {
         self.params
             .distinguished_name

@@ -5,6 +5,12 @@
 //! names or another key than asked for.
 
 use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
 
 use rcgen::KeyPair;
 use rustls_pki_types::UnixTime;
@@ -29,16 +35,53 @@ pub struct Certified {
     pub roots: Arc<RootBundle>,
 }
 
+/// Issuers' clocks may run ahead of ours: this much past the granted lifetime is tolerated
+/// (the Kubernetes CSR API's signers backdate by as much).
+pub const ISSUER_CLOCK_SKEW: Duration = Duration::from_secs(5 * 60);
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RefusedLabels {
+    reason: &'static str,
+}
+
+/// Answers of external signers refused at the one verification site.
+#[derive(Clone, Default)]
+pub struct IssuanceMetrics {
+    refused: Family<RefusedLabels, Counter>,
+}
+
+impl IssuanceMetrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let metrics = Self::default();
+        registry.register(
+            "issued_chains_refused",
+            "Chains from an external signer refused before reaching anyone, by reason (untrusted, names, key, lifetime, malformed).",
+            metrics.refused.clone(),
+        );
+        metrics
+    }
+}
+
 /// The active issuer and the pinned roots every external answer must verify against.
 #[derive(Clone)]
 pub struct Issuance {
     issuer: Arc<dyn Issuer>,
     roots: watch::Receiver<Arc<RootBundle>>,
+    metrics: IssuanceMetrics,
 }
 
 impl Issuance {
     pub fn new(issuer: Arc<dyn Issuer>, roots: watch::Receiver<Arc<RootBundle>>) -> Self {
-        Self { issuer, roots }
+        Self {
+            issuer,
+            roots,
+            metrics: IssuanceMetrics::default(),
+        }
+    }
+
+    pub fn with_metrics(mut self, metrics: IssuanceMetrics) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     pub fn issuer(&self) -> &Arc<dyn Issuer> {
@@ -53,6 +96,7 @@ impl Issuance {
     pub async fn issue(&self, request: IssueRequest<'_>) -> Result<Certified, IssuanceError> {
         let names = request.names;
         let spki = &request.csr.public_key.spki_der;
+        let granted = self.issuer.granted_lifetime(request.lifetime);
         match self.issuer.issue(request).await? {
             // Proven against these roots when the CA was loaded (local_ca's module docs).
             Issued::InProcess { chain, roots } => Ok(Certified { chain, roots }),
@@ -68,8 +112,24 @@ impl Issuance {
                     ips: &names.ips,
                     spki_der: spki,
                 };
-                let chain = chain::verify(&chain, &roots, UnixTime::now(), &expected)?;
-                Ok(Certified { chain, roots })
+                let now = UnixTime::now();
+                let now_unix = i64::try_from(now.as_secs()).unwrap_or(i64::MAX);
+                let verified = chain::verify(&chain, &roots, now, &expected).and_then(|chain| {
+                    chain.check_lifetime(now_unix, granted, ISSUER_CLOCK_SKEW)?;
+                    Ok(chain)
+                });
+                match verified {
+                    Ok(chain) => Ok(Certified { chain, roots }),
+                    Err(error) => {
+                        self.metrics
+                            .refused
+                            .get_or_create(&RefusedLabels {
+                                reason: error.label(),
+                            })
+                            .inc();
+                        Err(error.into())
+                    }
+                }
             }
         }
     }

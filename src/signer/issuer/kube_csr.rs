@@ -149,7 +149,7 @@ impl KubeCsrIssuer {
                     .to_vec(),
                 ),
                 expiration_seconds: Some(
-                    i32::try_from(lifetime.max(MIN_EXPIRATION).as_secs()).unwrap_or(i32::MAX),
+                    i32::try_from(self.granted_lifetime(lifetime).as_secs()).unwrap_or(i32::MAX),
                 ),
                 ..Default::default()
             },
@@ -239,6 +239,10 @@ impl Issuer for KubeCsrIssuer {
 
     fn ready(&self) -> bool {
         *self.synced.borrow()
+    }
+
+    fn granted_lifetime(&self, requested: Duration) -> Duration {
+        requested.max(MIN_EXPIRATION)
     }
 
     async fn issue(&self, request: IssueRequest<'_>) -> Result<Issued, IssueError> {

@@ -119,5 +119,11 @@ pub trait Issuer: Send + Sync {
         watch::channel(self.label().to_owned()).1
     }
 
+    /// The lifetime this issuer really asks its signer for, given the requested one (the
+    /// Kubernetes CSR API has a minimum): what an answer is allowed to live.
+    fn granted_lifetime(&self, requested: Duration) -> Duration {
+        requested
+    }
+
     async fn issue(&self, request: IssueRequest<'_>) -> Result<Issued, IssueError>;
 }
