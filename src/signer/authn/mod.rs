@@ -2,6 +2,7 @@
 //! client certificate. Authenticators are tried in order; the first that accepts wins.
 
 pub mod client_cert;
+pub mod jwt;
 pub mod node;
 pub mod static_tokens;
 pub mod token_review;

@@ -15,7 +15,9 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 
-use super::{AuthMethod, Authenticator, AuthnError, Caller, Credentials, PodRef, ServiceAccount};
+use super::{
+    AuthMethod, Authenticator, AuthnError, Caller, Credentials, PodRef, ServiceAccount, jwt,
+};
 use crate::cluster::ClusterTarget;
 use crate::pki::identity::SpiffeId;
 
@@ -27,16 +29,32 @@ const EXTRA_POD_UID: &str = "authentication.kubernetes.io/pod-uid";
 const MAX_CACHE_ENTRIES: usize = 65_536;
 /// A TokenReview is one round trip to the apiserver; longer means it is in trouble.
 pub const REVIEW_TIMEOUT: Duration = Duration::from_secs(10);
+/// Tokens the API server refused are refused again without asking, for this long at most
+/// (never past their own expiry): a client retrying a bad token costs one review.
+const REJECTED_TTL: Duration = Duration::from_secs(300);
+const MAX_REJECTED_ENTRIES: usize = 16_384;
+/// A cluster may use a new issuer (`--service-account-issuer` migration): a token of an
+/// issuer not seen there before is still reviewed, but at most once per this interval per
+/// cluster, so floods of forged issuers cost next to nothing.
+const NEW_ISSUER_PROBE_INTERVAL: Duration = Duration::from_secs(10);
+/// Issuers remembered per cluster (a migration has two).
+const MAX_ISSUERS_PER_CLUSTER: usize = 4;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResultLabels {
     result: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AvoidedLabels {
+    reason: &'static str,
+}
+
 /// TokenReview calls by outcome; cache hits make none.
 #[derive(Clone, Default)]
 pub struct TokenReviewMetrics {
     reviews: Family<ResultLabels, Counter>,
+    avoided: Family<AvoidedLabels, Counter>,
 }
 
 impl TokenReviewMetrics {
@@ -47,7 +65,16 @@ impl TokenReviewMetrics {
             "TokenReview calls made to the API server, by result (success, refused, error); cache hits make none.",
             metrics.reviews.clone(),
         );
+        registry.register(
+            "token_reviews_avoided",
+            "Bearer tokens refused without a TokenReview, by reason (not-jws, header, claims, no-expiry, expired, not-yet-valid, audience, issuer, remembered).",
+            metrics.avoided.clone(),
+        );
         metrics
+    }
+
+    fn avoided(&self, reason: &'static str) {
+        self.avoided.get_or_create(&AvoidedLabels { reason }).inc();
     }
 
     fn count(&self, result: &'static str) {
@@ -61,7 +88,30 @@ pub struct TokenReviewer {
     trust_domain: String,
     cache_ttl: Duration,
     cache: Mutex<HashMap<[u8; 32], (Caller, Instant)>>,
+    /// Tokens the API server refused, by the same key, until when.
+    rejected: Mutex<HashMap<[u8; 32], Instant>>,
+    /// Per cluster: the issuers of tokens it accepted, and when a new one may be tried.
+    issuers: Mutex<HashMap<String, KnownIssuers>>,
     metrics: TokenReviewMetrics,
+}
+
+struct KnownIssuers {
+    issuers: Vec<String>,
+    next_probe: Instant,
+}
+
+/// The cluster a review goes to, by name (a remote's ID, whatever its kubeconfig generation).
+fn cluster_name(cluster: &ClusterTarget) -> String {
+    match cluster {
+        ClusterTarget::Local => String::new(),
+        ClusterTarget::Remote(remote) => remote.id.clone(),
+    }
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
 impl TokenReviewer {
@@ -78,8 +128,76 @@ impl TokenReviewer {
             trust_domain: trust_domain.to_owned(),
             cache_ttl,
             cache: Mutex::new(HashMap::new()),
+            rejected: Mutex::new(HashMap::new()),
+            issuers: Mutex::new(HashMap::new()),
             metrics,
         }
+    }
+
+    fn known_issuers(&self, cluster: &str) -> Vec<String> {
+        self.issuers
+            .lock()
+            .ok()
+            .and_then(|known| known.get(cluster).map(|k| k.issuers.clone()))
+            .unwrap_or_default()
+    }
+
+    /// Whether a token of an issuer not known for `cluster` may be reviewed now.
+    fn may_probe_new_issuer(&self, cluster: &str) -> bool {
+        let Ok(mut known) = self.issuers.lock() else {
+            return false;
+        };
+        let Some(entry) = known.get_mut(cluster) else {
+            return true;
+        };
+        let now = Instant::now();
+        if now < entry.next_probe {
+            return false;
+        }
+        entry.next_probe = now + NEW_ISSUER_PROBE_INTERVAL;
+        true
+    }
+
+    fn learn_issuer(&self, cluster: String, issuer: Option<String>) {
+        let (Some(issuer), Ok(mut known)) = (issuer, self.issuers.lock()) else {
+            return;
+        };
+        let entry = known.entry(cluster).or_insert_with(|| KnownIssuers {
+            issuers: Vec::new(),
+            next_probe: Instant::now() + NEW_ISSUER_PROBE_INTERVAL,
+        });
+        if !entry.issuers.contains(&issuer) {
+            if entry.issuers.len() >= MAX_ISSUERS_PER_CLUSTER {
+                entry.issuers.remove(0);
+            }
+            entry.issuers.push(issuer);
+        }
+    }
+
+    fn was_rejected(&self, key: &[u8; 32]) -> bool {
+        self.rejected
+            .lock()
+            .ok()
+            .and_then(|rejected| rejected.get(key).copied())
+            .is_some_and(|until| Instant::now() < until)
+    }
+
+    fn remember_rejected(&self, key: [u8; 32], expires: i64) {
+        let left = u64::try_from(expires.saturating_sub(unix_now())).unwrap_or(0);
+        let keep = REJECTED_TTL.min(Duration::from_secs(left));
+        let Ok(mut rejected) = self.rejected.lock() else {
+            return;
+        };
+        let now = Instant::now();
+        if rejected.len() >= MAX_REJECTED_ENTRIES {
+            rejected.retain(|_, until| *until > now);
+            if rejected.len() >= MAX_REJECTED_ENTRIES
+                && let Some(victim) = rejected.keys().next().copied()
+            {
+                rejected.remove(&victim);
+            }
+        }
+        rejected.insert(key, now + keep);
     }
 
     fn cache_key(&self, cluster: &ClusterTarget, token: &str) -> [u8; 32] {
@@ -235,6 +353,27 @@ impl Authenticator for TokenReviewer {
         if let Some(caller) = self.cached(&key) {
             return Ok(Some(caller));
         }
+        // Spare the API server what it would refuse anyway (see `jwt`).
+        if self.was_rejected(&key) {
+            self.metrics.avoided("remembered");
+            return Err(AuthnError::InvalidToken);
+        }
+        let cluster = cluster_name(credentials.cluster);
+        let known = self.known_issuers(&cluster);
+        let now = unix_now();
+        let claims = match jwt::precheck(token, &self.audiences, &known, now) {
+            Ok(claims) => claims,
+            Err(jwt::Unacceptable::Issuer) if self.may_probe_new_issuer(&cluster) => {
+                jwt::precheck(token, &self.audiences, &[], now).map_err(|reason| {
+                    self.metrics.avoided(reason.label());
+                    AuthnError::InvalidToken
+                })?
+            }
+            Err(reason) => {
+                self.metrics.avoided(reason.label());
+                return Err(AuthnError::InvalidToken);
+            }
+        };
         let status = match self.review(credentials.cluster, token).await {
             Ok(status) => status,
             Err(error) => {
@@ -246,10 +385,12 @@ impl Authenticator for TokenReviewer {
             Ok(caller) => caller,
             Err(error) => {
                 self.metrics.count("refused");
+                self.remember_rejected(key, claims.expires);
                 return Err(error);
             }
         };
         self.metrics.count("success");
+        self.learn_issuer(cluster, claims.issuer);
         self.remember(key, &caller, token);
         Ok(Some(caller))
     }
