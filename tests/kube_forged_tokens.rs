@@ -6,7 +6,7 @@
 mod support;
 
 use base64::Engine;
-use support::cert_manager::{cert_manager_server, target_for};
+use support::cert_manager::{cert_manager_server, cert_manager_server_with, target_for};
 use support::kube::{SA_ISSUER, shared};
 use support::*;
 use tonic::Code;
@@ -126,4 +126,93 @@ async fn forged_tokens_cost_no_token_review_and_real_ones_still_work() {
     assert_eq!(avoided("audience"), 33.0);
     assert_eq!(avoided("issuer"), 33.0);
     assert_eq!(avoided("remembered"), 4.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_tokens_to_review_does_not_starve_the_lease_renewals() {
+    let ns = "token-flood";
+    // A tight API budget (10 calls/s per bucket; a Lease try costs a read and a write, so the
+    // renewals alone use 4/s) and a Lease lost after 2 s without a renewal: if the reviews
+    // shared the Lease's bucket, the flood would cost the leadership.
+    let (running, dir, _root, _fixture) = cert_manager_server_with(
+        ns,
+        true,
+        &[
+            "--kube-api-qps",
+            "10",
+            "--kube-api-burst",
+            "10",
+            "--leader-election-namespace",
+            ns,
+            "--multicluster-secret-namespace",
+            ns,
+            "--leader-election-lease-duration",
+            "3s",
+            "--leader-election-renew-deadline",
+            "2s",
+            "--leader-election-retry-period",
+            "500ms",
+        ],
+    )
+    .await;
+    let metric = |name: &'static str, labels: &'static [(&'static str, &'static str)]| {
+        let admin = running.admin_address;
+        async move {
+            let (_, body) = http_get(&format!("http://{admin}/metrics")).await;
+            openmetrics::parse(&body).value(name, labels)
+        }
+    };
+    let leading = eventually(std::time::Duration::from_secs(30), || async {
+        metric("istio_csr_leader_is_leader", &[]).await == 1.0
+    })
+    .await;
+    assert!(leading, "never became leader");
+    let waited_before = metric("istio_csr_kube_api_rate_limit_wait_seconds_total", &[]).await;
+    let lost_before = metric("istio_csr_leader_transitions_total", &[("event", "lost")]).await;
+
+    // Well-formed tokens, each new, each needing a review the API server will refuse: 40
+    // callers for 6 s, far beyond the review budget.
+    let id = format!("spiffe://cluster.local/ns/{ns}/sa/web");
+    let target = target_for(&running, &dir);
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(6);
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let mut callers = tokio::task::JoinSet::new();
+    for caller in 0..40 {
+        let (target, id) = (target.clone(), id.clone());
+        callers.spawn(async move {
+            let mut refused = 0u32;
+            let mut n = 0;
+            while tokio::time::Instant::now() < deadline {
+                n += 1;
+                let token = forged(serde_json::json!({
+                    "iss": SA_ISSUER, "aud": ["istio-ca"], "exp": now + 3600, "iat": now,
+                    "sub": format!("system:serviceaccount:{ns}:flood-{caller}-{n}"),
+                }));
+                if request_certificate(&target, Some(&token), &id)
+                    .await
+                    .is_err()
+                {
+                    refused += 1;
+                }
+            }
+            refused
+        });
+    }
+    let mut refused = 0;
+    while let Some(count) = callers.join_next().await {
+        refused += count.unwrap();
+    }
+    assert!(refused > 0);
+    let waited = metric("istio_csr_kube_api_rate_limit_wait_seconds_total", &[]).await;
+    assert!(
+        waited - waited_before > 1.0,
+        "the flood never reached the review rate limit ({} s waited)",
+        waited - waited_before
+    );
+    assert_eq!(metric("istio_csr_leader_is_leader", &[]).await, 1.0);
+    assert_eq!(
+        metric("istio_csr_leader_transitions_total", &[("event", "lost")]).await,
+        lost_before,
+        "leadership was lost during the flood"
+    );
 }

@@ -207,18 +207,19 @@ pub async fn launch(args: ServeArgs, hooks: Hooks) -> anyhow::Result<Launched> {
         }
         None => None,
     };
-    let kube = match &plan.standalone {
-        Some(_) => None,
+    // TokenReviews get a client (and a rate-limit bucket) of their own.
+    let (kube, review_client) = match &plan.standalone {
+        Some(_) => (None, None),
         None => {
             let config = cluster::client::local_config(args.server.kubeconfig.as_deref()).await;
-            match config.and_then(|config| clients.build(config)) {
-                Ok(client) => Some(client),
+            match config.and_then(|config| clients.build_with_review_client(config)) {
+                Ok((client, reviews)) => (Some(client), Some(reviews)),
                 Err(error) if args.server.kubeconfig.is_some() => {
                     return Err(error.context("--kubeconfig"));
                 }
                 Err(error) => {
                     tracing::info!(error = %format!("{error:#}"), "no Kubernetes configuration found");
-                    None
+                    (None, None)
                 }
             }
         }
@@ -270,7 +271,7 @@ pub async fn launch(args: ServeArgs, hooks: Hooks) -> anyhow::Result<Launched> {
         tasks.push(liveness.spawn("token-reload", tokens.clone().watch()?));
         authenticators.push(tokens);
     }
-    match &kube {
+    match &review_client {
         Some(client) => authenticators.push(Arc::new(TokenReviewer::new(
             client.clone(),
             args.server.token_audiences.clone(),

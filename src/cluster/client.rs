@@ -36,6 +36,16 @@ impl ClientFactory {
         }
     }
 
+    /// Two clients of one cluster with a bucket each: one for TokenReviews, one for the rest
+    /// (leader election, the bundle, the issuers), so a flood of callers with tokens to review
+    /// can never starve the Lease renewals.
+    pub fn build_with_review_client(
+        &self,
+        config: kube::Config,
+    ) -> anyhow::Result<(kube::Client, kube::Client)> {
+        Ok((self.build(config.clone())?, self.build(config)?))
+    }
+
     pub fn build(&self, mut config: kube::Config) -> anyhow::Result<kube::Client> {
         config.connect_timeout = Some(CONNECT_TIMEOUT);
         config.read_timeout = Some(READ_TIMEOUT);

@@ -22,6 +22,8 @@ pub struct RemoteCluster {
     pub id: String,
     pub generation: u64,
     pub client: kube::Client,
+    /// For TokenReviews only: its own rate-limit bucket (see `ClientFactory`).
+    pub review_client: kube::Client,
 }
 
 /// Where a caller's credentials are checked.

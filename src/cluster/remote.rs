@@ -239,11 +239,11 @@ impl RemoteSecrets {
                 let config = kubeconfig::parse(&kubeconfig, allow_insecure)?;
                 let config = kubeconfig::client_config(config).await?;
                 clients
-                    .build(config)
+                    .build_with_review_client(config)
                     .map_err(|e| kubeconfig::KubeconfigError::Unusable(format!("{e:#}")))
             };
-            let client = match built.await {
-                Ok(client) => client,
+            let (client, review_client) = match built.await {
+                Ok(clients) => clients,
                 Err(error) => {
                     tracing::error!(cluster = %id, %error, "remote cluster kubeconfig refused");
                     status.set_error(format!("kubeconfig {error}"));
@@ -290,6 +290,7 @@ impl RemoteSecrets {
                 id: id.clone(),
                 generation,
                 client: client.clone(),
+                review_client,
             }));
             // However this task ends (a removal aborts it, even mid-registration), its
             // generation leaves the registry with it.

@@ -259,7 +259,7 @@ impl TokenReviewer {
         };
         let client = match cluster {
             ClusterTarget::Local => self.client.clone(),
-            ClusterTarget::Remote(remote) => remote.client.clone(),
+            ClusterTarget::Remote(remote) => remote.review_client.clone(),
         };
         let api: Api<TokenReview> = Api::all(client);
         let answer =
