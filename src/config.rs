@@ -261,6 +261,12 @@ pub struct ServerArgs {
     #[arg(long, env = "ISTIO_CSR_MAX_INFLIGHT", default_value_t = 1024)]
     pub max_inflight: usize,
 
+    /// CreateCertificate calls one source address may have in progress, so one peer cannot
+    /// hold every --max-inflight slot (0 = no bound). Generous: a NAT or an east-west gateway
+    /// brings many callers from one address.
+    #[arg(long, env = "ISTIO_CSR_MAX_INFLIGHT_PER_SOURCE", default_value_t = 256)]
+    pub max_inflight_per_source: usize,
+
     /// Open gRPC connections (including ones still in their TLS handshake) at most; more are
     /// closed at once. Also bounded by the open-files limit.
     #[arg(long, env = "ISTIO_CSR_MAX_CONNECTIONS", default_value_t = 16384)]

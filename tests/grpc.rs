@@ -516,3 +516,57 @@ async fn serves_a_certificate_for_localhost_and_127_0_0_1() {
     target.server_name = Some("127.0.0.1".into());
     target.connect().await.unwrap();
 }
+
+#[tokio::test]
+async fn one_source_address_cannot_hold_every_inflight_slot() {
+    let (hooks, gate) = GatedIssuer::hooks();
+    let server = Server::start_with(
+        &["--max-inflight", "100", "--max-inflight-per-source", "2"],
+        hooks,
+        |_| {},
+    )
+    .await;
+    let gate = gate.get().unwrap().clone();
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let (csr, _) = p256_csr(DEFAULT_ID);
+        let mut client = server.client().await;
+        let request = pilot_agent_request(&server.target(), Some(&server.token()), csr, 3600);
+        held.push(tokio::spawn(async move {
+            client.create_certificate(request).await
+        }));
+    }
+    gate.wait_entered(2).await;
+    // 127.0.0.1 holds its share although 98 slots are free.
+    let (csr, _) = p256_csr(DEFAULT_ID);
+    let status = create(&server, Some(&server.token()), csr, 3600)
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted);
+
+    // Another source address still gets in.
+    let target = server.target();
+    let roots = std::fs::read(&target.root_cert).unwrap();
+    let channel = tonic::transport::Channel::from_shared(format!("https://{}", target.address))
+        .unwrap()
+        .local_address(Some("127.0.0.2".parse().unwrap()))
+        .tls_config(
+            tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(roots))
+                .domain_name("localhost"),
+        )
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut other = istio_csr_rs::proto::istio_v1_auth::istio_certificate_service_client::IstioCertificateServiceClient::new(channel);
+    let (csr, _) = p256_csr(DEFAULT_ID);
+    let request = pilot_agent_request(&target, Some(&server.token()), csr, 3600);
+    let from_elsewhere = tokio::spawn(async move { other.create_certificate(request).await });
+    gate.wait_entered(1).await;
+    gate.release.add_permits(3);
+    from_elsewhere.await.unwrap().unwrap();
+    for call in held {
+        call.await.unwrap().unwrap();
+    }
+}

@@ -646,6 +646,7 @@ impl Starting {
                 max_lifetime: args.server.max_client_certificate_duration,
                 trusted_node_accounts: args.server.ca_trusted_node_accounts.clone(),
                 max_inflight: args.server.max_inflight,
+                max_inflight_per_source: args.server.max_inflight_per_source,
                 trust_domain: args.server.trust_domain.clone(),
             },
             self.signer_metrics.clone(),

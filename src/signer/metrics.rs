@@ -21,6 +21,11 @@ pub struct CodeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct AuthLabels {
     pub method: &'static str,
     pub result: &'static str,
@@ -33,6 +38,7 @@ pub struct SignerMetrics {
     in_flight: Gauge,
     authentications: Family<AuthLabels, Counter>,
     lifetime: Histogram,
+    log_lines_suppressed: Family<ReasonLabels, Counter>,
 }
 
 impl SignerMetrics {
@@ -72,12 +78,19 @@ impl SignerMetrics {
             Unit::Seconds,
             lifetime.clone(),
         );
+        let log_lines_suppressed = Family::default();
+        registry.register(
+            "log_lines_suppressed",
+            "Refusal log lines not written because too many came at once, by reason (the gRPC code).",
+            log_lines_suppressed.clone(),
+        );
         Self {
             requests,
             duration,
             in_flight,
             authentications,
             lifetime,
+            log_lines_suppressed,
         }
     }
 
@@ -100,6 +113,13 @@ impl SignerMetrics {
 
     pub fn observe_lifetime(&self, seconds: f64) {
         self.lifetime.observe(seconds);
+    }
+
+    /// A refusal log line of `reason` was dropped by the rate limit.
+    pub fn observe_suppressed_log_line(&self, reason: &'static str) {
+        self.log_lines_suppressed
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
     }
 
     /// Counts a call in flight until the guard is dropped.

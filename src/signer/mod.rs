@@ -2,9 +2,11 @@
 
 pub mod authn;
 pub mod error;
+pub mod inflight;
 pub mod issuance;
 pub mod issuer;
 pub mod listener;
+pub mod log_guard;
 pub mod metrics;
 pub mod service;
 pub mod serving;

@@ -1,5 +1,6 @@
 //! `istio.v1.auth.IstioCertificateService/CreateCertificate`: the pipeline of reference.md.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -10,10 +11,14 @@ use tonic::{Code, Request, Response, Status};
 use super::authn::node::{NodeAuthorizer, NodeCheckError};
 use super::authn::{self, Authenticator, Caller, Credentials};
 use super::error::{SignError, to_status};
+use super::inflight::PerSourceLimit;
 use super::issuance::{Certified, Issuance};
 use super::issuer::{IssueRequest, LeafNames, NO_ANNOTATIONS, Purpose};
 use super::listener::ConnInfo;
-use super::metrics::SignerMetrics;
+use super::log_guard::{
+    Admission, MAX_DETAIL_BYTES, MAX_VALUE_BYTES, REFUSAL_LINES_PER_SECOND, RateLimiter, sanitize,
+};
+use super::metrics::{SignerMetrics, code_name};
 use crate::cluster::{ClusterRegistry, ClusterTarget};
 use crate::pki::csr;
 use crate::pki::identity::SpiffeId;
@@ -30,6 +35,8 @@ pub struct Settings {
     /// `namespace/name` of service accounts allowed to impersonate (ztunnel).
     pub trusted_node_accounts: Vec<String>,
     pub max_inflight: usize,
+    /// Calls one source address may have in progress (0 = no bound).
+    pub max_inflight_per_source: usize,
     /// Impersonated identities must be of this trust domain.
     pub trust_domain: String,
 }
@@ -41,7 +48,10 @@ pub struct CaService {
     authenticators: Vec<Arc<dyn Authenticator>>,
     issuance: Issuance,
     inflight: Arc<Semaphore>,
+    per_source: Arc<PerSourceLimit>,
     node_authorizer: Option<Arc<dyn NodeAuthorizer>>,
+    /// Bounds the refusal lines per gRPC code (log_guard.rs).
+    refusal_log: RateLimiter,
 }
 
 impl CaService {
@@ -53,6 +63,7 @@ impl CaService {
         issuance: Issuance,
     ) -> Self {
         let inflight = Arc::new(Semaphore::new(settings.max_inflight));
+        let per_source = PerSourceLimit::new(settings.max_inflight_per_source);
         Self {
             settings,
             metrics,
@@ -60,7 +71,9 @@ impl CaService {
             authenticators,
             issuance,
             inflight,
+            per_source,
             node_authorizer: None,
+            refusal_log: RateLimiter::new(REFUSAL_LINES_PER_SECOND),
         }
     }
 
@@ -250,25 +263,20 @@ impl IstioCertificateService for CaService {
     ) -> Result<Response<IstioCertificateResponse>, Status> {
         let started = Instant::now();
         let mut caller = None;
-        let result = match self.inflight.try_acquire() {
-            Ok(_permit) => {
+        let source = request
+            .extensions()
+            .get::<ConnInfo>()
+            .map(|info| info.remote.ip());
+        let result = match (
+            self.per_source.try_acquire(source),
+            self.inflight.try_acquire(),
+        ) {
+            (Ok(_source_slot), Ok(_permit)) => {
                 let _in_flight = self.metrics.in_flight();
                 self.sign(&request, &mut caller).await
             }
-            Err(_) => Err(SignError::Overloaded),
+            _ => Err(SignError::Overloaded),
         };
-        let identity = caller
-            .as_ref()
-            .and_then(|c| c.identities.first())
-            .map_or("-", String::as_str);
-        let cluster = request
-            .metadata()
-            .get("clusterid")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("");
-        // For ztunnel, the identity asked for on a workload's behalf (the caller is ztunnel).
-        let options = RequestOptions::from_metadata(request.get_ref().metadata.as_ref()).ok();
-        let impersonating = options.and_then(|o| o.impersonated_identity).unwrap_or("-");
         let elapsed = started.elapsed().as_secs_f64();
         let elapsed_ms = (elapsed * 1e5).round() / 100.0;
         let signer = self.issuance.issuer().label();
@@ -276,30 +284,93 @@ impl IstioCertificateService for CaService {
             Ok(signed) => {
                 self.metrics.observe_request(Code::Ok, signer, elapsed);
                 self.metrics.observe_lifetime(signed.lifetime_secs);
-                tracing::debug!(
-                    identity,
-                    impersonating,
-                    cluster,
-                    code = "OK",
-                    elapsed_ms,
-                    "certificate issued"
-                );
+                if tracing::enabled!(tracing::Level::DEBUG) {
+                    let fields = LogFields::of(&request, caller.as_ref());
+                    tracing::debug!(
+                        identity = &*fields.identity,
+                        impersonating = &*fields.impersonating,
+                        cert_signer = &*fields.cert_signer,
+                        cluster = &*fields.cluster,
+                        code = "OK",
+                        elapsed_ms,
+                        "certificate issued"
+                    );
+                }
                 Ok(Response::new(signed.response))
             }
             Err(error) => {
                 let status = to_status(&error);
                 self.metrics.observe_request(status.code(), signer, elapsed);
-                tracing::info!(
-                    identity,
-                    impersonating,
-                    cluster,
-                    code = ?status.code(),
-                    elapsed_ms,
-                    %error,
-                    "certificate request refused"
-                );
+                // Anyone can make refusals: at most a few lines a second per code reach the
+                // log, the rest are counted. The gRPC code is a bounded, meaningful reason:
+                // a flood of bad tokens (UNAUTHENTICATED) does not hide UNAVAILABLE.
+                let reason = code_name(status.code());
+                match self.refusal_log.admit(reason) {
+                    Admission::Suppress => self.metrics.observe_suppressed_log_line(reason),
+                    Admission::Log { suppressed } => {
+                        if suppressed > 0 {
+                            tracing::warn!(
+                                reason,
+                                suppressed,
+                                "refusal log lines were suppressed: too many at once"
+                            );
+                        }
+                        let fields = LogFields::of(&request, caller.as_ref());
+                        let detail = error.to_string();
+                        tracing::info!(
+                            identity = &*fields.identity,
+                            impersonating = &*fields.impersonating,
+                            cert_signer = &*fields.cert_signer,
+                            cluster = &*fields.cluster,
+                            code = ?status.code(),
+                            elapsed_ms,
+                            error = &*sanitize(&detail, MAX_DETAIL_BYTES),
+                            "certificate request refused"
+                        );
+                    }
+                }
                 Err(status)
             }
+        }
+    }
+}
+
+/// What the per-request log lines say of a call. Every value a caller chooses (headers,
+/// metadata, and through the error, CSR SANs) is sanitized: escaped and bounded.
+struct LogFields<'a> {
+    /// The caller's first identity; "-" before authentication.
+    identity: Cow<'a, str>,
+    /// For ztunnel, the identity asked for on a workload's behalf (the caller is ztunnel).
+    impersonating: Cow<'a, str>,
+    cert_signer: Cow<'a, str>,
+    /// The `clusterid` header as sent ("" when absent), even when it is not valid ASCII.
+    cluster: Cow<'a, str>,
+}
+
+impl<'a> LogFields<'a> {
+    fn of(request: &'a Request<IstioCertificateRequest>, caller: Option<&'a Caller>) -> Self {
+        let identity = caller
+            .and_then(|c| c.identities.first())
+            .map_or("-", String::as_str);
+        let cluster = request
+            .metadata()
+            .get("clusterid")
+            .map_or(Cow::Borrowed(""), |v| String::from_utf8_lossy(v.as_bytes()));
+        let options = RequestOptions::from_metadata(request.get_ref().metadata.as_ref()).ok();
+        let (impersonating, cert_signer) = options.map_or(("-", "-"), |o| {
+            (
+                o.impersonated_identity.unwrap_or("-"),
+                o.cert_signer.unwrap_or("-"),
+            )
+        });
+        Self {
+            identity: sanitize(identity, MAX_VALUE_BYTES),
+            impersonating: sanitize(impersonating, MAX_VALUE_BYTES),
+            cert_signer: sanitize(cert_signer, MAX_VALUE_BYTES),
+            cluster: match cluster {
+                Cow::Borrowed(value) => sanitize(value, MAX_VALUE_BYTES),
+                Cow::Owned(value) => Cow::Owned(sanitize(&value, MAX_VALUE_BYTES).into_owned()),
+            },
         }
     }
 }

@@ -1,0 +1,281 @@
+//! Tier 3: the node check of impersonation against a real kube-apiserver, with pods in every
+//! phase and being deleted. Nothing runs the pods (there is no kubelet): they stay Pending
+//! unless a test sets their phase through the status subresource, and a deleted pod with a
+//! finalizer stays Terminating until the test removes the finalizer.
+
+mod support;
+
+use ::kube::Api;
+use ::kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use clap::Parser;
+use istio_csr_rs::app::{self, Hooks, Running};
+use istio_csr_rs::client::Target;
+use istio_csr_rs::config::{Cli, Command};
+use istio_csr_rs::pki::testing::{KeyAlg, TestCa};
+use istio_csr_rs::proto::istio_v1_auth::IstioCertificateRequest;
+use k8s_openapi::api::core::v1::Pod;
+use support::kube::{TestCluster, shared};
+use support::*;
+use tonic::Code;
+
+/// Holds deleted pods in Terminating.
+const FINALIZER: &str = "istio-csr-rs.test/hold";
+
+struct Signer {
+    running: Running,
+    dir: tempfile::TempDir,
+}
+
+/// A signer with the built-in CA that reviews tokens and checks nodes in `cluster`.
+async fn signer(cluster: &TestCluster, extra: &[&str]) -> Signer {
+    install_crypto_provider();
+    let dir = tempfile::tempdir().unwrap();
+    let root = TestCa::root("kube hostile root", KeyAlg::EcdsaP256);
+    let ca = dir.path().join("ca");
+    std::fs::create_dir_all(&ca).unwrap();
+    for name in ["ca-cert.pem", "cert-chain.pem", "root-cert.pem"] {
+        std::fs::write(ca.join(name), root.cert_pem()).unwrap();
+    }
+    std::fs::write(ca.join("ca-key.pem"), root.key_pem()).unwrap();
+    let ca = ca.to_str().unwrap().to_owned();
+    let kubeconfig = cluster.kubeconfig.to_str().unwrap().to_owned();
+    let mut argv = vec![
+        "istio-csr-rs",
+        "serve",
+        "--signer",
+        "local-ca",
+        "--local-ca-dir",
+        &ca,
+        "--kubeconfig",
+        &kubeconfig,
+        "--serving-address",
+        "127.0.0.1:0",
+        "--admin-address",
+        "127.0.0.1:0",
+        "--serving-certificate-dns-names",
+        "localhost",
+    ];
+    argv.extend_from_slice(extra);
+    let Command::Serve(args) = Cli::try_parse_from(argv).unwrap().command else {
+        unreachable!()
+    };
+    let running = app::start(*args, Hooks::default()).await.unwrap();
+    Signer { running, dir }
+}
+
+impl Signer {
+    fn target(&self) -> Target {
+        localhost_target(
+            self.running.grpc_address,
+            self.dir.path().join("ca/root-cert.pem"),
+        )
+    }
+
+    /// What ztunnel does: a CSR for `identity`, asked for with `ImpersonatedIdentity`.
+    async fn impersonate(&self, token: &str, identity: &str) -> Result<Vec<String>, tonic::Status> {
+        let target = self.target();
+        let (csr, _) = p256_csr(identity);
+        let request = target
+            .request(
+                Some(token),
+                IstioCertificateRequest {
+                    csr,
+                    validity_duration: 3600,
+                    metadata: Some(istio_csr_rs::client::metadata(None, Some(identity))),
+                },
+            )
+            .unwrap();
+        let mut client = target.connect().await.unwrap();
+        client
+            .create_certificate(request)
+            .await
+            .map(|r| r.into_inner().cert_chain)
+    }
+}
+
+async fn pods(cluster: &TestCluster, namespace: &str) -> Api<Pod> {
+    Api::namespaced(cluster.client().await, namespace)
+}
+
+/// Sets `status.phase`, as a kubelet would.
+async fn set_phase(cluster: &TestCluster, namespace: &str, name: &str, phase: &str) {
+    let patch = serde_json::json!({"status": {"phase": phase}});
+    let pod = pods(cluster, namespace)
+        .await
+        .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    assert_eq!(pod.status.unwrap().phase.as_deref(), Some(phase));
+}
+
+/// A pod with a finalizer, so that deleting it leaves it Terminating.
+async fn held_pod(cluster: &TestCluster, namespace: &str, name: &str, sa: &str, node: &str) -> Pod {
+    let pod: Pod = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": name, "namespace": namespace, "finalizers": [FINALIZER]},
+        "spec": {
+            "serviceAccountName": sa,
+            "nodeName": node,
+            "containers": [{"name": "app", "image": "example.invalid/app"}]
+        }
+    }))
+    .unwrap();
+    pods(cluster, namespace)
+        .await
+        .create(&PostParams::default(), &pod)
+        .await
+        .unwrap()
+}
+
+/// Deletes a held pod: it stays, with `metadata.deletionTimestamp` set.
+async fn start_deleting(cluster: &TestCluster, namespace: &str, name: &str) {
+    let api = pods(cluster, namespace).await;
+    api.delete(name, &DeleteParams::default()).await.unwrap();
+    let pod = api.get(name).await.unwrap();
+    assert!(
+        pod.metadata.deletion_timestamp.is_some(),
+        "{name} is Terminating"
+    );
+}
+
+/// Lets a held pod go, and makes sure it is gone.
+async fn release(cluster: &TestCluster, namespace: &str, name: &str) {
+    let api = pods(cluster, namespace).await;
+    let patch = serde_json::json!({"metadata": {"finalizers": null}});
+    api.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    let _ = api
+        .delete(name, &DeleteParams::default().grace_period(0))
+        .await;
+    assert!(
+        api.get_opt(name).await.unwrap().is_none(),
+        "{name} is still there"
+    );
+}
+
+#[tokio::test]
+async fn only_pending_or_running_pods_not_being_deleted_allow_impersonation() {
+    let cluster = shared().await;
+    for namespace in ["kh-system", "kh-app"] {
+        cluster.namespace(namespace).await;
+    }
+    cluster.service_account("kh-system", "ztunnel").await;
+    let accounts = [
+        "pending",
+        "running",
+        "succeeded",
+        "failed",
+        "leaving",
+        "mixed",
+    ];
+    for sa in accounts {
+        cluster.service_account("kh-app", sa).await;
+    }
+    let node = "kh-node-1";
+    let ztunnel_pod = cluster.pod("kh-system", "ztunnel-1", "ztunnel", node).await;
+    cluster.pod("kh-app", "pending-1", "pending", node).await;
+    cluster.pod("kh-app", "running-1", "running", node).await;
+    set_phase(cluster, "kh-app", "running-1", "Running").await;
+    cluster
+        .pod("kh-app", "succeeded-1", "succeeded", node)
+        .await;
+    set_phase(cluster, "kh-app", "succeeded-1", "Succeeded").await;
+    cluster.pod("kh-app", "failed-1", "failed", node).await;
+    set_phase(cluster, "kh-app", "failed-1", "Failed").await;
+    held_pod(cluster, "kh-app", "leaving-1", "leaving", node).await;
+    set_phase(cluster, "kh-app", "leaving-1", "Running").await;
+    start_deleting(cluster, "kh-app", "leaving-1").await;
+    // One finished pod and one running: the running one is enough.
+    cluster.pod("kh-app", "mixed-1", "mixed", node).await;
+    set_phase(cluster, "kh-app", "mixed-1", "Succeeded").await;
+    cluster.pod("kh-app", "mixed-2", "mixed", node).await;
+    set_phase(cluster, "kh-app", "mixed-2", "Running").await;
+
+    let signer = signer(
+        cluster,
+        &["--ca-trusted-node-accounts", "kh-system/ztunnel"],
+    )
+    .await;
+    let ztunnel = cluster
+        .token(
+            "kh-system",
+            "ztunnel",
+            &["istio-ca"],
+            3600,
+            Some(&ztunnel_pod),
+        )
+        .await;
+    let id = |sa: &str| format!("spiffe://cluster.local/ns/kh-app/sa/{sa}");
+    for (sa, allowed, why) in [
+        ("pending", true, "a Pending pod is bound to the node"),
+        ("running", true, "a Running pod"),
+        ("mixed", true, "one of its pods is Running"),
+        ("succeeded", false, "its only pod has Succeeded"),
+        ("failed", false, "its only pod has Failed"),
+        ("leaving", false, "its only pod is being deleted"),
+    ] {
+        let result = signer.impersonate(&ztunnel, &id(sa)).await;
+        if allowed {
+            let chain = result.unwrap_or_else(|s| panic!("{why}: {s:?}"));
+            assert_eq!(leaf_identity(&chain).0, vec![id(sa)], "{why}");
+        } else {
+            let status = result.expect_err(why);
+            assert_eq!(status.code(), Code::PermissionDenied, "{why}");
+        }
+    }
+
+    release(cluster, "kh-app", "leaving-1").await;
+}
+
+#[tokio::test]
+async fn a_terminating_ztunnel_still_impersonates_but_a_terminated_one_cannot() {
+    let cluster = shared().await;
+    for namespace in ["kh-nodes", "kh-workloads"] {
+        cluster.namespace(namespace).await;
+    }
+    cluster.service_account("kh-nodes", "ztunnel").await;
+    cluster.service_account("kh-workloads", "web").await;
+    let node = "kh-node-2";
+    cluster.pod("kh-workloads", "web-1", "web", node).await;
+    set_phase(cluster, "kh-workloads", "web-1", "Running").await;
+    // Tokens are minted while the pods are fine, as the kubelet mints them.
+    let leaving = held_pod(cluster, "kh-nodes", "ztunnel-leaving", "ztunnel", node).await;
+    set_phase(cluster, "kh-nodes", "ztunnel-leaving", "Running").await;
+    let mut finished = Vec::new();
+    for name in ["ztunnel-succeeded", "ztunnel-failed"] {
+        finished.push(cluster.pod("kh-nodes", name, "ztunnel", node).await);
+        set_phase(cluster, "kh-nodes", name, "Running").await;
+    }
+    let token = |pod: Pod| async move {
+        cluster
+            .token("kh-nodes", "ztunnel", &["istio-ca"], 3600, Some(&pod))
+            .await
+    };
+    let leaving_token = token(leaving).await;
+    let mut finished_tokens = Vec::new();
+    for pod in finished {
+        finished_tokens.push(token(pod).await);
+    }
+    let signer = signer(cluster, &["--ca-trusted-node-accounts", "kh-nodes/ztunnel"]).await;
+    let web = "spiffe://cluster.local/ns/kh-workloads/sa/web";
+
+    // A DaemonSet rolling update: the old ztunnel serves its node until its grace period ends.
+    start_deleting(cluster, "kh-nodes", "ztunnel-leaving").await;
+    let chain = signer
+        .impersonate(&leaving_token, web)
+        .await
+        .expect("a Terminating ztunnel still serves its node");
+    assert_eq!(leaf_identity(&chain).0, vec![web]);
+
+    // A ztunnel whose containers have all stopped serves nothing: its token has leaked.
+    for (name, phase, token) in [
+        ("ztunnel-succeeded", "Succeeded", &finished_tokens[0]),
+        ("ztunnel-failed", "Failed", &finished_tokens[1]),
+    ] {
+        set_phase(cluster, "kh-nodes", name, phase).await;
+        let status = signer.impersonate(token, web).await.unwrap_err();
+        assert_eq!(status.code(), Code::PermissionDenied, "{phase}");
+    }
+
+    release(cluster, "kh-nodes", "ztunnel-leaving").await;
+}
