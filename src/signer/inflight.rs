@@ -14,6 +14,10 @@ pub struct PerSourceLimit {
     counts: Mutex<HashMap<IpAddr, usize>>,
 }
 
+/// The source already holds its share.
+#[derive(Debug, PartialEq, Eq)]
+pub struct SourceBusy;
+
 /// One call's place; released when dropped.
 #[derive(Debug)]
 pub struct SourceSlot {
@@ -32,7 +36,10 @@ impl PerSourceLimit {
 
     /// A slot for `source`, unless it already holds its share. `None` source (no address
     /// known, e.g. in-process tests) is not bounded here.
-    pub fn try_acquire(self: &Arc<Self>, source: Option<IpAddr>) -> Result<Option<SourceSlot>, ()> {
+    pub fn try_acquire(
+        self: &Arc<Self>,
+        source: Option<IpAddr>,
+    ) -> Result<Option<SourceSlot>, SourceBusy> {
         let Some(source) = source.filter(|_| self.max > 0) else {
             return Ok(None);
         };
@@ -41,10 +48,10 @@ impl PerSourceLimit {
             IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(source, IpAddr::V4),
             v4 => v4,
         };
-        let mut counts = self.counts.lock().map_err(|_| ())?;
+        let mut counts = self.counts.lock().map_err(|_| SourceBusy)?;
         let count = counts.entry(source).or_insert(0);
         if *count >= self.max {
-            return Err(());
+            return Err(SourceBusy);
         }
         *count += 1;
         Ok(Some(SourceSlot {
