@@ -7,7 +7,8 @@
 //!   so that the policy checks behind the signature check are reached.
 //!
 //! Whatever is accepted must satisfy what the module promises: one of the allowed signature
-//! algorithms and key types, a subject that is empty or one empty O, only URI SANs, at least one and none repeated,
+//! algorithms and key types, a subject that is empty or one empty O, only URI SANs, at least one
+//! and none repeated,
 //! returned in order, and the DER returned unchanged.
 #![no_main]
 

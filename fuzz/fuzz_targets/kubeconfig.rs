@@ -4,9 +4,10 @@
 //!
 //! Checks what the module promises: strictly accepted means no exec plugin, no auth provider and
 //! no file path (tokenFile, client-certificate, client-key, certificate-authority), no
-//! insecure-skip-tls-verify, http:// server or proxy-url, and at least one cluster; the override only lifts the Insecure refusals; and an error never echoes the
-//! document (no 32-byte run of the input in its message, apart from the user or cluster name
-//! that an Insecure refusal names on purpose).
+//! insecure-skip-tls-verify, http:// server or proxy-url, and at least one cluster; the override
+//! only lifts the Insecure refusals; and an error never echoes the document (no 32-byte run of
+//! the input in its message, apart from the user or cluster name that an Insecure refusal names
+//! on purpose).
 #![no_main]
 
 use fuzz_support::echoes;
