@@ -167,8 +167,11 @@ fn sign_tls_leaf(
     params.not_after = not_after;
     params.serial_number = Some(random_serial());
     // basicConstraints CA:false, critical: a leaf can never be taken for a CA, whatever a
-    // relying party assumes when the extension is absent.
-    params.is_ca = IsCa::ExplicitNoCa;
+    // relying party assumes when the extension is absent. Written by hand because rcgen's
+    // `IsCa::ExplicitNoCa` encodes the DEFAULT FALSE explicitly, which DER forbids and strict
+    // parsers (Python's cryptography, Go's x509 in some versions) refuse.
+    params.is_ca = IsCa::NoCa;
+    params.custom_extensions = vec![leaf_basic_constraints()];
     params.key_usages = vec![
         KeyUsagePurpose::DigitalSignature,
         KeyUsagePurpose::KeyEncipherment,
@@ -182,6 +185,16 @@ fn sign_tls_leaf(
         .signed_by(public_key, issuer)
         .map_err(|e| LeafError::Signing(e.to_string()))?;
     Ok(cert.der().clone())
+}
+
+/// basicConstraints (2.5.29.19), critical, `SEQUENCE {}`: cA absent means FALSE.
+fn leaf_basic_constraints() -> rcgen::CustomExtension {
+    const BASIC_CONSTRAINTS: &[u64] = &[2, 5, 29, 19];
+    const EMPTY_SEQUENCE: [u8; 2] = [0x30, 0x00];
+    let mut ext =
+        rcgen::CustomExtension::from_oid_content(BASIC_CONSTRAINTS, EMPTY_SEQUENCE.to_vec());
+    ext.set_criticality(true);
+    ext
 }
 
 #[cfg(test)]
@@ -254,5 +267,7 @@ mod tests {
             unreachable!()
         };
         assert!(!bc.ca);
+        // DER: the DEFAULT FALSE must be absent, so the value is an empty SEQUENCE.
+        assert_eq!(constraints.value, [0x30, 0x00]);
     }
 }
