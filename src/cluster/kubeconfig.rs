@@ -15,16 +15,32 @@ pub enum KubeconfigError {
     Unusable(String),
 }
 
+/// At most this many YAML events replayed through aliases per kubeconfig. kubectl, clusteradm
+/// and istioctl never write aliases; serde-saphyr's default (a million) lets a 369-byte
+/// Secret expand to 100,000 scalars and cost seconds of CPU on every parse.
+pub const MAX_ALIAS_REPLAYED_EVENTS: usize = 1_000;
+
+/// `Kubeconfig::from_yaml` (documents merged in order, as kubectl does), with tight alias
+/// limits, which kube's own parser does not let us set.
+fn from_yaml(text: &str) -> Result<Kubeconfig, KubeconfigError> {
+    let mut aliases = serde_saphyr::options::AliasLimits::default();
+    aliases.max_total_replayed_events = MAX_ALIAS_REPLAYED_EVENTS;
+    let mut options = serde_saphyr::Options::default();
+    options.alias_limits = aliases;
+    // YAML errors quote the document (tokens, keys): say only what failed.
+    let documents: Vec<Kubeconfig> = serde_saphyr::from_multiple_with_options(text, options)
+        .map_err(|_| KubeconfigError::Malformed("failed to parse kubeconfig YAML".into()))?;
+    documents
+        .into_iter()
+        .try_fold(Kubeconfig::default(), Kubeconfig::merge)
+        .map_err(|_| KubeconfigError::Malformed("failed to merge kubeconfig documents".into()))
+}
+
 /// Parses `bytes` and refuses what a remote Secret must not contain.
 pub fn parse(bytes: &[u8], allow_insecure: bool) -> Result<Kubeconfig, KubeconfigError> {
     let text =
         std::str::from_utf8(bytes).map_err(|_| KubeconfigError::Malformed("not UTF-8".into()))?;
-    let config = Kubeconfig::from_yaml(text).map_err(|e| {
-        // The YAML error may quote the document (tokens, keys): keep only its kind.
-        let kind = e.to_string();
-        let kind = kind.split(':').next().unwrap_or("invalid YAML").to_owned();
-        KubeconfigError::Malformed(kind)
-    })?;
+    let config = from_yaml(text)?;
     if config.clusters.is_empty() {
         return Err(KubeconfigError::Malformed("no cluster in it".into()));
     }
@@ -124,6 +140,43 @@ current-context: remote
     #[test]
     fn accepts_inline_credentials() {
         assert!(parse(GOOD.as_bytes(), false).is_ok());
+    }
+
+    /// `levels` nested lists of ten, each level ten aliases of the one below: 10^levels
+    /// scalars from a few hundred bytes.
+    fn alias_bomb(levels: usize) -> String {
+        let mut doc = String::from("a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n");
+        for level in 1..levels {
+            let below = format!("*a{}", level - 1);
+            doc += &format!("a{level}: &a{level} [{}]\n", vec![below; 10].join(", "));
+        }
+        doc += "clusters: [{name: c, cluster: {server: \"https://c\"}}]\n";
+        doc += &format!("extensions: [{{name: e, extension: *a{}}}]\n", levels - 1);
+        doc
+    }
+
+    #[test]
+    fn refuses_alias_bombs_but_keeps_a_few_aliases() {
+        // 10^5 scalars from 369 bytes: refused by the replay budget, whatever the override.
+        let bomb = alias_bomb(5);
+        assert!(bomb.len() < 400, "{}", bomb.len());
+        for allow_insecure in [false, true] {
+            assert_eq!(
+                parse(bomb.as_bytes(), allow_insecure).err(),
+                Some(KubeconfigError::Malformed(
+                    "failed to parse kubeconfig YAML".into()
+                ))
+            );
+        }
+        // 100 scalars through aliases stay well inside the budget.
+        let parsed = parse(alias_bomb(2).as_bytes(), false).expect("a few aliases are fine");
+        assert_eq!(parsed.clusters.len(), 1);
+        // A reused anchor as kubectl users may write it by hand.
+        let shared = GOOD.replace(
+            "    certificate-authority-data: Zm9v\n",
+            "    certificate-authority-data: &ca Zm9v\n    tls-server-name: *ca\n",
+        );
+        assert!(parse(shared.as_bytes(), false).is_ok());
     }
 
     #[test]
