@@ -4,8 +4,21 @@
 #   scripts/bench.sh > /tmp/bench.txt        the signer core (built-in CA)
 #   scripts/bench.sh kube > /tmp/kube.txt    cert-manager on a real kube-apiserver, with the
 #                                            API server's own floor measured in the same run
+#   scripts/bench.sh hostile > /tmp/hostile.txt   the server's memory and a real client's
+#                                            latency under 1,000 hostile peers
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+if [ "${1:-}" = "hostile" ]; then
+  # The release server under 1,000 hostile peers (tests/hostile_peers.rs): its memory and a
+  # real client's latency, without and during the attack.
+  echo "## machine"
+  echo "$(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(rustc --version)"
+  echo
+  cargo test --release --locked --quiet --test hostile_peers -- --ignored --nocapture \
+    hostile_peers_benchmark 2>&1 | grep -vE '^(running|test |$)'
+  exit 0
+fi
 
 if [ "${1:-}" = "kube" ]; then
   scripts/provision.sh >/dev/null

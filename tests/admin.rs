@@ -1,11 +1,20 @@
 //! The admin API of a real server: metrics move by exactly what was served; /debug/bundle
-//! describes the pinned roots as docs/admin-api.md says.
+//! describes the pinned roots as docs/admin-api.md says; the listener bounds slow and excess
+//! connections.
 
 mod support;
 
+use std::time::{Duration, Instant};
+
+use istio_csr_rs::admin::ServeLimits;
 use support::openmetrics;
 use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 use tonic::Code;
+
+/// Room for a loaded machine on top of a bound.
+const SLACK: Duration = Duration::from_secs(3);
 
 async fn scrape(server: &Server) -> openmetrics::Exposition {
     let (status, body) = http_get(&server.admin_url("/metrics")).await;
@@ -173,4 +182,78 @@ async fn debug_bundle_reports_the_root_fingerprint_and_expiry_as_openssl_sees_th
             .unwrap()
             > 0
     );
+}
+
+/// Reads until the server closes (a reset counts as closed): what it sent first.
+async fn until_closed(tcp: &mut TcpStream) -> String {
+    let mut answer = Vec::new();
+    let _ = tcp.read_to_end(&mut answer).await;
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+#[tokio::test]
+async fn a_slowloris_connection_is_closed_at_the_header_read_timeout() {
+    let server = Server::start(&[]).await;
+    let bound = ServeLimits::DEFAULT.header_read_timeout;
+    let mut slow = TcpStream::connect(server.running.admin_address)
+        .await
+        .unwrap();
+    // Half a request line, then nothing.
+    slow.write_all(b"GET /liv").await.unwrap();
+    let sent = Instant::now();
+    // Others are served meanwhile.
+    assert_eq!(http_get(&server.admin_url("/livez")).await.0, 200);
+    let answer = tokio::time::timeout(bound + SLACK, until_closed(&mut slow))
+        .await
+        .expect("a slowloris connection was kept open");
+    let elapsed = sent.elapsed();
+    assert!(elapsed >= bound - Duration::from_millis(200), "{elapsed:?}");
+    // hyper may say 408 before closing; the half request is never served.
+    assert!(!answer.contains(" 200 "), "{answer}");
+}
+
+#[tokio::test]
+async fn connections_beyond_the_admin_cap_are_closed_while_admitted_ones_are_served() {
+    let server = Server::start(&[]).await;
+    let cap = ServeLimits::DEFAULT.max_connections;
+    let address = server.running.admin_address;
+    // The listener accepts in connection order: these take every slot.
+    let mut admitted = Vec::new();
+    for _ in 0..cap {
+        admitted.push(TcpStream::connect(address).await.unwrap());
+    }
+    let mut extra = TcpStream::connect(address).await.unwrap();
+    let mut buf = [0u8; 1];
+    let read = tokio::time::timeout(SLACK, extra.read(&mut buf))
+        .await
+        .expect("a connection over the cap was kept");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    // An admitted connection is served (well within its header-read timeout).
+    let probe = admitted.last_mut().unwrap();
+    probe
+        .write_all(b"GET /livez HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let answer = tokio::time::timeout(SLACK, until_closed(probe))
+        .await
+        .expect("no answer on an admitted connection");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.ends_with("ok\n"), "{answer}");
+    // Slots come back when connections close.
+    drop(admitted);
+    let freed = eventually(SLACK, || async {
+        let Ok(mut tcp) = TcpStream::connect(address).await else {
+            return false;
+        };
+        if tcp
+            .write_all(b"GET /livez HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .is_err()
+        {
+            return false;
+        }
+        until_closed(&mut tcp).await.starts_with("HTTP/1.1 200")
+    })
+    .await;
+    assert!(freed);
 }

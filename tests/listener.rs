@@ -166,3 +166,25 @@ async fn the_whole_server_reports_not_serving_once_shutdown_starts() {
     .await;
     assert!(not_serving);
 }
+
+#[tokio::test]
+async fn an_over_size_message_gets_resource_exhausted_and_the_connection_serves_the_next_call() {
+    let server = Server::start(&[]).await;
+    let target = server.target();
+    let token = server.token();
+    // One channel is one HTTP/2 connection: every call below shares it.
+    let client = server.client().await;
+    let call = |csr: String| {
+        let request = pilot_agent_request(&target, Some(&token), csr, 3600);
+        let mut client = client.clone();
+        async move { client.create_certificate(request).await }
+    };
+    // Over the 128 KiB message limit: refused before decoding, as gRPC's spec says.
+    let status = call("A".repeat(200 * 1024)).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+    // Under it, the message reaches the CSR checks (a CSR is at most 64 KiB).
+    let status = call("A".repeat(100 * 1024)).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    let (csr, _) = p256_csr(DEFAULT_ID);
+    call(csr).await.unwrap();
+}

@@ -3,6 +3,7 @@
 
 pub mod bundle;
 pub mod health;
+mod server;
 
 use std::sync::{Arc, OnceLock};
 
@@ -20,6 +21,7 @@ use prometheus_client::registry::{Registry, Unit};
 use tokio::sync::watch;
 
 pub use health::{Liveness, Readiness};
+pub use server::{ServeLimits, serve};
 
 use crate::cluster::ClusterRegistry;
 use crate::leader::Leadership;

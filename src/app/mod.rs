@@ -46,16 +46,10 @@ use crate::standalone::{self, DataDir, Wants};
 use plan::{Plan, SignerPlan};
 use prometheus_client::registry::Registry;
 
-/// Istio CSRs are about 1 KiB; 64 KiB CSR + metadata fit well under this. Bigger is hostile.
-const MAX_GRPC_MESSAGE_BYTES: usize = 128 * 1024;
-/// Dead peers are found within interval + timeout.
-const HTTP2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
-const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
-/// pilot-agent sends one call at a time and ztunnel at most 8; 128 is generous. The bound
-/// on work in progress is --max-inflight.
-const MAX_STREAMS_PER_CONNECTION: u32 = 128;
-/// Service-account JWTs are 1 to 2 KiB; 32 KiB of headers is plenty and bounds hpack memory.
-const MAX_HEADER_LIST_BYTES: u32 = 32 * 1024;
+// The gRPC edge's bounds (message, header and stream sizes, keepalive, request-read
+// deadline, idle connections) live in `signer::edge::EdgeLimits::DEFAULT`; the admin API's in
+// `admin::ServeLimits::DEFAULT`.
+
 pub fn init_logging(format: LogFormat, filter: &str) -> anyhow::Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_new(filter).context("--log-level")?;
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
@@ -311,9 +305,14 @@ pub async fn launch(args: ServeArgs, hooks: Hooks) -> anyhow::Result<Launched> {
     let admin_shutdown = CancellationToken::new();
     let admin_stop = admin_shutdown.clone();
     tasks.push(liveness.spawn("admin", async move {
-        axum::serve(admin_listener, admin_router)
-            .with_graceful_shutdown(admin_shutdown.cancelled_owned())
-            .await?;
+        // Bounded: a connection cap, a header-read timeout and a request timeout.
+        admin::serve(
+            admin_listener,
+            admin_router,
+            admin::ServeLimits::DEFAULT,
+            admin_shutdown.cancelled_owned(),
+        )
+        .await?;
         Ok(())
     }));
 
@@ -681,22 +680,23 @@ impl Starting {
         health
             .set_serving::<IstioCertificateServiceServer<CaService>>()
             .await;
-        let grpc = tonic::transport::Server::builder()
-            // Reap peers that vanished without closing (node crash, partition).
-            .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
-            .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
-            .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
-            .http2_max_header_list_size(Some(MAX_HEADER_LIST_BYTES))
-            .add_service(health_service)
+        // The edge serves each connection (HTTP/2 settings, idle connections, request-read
+        // deadline, RESOURCE_EXHAUSTED for over-size messages); tonic routes and decodes.
+        // tonic's own size limit stays as a backstop behind the edge's.
+        let edge_limits = crate::signer::edge::EdgeLimits::in_force();
+        let routes = tonic::service::Routes::new(health_service)
             .add_service(
                 IstioCertificateServiceServer::new(service)
-                    .max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES)
-                    .max_encoding_message_size(MAX_GRPC_MESSAGE_BYTES),
+                    .max_decoding_message_size(edge_limits.max_message_bytes)
+                    .max_encoding_message_size(edge_limits.max_message_bytes),
             )
-            .serve_with_incoming_shutdown(
-                ReceiverStream::new(conn_rx),
-                shutdown.clone().cancelled_owned(),
-            );
+            .prepare();
+        let grpc = crate::signer::edge::serve(
+            ReceiverStream::new(conn_rx),
+            routes,
+            edge_limits,
+            shutdown.clone(),
+        );
         let grpc = tokio::spawn(grpc);
         self.readiness.grpc_listening.store(true, Ordering::Release);
         tracing::info!(grpc = %grpc_address, "serving");

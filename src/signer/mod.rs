@@ -1,6 +1,7 @@
 //! The gRPC signer: authentication, authorisation, issuer selection and the issuers.
 
 pub mod authn;
+pub mod edge;
 pub mod error;
 pub mod inflight;
 pub mod issuance;
