@@ -352,11 +352,22 @@ pub struct IssuanceArgs {
     #[arg(long, env = "ISTIO_CSR_KUBE_CSR_SIGNER_NAME")]
     pub kube_csr_signer_name: Option<String>,
 
-    /// With --signer kube-csr: pilot-agent's `CertSigner: X` metadata asks for signer
-    /// `<domain>/X` (istiod's CERT_SIGNER_DOMAIN); without it, every request uses
-    /// --kube-csr-signer-name.
+    /// istiod's CERT_SIGNER_DOMAIN: tenant signer X of --signers-file without a
+    /// kubeCSRSignerName asks for signer `<domain>/X`, and only --mesh-config certSigners of
+    /// this domain are read.
     #[arg(long, env = "ISTIO_CSR_CERT_SIGNER_DOMAIN")]
     pub cert_signer_domain: Option<String>,
+
+    /// Tenant signers (YAML `signers:` list): pilot-agent's `CertSigner: X` picks entry X,
+    /// with its own issuer and roots, for the namespaces it lists. Watched: a change applies
+    /// to new requests; a broken update keeps the previous table.
+    #[arg(long, env = "ISTIO_CSR_SIGNERS_FILE")]
+    pub signers_file: Option<PathBuf>,
+
+    /// Istio's mesh config (the `mesh` key of the `istio` ConfigMap): its `caCertificates`
+    /// entries with `certSigners: [DOMAIN/X]` are the roots of tenant signer X. Watched.
+    #[arg(long, env = "ISTIO_CSR_MESH_CONFIG")]
+    pub mesh_config: Option<PathBuf>,
 
     /// With --signer kube-csr: leave approval to an external approver instead of approving our
     /// own (authenticated and checked) requests.

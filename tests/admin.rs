@@ -65,7 +65,11 @@ async fn request_metrics_move_by_exactly_the_calls_made_per_code() {
     ] {
         let counter = moved(
             "istio_csr_certificate_requests_total",
-            &[("code", code), ("signer", "local-ca")],
+            &[
+                ("code", code),
+                ("backend", "local-ca"),
+                ("signer", "default"),
+            ],
         );
         assert_eq!(counter, want, "counter for {code}");
         let histogram = moved(
@@ -121,7 +125,24 @@ async fn metrics_follow_the_openmetrics_format_and_name_no_identities() {
         );
     }
     assert!(!body.contains("spiffe://"), "an identity reached a label");
-    assert!(!body.contains("default"), "a namespace reached a label");
+    // The caller's namespace is "default"; so is the name of the mesh's own signer, the
+    // one label allowed to say it.
+    for sample in &exposition.samples {
+        for (label, value) in &sample.labels {
+            assert!(
+                value != "default" || label == "signer",
+                "a namespace reached label {label} of {}",
+                sample.name
+            );
+        }
+    }
+    assert!(
+        exposition
+            .samples
+            .iter()
+            .any(|s| s.labels.get("signer").is_some_and(|v| v == "default")),
+        "the request was not counted for the default signer"
+    );
 }
 
 #[tokio::test]

@@ -248,7 +248,7 @@ async fn csr_latency_and_api_cost_on_a_real_apiserver() {
                             csr: &checked,
                             names: &names,
                             lifetime: Duration::from_secs(3600),
-                            cert_signer: None,
+                            route: None,
                             annotations: &NO_ANNOTATIONS,
                         })
                         .await

@@ -88,7 +88,7 @@ async fn issue(
             csr: &csr,
             names: &LeafNames::identities(&identities),
             lifetime: Duration::from_secs(3600),
-            cert_signer: None,
+            route: None,
             annotations: &NO_ANNOTATIONS,
         })
         .await
@@ -216,7 +216,7 @@ async fn a_cancelled_wait_still_deletes_its_request() {
         csr: &csr,
         names: &names,
         lifetime: Duration::from_secs(3600),
-        cert_signer: None,
+        route: None,
         annotations: &NO_ANNOTATIONS,
     });
     // The client goes away while the request waits: its future is dropped.

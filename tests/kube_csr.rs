@@ -160,9 +160,39 @@ async fn issues_through_a_certificate_signing_request_and_deletes_it() {
     );
 }
 
+/// A signers file naming the stand-in's behaviours as tenant signers `example.com/<name>`,
+/// all open to every namespace and trusting the stand-in's CA (`foreign` signs with another).
+fn stand_in_signers(dir: &std::path::Path, names: &[&str]) -> String {
+    let roots = dir.join("roots.pem");
+    let entries: Vec<String> = names
+        .iter()
+        .map(|name| {
+            format!(
+                "  - {{name: {name}, namespaces: [\"*\"], rootsFile: {}}}\n",
+                roots.display()
+            )
+        })
+        .collect();
+    let path = dir.join("signers.yaml");
+    std::fs::write(&path, format!("signers:\n{}", entries.concat())).unwrap();
+    path.to_str().unwrap().to_owned()
+}
+
 #[tokio::test]
 async fn cert_signer_metadata_picks_the_signer_and_a_foreign_answer_is_refused() {
-    let server = csr_server("csr-route", &["--cert-signer-domain", "example.com"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("roots.pem"), cas().0.cert_pem()).unwrap();
+    let signers = stand_in_signers(dir.path(), &["ca", "foreign", "fail"]);
+    let server = csr_server(
+        "csr-route",
+        &[
+            "--cert-signer-domain",
+            "example.com",
+            "--signers-file",
+            &signers,
+        ],
+    )
+    .await;
     // CertSigner "ca" -> example.com/ca: signed and trusted.
     server.request("csr-route", Some("ca")).await.unwrap();
     // CertSigner "foreign" -> example.com/foreign: signed by a CA nobody pinned.
@@ -171,12 +201,14 @@ async fn cert_signer_metadata_picks_the_signer_and_a_foreign_answer_is_refused()
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::Internal);
-    // A CertSigner that cannot be a signer name is the caller's mistake.
-    let status = server
-        .request("csr-route", Some("not/one-segment"))
-        .await
-        .unwrap_err();
-    assert_eq!(status.code(), Code::InvalidArgument);
+    // A CertSigner that is not in the table is the caller's mistake.
+    for unknown in ["not/one-segment", "other"] {
+        let status = server
+            .request("csr-route", Some(unknown))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{unknown}");
+    }
     // CertSigner "fail" -> the signer marks it Failed: Internal at once, not a timeout.
     let status = server.request("csr-route", Some("fail")).await.unwrap_err();
     assert_eq!(status.code(), Code::Internal);
@@ -185,6 +217,9 @@ async fn cert_signer_metadata_picks_the_signer_and_a_foreign_answer_is_refused()
 
 #[tokio::test]
 async fn an_external_denial_is_permission_denied_and_silence_times_out() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("roots.pem"), cas().0.cert_pem()).unwrap();
+    let signers = stand_in_signers(dir.path(), &["deny", "slow"]);
     let server = csr_server(
         "csr-deny",
         &[
@@ -194,6 +229,8 @@ async fn an_external_denial_is_permission_denied_and_silence_times_out() {
             "example.com/external",
             "--cert-signer-domain",
             "example.com",
+            "--signers-file",
+            &signers,
             "--issuance-timeout",
             "2s",
         ],

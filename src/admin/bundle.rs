@@ -14,6 +14,65 @@ pub struct BundleStatus {
     pub leader: Option<LeaderStatus>,
     /// Every cluster, local first, with its trust-bundle state (Kubernetes); empty without.
     pub clusters: Vec<crate::cluster::ClusterReport>,
+    /// Tenant signers (`--signers-file`, `--mesh-config`); null without them.
+    pub signers: Option<SignersStatus>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct SignersStatus {
+    pub signers: Vec<SignerStatus>,
+    /// Why the last reload failed, while the previous table stays in force; null when it
+    /// succeeded.
+    pub last_reload_error: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct SignerStatus {
+    /// The `CertSigner` value.
+    pub name: String,
+    /// `cert-manager` with `issuer_ref`, or `kube-csr` with `signer_name`.
+    pub backend: &'static str,
+    pub issuer_ref: Option<crate::signer::issuer::cert_manager::IssuerRef>,
+    pub signer_name: Option<String>,
+    /// `file:<path>`, `rootsPEM` or `mesh-config:<signer name>`.
+    pub roots_source: String,
+    pub roots: Vec<CertificateStatus>,
+    /// The namespaces that may ask for it; `["*"]` for any.
+    pub namespaces: Vec<String>,
+    pub default: bool,
+}
+
+pub fn signers_status(
+    backend: &'static str,
+    table: &crate::signer::tenants::TenantTable,
+    last_reload_error: Option<String>,
+) -> SignersStatus {
+    use crate::signer::tenants::Namespaces;
+    SignersStatus {
+        signers: table
+            .tenants()
+            .iter()
+            .map(|t| SignerStatus {
+                name: t.name.clone(),
+                backend,
+                issuer_ref: t.route.issuer_ref.clone(),
+                signer_name: t.route.kube_csr_signer_name.clone(),
+                roots_source: t.roots_source.clone(),
+                roots: t
+                    .roots
+                    .certs()
+                    .iter()
+                    .map(|c| certificate_status(c))
+                    .collect(),
+                namespaces: match &t.namespaces {
+                    Namespaces::Any => vec!["*".into()],
+                    Namespaces::Only(names) => names.clone(),
+                },
+                default: t.default,
+            })
+            .collect(),
+        last_reload_error,
+    }
 }
 
 #[derive(Debug, Serialize)]

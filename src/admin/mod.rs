@@ -132,6 +132,15 @@ pub struct AdminState {
     pub clusters: Option<ClusterRegistry>,
     /// The leader election (Kubernetes only).
     pub leadership: Option<watch::Receiver<Leadership>>,
+    /// Tenant signers, when configured.
+    pub signers: Option<Signers>,
+}
+
+/// The tenant signer table in force and how its last reload went.
+pub struct Signers {
+    pub backend: &'static str,
+    pub table: watch::Receiver<Arc<crate::signer::tenants::TenantTable>>,
+    pub status: Arc<crate::signer::tenants::load::ReloadStatus>,
 }
 
 /// The roots in force and where they come from.
@@ -232,6 +241,13 @@ async fn debug_bundle(State(state): State<Arc<AdminState>>) -> Json<bundle::Bund
             .as_ref()
             .map(|c| c.reports())
             .unwrap_or_default(),
+        signers: state.signers.as_ref().map(|s| {
+            bundle::signers_status(
+                s.backend,
+                &s.table.borrow(),
+                s.status.last_error.load_full().map(|e| (*e).clone()),
+            )
+        }),
     })
 }
 
@@ -302,6 +318,7 @@ mod tests {
             }),
             clusters: None,
             leadership: None,
+            signers: None,
         });
         Fixture { state, root }
     }

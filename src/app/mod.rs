@@ -41,6 +41,7 @@ use crate::signer::listener;
 use crate::signer::metrics::SignerMetrics;
 use crate::signer::service::{CaService, Settings};
 use crate::signer::serving::{ServingCerts, ServingNames};
+use crate::signer::tenants::{self, TenantTable};
 use crate::signer::tls::{self, MeshClientVerifier, ServingCertResolver};
 use crate::standalone::{self, DataDir, Wants};
 use plan::{Plan, SignerPlan};
@@ -219,6 +220,7 @@ pub async fn launch(args: ServeArgs, hooks: Hooks) -> anyhow::Result<Launched> {
         }
     };
     let signer = build_signer(&plan, &args, kube.as_ref(), pinned, &liveness, &mut tasks)?;
+    let tenants = build_tenants(&plan, &args, &mut registry, &liveness, &mut tasks)?;
     let clusters = ClusterRegistry::with_aliases(
         args.server.cluster_id.clone(),
         args.server.cluster_id_aliases.clone(),
@@ -299,6 +301,11 @@ pub async fn launch(args: ServeArgs, hooks: Hooks) -> anyhow::Result<Launched> {
         trust: OnceLock::new(),
         clusters: kube.as_ref().map(|_| clusters.clone()),
         leadership: leader.as_ref().map(|l| l.leadership.clone()),
+        signers: tenants.as_ref().map(|(table, status)| admin::Signers {
+            backend: signer.issuer.label(),
+            table: table.clone(),
+            status: status.clone(),
+        }),
     });
     let admin_router = admin::router(admin_state.clone());
     // The admin API outlives the gRPC drain: probes must see "not ready", not a closed port.
@@ -336,6 +343,7 @@ pub async fn launch(args: ServeArgs, hooks: Hooks) -> anyhow::Result<Launched> {
         bundle_metrics,
         issuance_metrics,
         istiod_metrics,
+        tenants: tenants.map(|(table, _)| table),
     };
     let stop_requested = stop.clone();
     let done = tokio::spawn(async move {
@@ -424,6 +432,45 @@ fn build_signer(
     }
 }
 
+type TenantParts = (
+    watch::Receiver<Arc<TenantTable>>,
+    Arc<tenants::load::ReloadStatus>,
+);
+
+/// Tenant signers, when `--signers-file` or `--mesh-config` is given: loaded now (a broken
+/// table stops start-up) and followed.
+fn build_tenants(
+    plan: &Plan,
+    args: &ServeArgs,
+    registry: &mut Registry,
+    liveness: &Arc<Liveness>,
+    tasks: &mut Vec<AbortOnDropHandle<()>>,
+) -> anyhow::Result<Option<TenantParts>> {
+    if args.issuance.signers_file.is_none() && args.issuance.mesh_config.is_none() {
+        return Ok(None);
+    }
+    let backend = match &plan.signer {
+        SignerPlan::CertManager(_) => tenants::Backend::CertManager,
+        SignerPlan::KubeCsr(_) => tenants::Backend::KubeCsr,
+        SignerPlan::LocalCa(_) => bail!(
+            "tenant signers (--signers-file, --mesh-config) need --signer cert-manager or \
+             --signer kube-csr: the built-in CA is one CA"
+        ),
+    };
+    let sources = tenants::load::Sources {
+        signers_file: args.issuance.signers_file.clone(),
+        mesh_config: args.issuance.mesh_config.clone(),
+        backend,
+        cert_signer_domain: args.issuance.cert_signer_domain.clone(),
+    };
+    let status = Arc::new(tenants::load::ReloadStatus::default());
+    status.register(registry);
+    let (table, follow) =
+        tenants::load::follow(sources, status.clone()).context("tenant signers")?;
+    tasks.push(liveness.spawn("signers-reload", follow));
+    Ok(Some((table, status)))
+}
+
 /// The election and what it publishes. It starts only once this replica serves: one that
 /// cannot do the leader's work must not hold the Lease.
 struct LeaderTask {
@@ -451,6 +498,7 @@ struct Starting {
     bundle_metrics: BundleMetrics,
     issuance_metrics: IssuanceMetrics,
     istiod_metrics: Option<IstiodCertMetrics>,
+    tenants: Option<watch::Receiver<Arc<TenantTable>>>,
 }
 
 impl Starting {
@@ -657,6 +705,10 @@ impl Starting {
             Some(client) => {
                 service.with_node_authorizer(Arc::new(KubeNodeAuthorizer::new(client.clone())))
             }
+            None => service,
+        };
+        let service = match &self.tenants {
+            Some(tenants) => service.with_tenants(tenants.clone()),
             None => service,
         };
         let tls_config = Arc::new(tls::server_config(self.resolver.clone(), client_verifier)?);

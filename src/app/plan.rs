@@ -233,7 +233,6 @@ fn kube_csr_settings(args: &IssuanceArgs) -> anyhow::Result<kube_csr::Settings> 
     }
     Ok(kube_csr::Settings {
         signer_name,
-        cert_signer_domain: args.cert_signer_domain.clone(),
         approve: !args.kube_csr_external_approval,
         timeout: args.issuance_timeout,
         preserve_requests: args.preserve_certificate_requests,

@@ -82,7 +82,7 @@ pub(super) async fn roots_on_first_use(
             csr: &csr,
             names: &names,
             lifetime: MIN_CERTIFICATE_DURATION,
-            cert_signer: None,
+            route: None,
             annotations: &NO_ANNOTATIONS,
         })
         .await

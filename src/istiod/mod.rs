@@ -224,7 +224,7 @@ impl IstiodCerts {
                 csr: &csr,
                 names: &self.spec.names,
                 lifetime: self.spec.duration,
-                cert_signer: None,
+                route: None,
                 annotations: &self.spec.annotations,
             })
             .await

@@ -9,6 +9,7 @@ use tonic::{Code, Status};
 use super::authn::AuthnError;
 use super::issuance::IssuanceError;
 use super::issuer::IssueError;
+use super::tenants::TenantError;
 use crate::pki::chain::ChainError;
 use crate::pki::csr::CsrError;
 
@@ -33,6 +34,8 @@ pub enum SignError {
     Issue(#[from] IssueError),
     #[error("issued chain rejected: {0}")]
     Chain(#[from] ChainError),
+    #[error("tenant signer: {0}")]
+    Tenant(#[from] TenantError),
     #[error("too many requests in flight")]
     Overloaded,
 }
@@ -64,6 +67,8 @@ impl SignError {
                 IssueError::Denied(_) => Code::PermissionDenied,
                 IssueError::Failed(_) | IssueError::Internal(_) => Code::Internal,
             },
+            SignError::Tenant(TenantError::Unknown(_)) => Code::InvalidArgument,
+            SignError::Tenant(TenantError::NotAllowed { .. }) => Code::PermissionDenied,
             SignError::Chain(_) => Code::Internal,
             SignError::Overloaded => Code::ResourceExhausted,
         }
@@ -135,6 +140,18 @@ mod tests {
             ),
             (IssueError::Failed("x".into()).into(), Code::Internal),
             (ChainError::Untrusted("x".into()).into(), Code::Internal),
+            (
+                TenantError::Unknown("x".into()).into(),
+                Code::InvalidArgument,
+            ),
+            (
+                TenantError::NotAllowed {
+                    signer: "x".into(),
+                    namespace: "y".into(),
+                }
+                .into(),
+                Code::PermissionDenied,
+            ),
             (SignError::Overloaded, Code::ResourceExhausted),
         ];
         for (error, code) in cases {

@@ -17,6 +17,7 @@ use rustls_pki_types::UnixTime;
 use tokio::sync::watch;
 
 use super::issuer::{IssueError, IssueRequest, Issued, Issuer, LeafNames};
+use super::tenants::Tenant;
 use crate::pki::chain::{self, ChainError, Expected, RootBundle, VerifiedChain};
 use crate::pki::csr::{self, CheckedCsr, CsrError};
 
@@ -92,17 +93,36 @@ impl Issuance {
         &self.roots
     }
 
-    /// Signs `request` and verifies the answer.
+    /// Signs `request` with the mesh's issuer and verifies the answer against the pinned roots.
     pub async fn issue(&self, request: IssueRequest<'_>) -> Result<Certified, IssuanceError> {
+        self.issue_for(None, request).await
+    }
+
+    /// Signs `request` for `tenant` (its own issuer; verified against its roots only, and
+    /// answered with them), or for the mesh when `None`.
+    pub async fn issue_for(
+        &self,
+        tenant: Option<&Tenant>,
+        mut request: IssueRequest<'_>,
+    ) -> Result<Certified, IssuanceError> {
         let names = request.names;
         let spki = &request.csr.public_key.spki_der;
         let granted = self.issuer.granted_lifetime(request.lifetime);
+        request.route = tenant.map(|t| &t.route);
         match self.issuer.issue(request).await? {
             // Proven against these roots when the CA was loaded (local_ca's module docs).
+            Issued::InProcess { .. } if tenant.is_some() => Err(IssueError::Internal(
+                "an in-process CA answered for a tenant signer".into(),
+            )
+            .into()),
             Issued::InProcess { chain, roots } => Ok(Certified { chain, roots }),
             Issued::External { mut chain, ca } => {
                 // Read the roots after signing, so a rotation during the wait is honoured.
-                let roots = self.roots.borrow().clone();
+                // A tenant's chain verifies against its own roots and nothing else.
+                let roots = match tenant {
+                    Some(tenant) => tenant.roots.clone(),
+                    None => self.roots.borrow().clone(),
+                };
                 // The reported CA may hold intermediates the chain left out; a root among them
                 // is dropped by path building, and is never trusted for being there.
                 chain.extend(ca);

@@ -12,7 +12,10 @@ use tonic::Code;
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
     pub code: &'static str,
-    pub signer: &'static str,
+    /// The signing backend: cert-manager, kube-csr or local-ca.
+    pub backend: &'static str,
+    /// The tenant signer (a name of the signer table), else "default".
+    pub signer: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -46,7 +49,7 @@ impl SignerMetrics {
         let requests = Family::default();
         registry.register(
             "certificate_requests",
-            "CreateCertificate calls answered, by gRPC result code and signer.",
+            "CreateCertificate calls answered, by gRPC result code, backend and tenant signer.",
             requests.clone(),
         );
         let duration = Family::new_with_constructor(duration_histogram as fn() -> Histogram);
@@ -94,10 +97,14 @@ impl SignerMetrics {
         }
     }
 
-    pub fn observe_request(&self, code: Code, signer: &'static str, seconds: f64) {
+    pub fn observe_request(&self, code: Code, backend: &'static str, signer: &str, seconds: f64) {
         let code = code_name(code);
         self.requests
-            .get_or_create(&RequestLabels { code, signer })
+            .get_or_create(&RequestLabels {
+                code,
+                backend,
+                signer: signer.to_owned(),
+            })
             .inc();
         self.duration
             .get_or_create(&CodeLabels { code })

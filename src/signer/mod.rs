@@ -11,6 +11,7 @@ pub mod log_guard;
 pub mod metrics;
 pub mod service;
 pub mod serving;
+pub mod tenants;
 pub mod tls;
 
 /// Which backend signs workload certificates.

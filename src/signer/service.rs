@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use prost_types::value::Kind;
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, watch};
 use tonic::{Code, Request, Response, Status};
 
 use super::authn::node::{NodeAuthorizer, NodeCheckError};
@@ -19,6 +19,7 @@ use super::log_guard::{
     Admission, MAX_DETAIL_BYTES, MAX_VALUE_BYTES, REFUSAL_LINES_PER_SECOND, RateLimiter, sanitize,
 };
 use super::metrics::{SignerMetrics, code_name};
+use super::tenants::{Tenant, TenantError, TenantTable};
 use crate::cluster::{ClusterRegistry, ClusterTarget};
 use crate::pki::csr;
 use crate::pki::identity::SpiffeId;
@@ -47,6 +48,8 @@ pub struct CaService {
     clusters: ClusterRegistry,
     authenticators: Vec<Arc<dyn Authenticator>>,
     issuance: Issuance,
+    /// Tenant signers (`--signers-file`, `--mesh-config`); empty without them.
+    tenants: watch::Receiver<Arc<TenantTable>>,
     inflight: Arc<Semaphore>,
     per_source: Arc<PerSourceLimit>,
     node_authorizer: Option<Arc<dyn NodeAuthorizer>>,
@@ -70,6 +73,7 @@ impl CaService {
             clusters,
             authenticators,
             issuance,
+            tenants: watch::channel(Arc::new(TenantTable::default())).1,
             inflight,
             per_source,
             node_authorizer: None,
@@ -81,6 +85,7 @@ impl CaService {
         &self,
         request: &Request<IstioCertificateRequest>,
         caller_out: &mut Option<Caller>,
+        tenant_out: &mut Option<Arc<Tenant>>,
     ) -> Result<Signed, SignError> {
         let metadata = request.metadata();
         let cluster_id = match metadata.get("clusterid") {
@@ -124,6 +129,16 @@ impl CaService {
             });
         }
 
+        // Decided before any request reaches an issuer (tenants/mod.rs).
+        let table = self.tenants.borrow().clone();
+        let tenant = select_tenant(&table, &allowed, options.cert_signer).inspect_err(|e| {
+            // A table name refused for this namespace is counted under its name.
+            if let SignError::Tenant(TenantError::NotAllowed { signer, .. }) = e {
+                tenant_out.clone_from(&table.get(signer).cloned());
+            }
+        })?;
+        tenant_out.clone_from(&tenant);
+
         let lifetime = clamp_lifetime(body.validity_duration, self.settings.max_lifetime);
         let names = LeafNames::identities(&csr.uris);
         let Certified {
@@ -131,14 +146,17 @@ impl CaService {
             roots,
         } = self
             .issuance
-            .issue(IssueRequest {
-                purpose: Purpose::Workload,
-                csr: &csr,
-                names: &names,
-                lifetime,
-                cert_signer: options.cert_signer,
-                annotations: &NO_ANNOTATIONS,
-            })
+            .issue_for(
+                tenant.as_deref(),
+                IssueRequest {
+                    purpose: Purpose::Workload,
+                    csr: &csr,
+                    names: &names,
+                    lifetime,
+                    route: None,
+                    annotations: &NO_ANNOTATIONS,
+                },
+            )
             .await?;
         Ok(Signed {
             lifetime_secs: verified.lifetime_secs() as f64,
@@ -191,6 +209,11 @@ impl CaService {
     /// Enables impersonation (ztunnel) through `authorizer`'s pod-on-node check.
     pub fn with_node_authorizer(mut self, authorizer: Arc<dyn NodeAuthorizer>) -> Self {
         self.node_authorizer = Some(authorizer);
+        self
+    }
+
+    pub fn with_tenants(mut self, tenants: watch::Receiver<Arc<TenantTable>>) -> Self {
+        self.tenants = tenants;
         self
     }
 }
@@ -263,6 +286,7 @@ impl IstioCertificateService for CaService {
     ) -> Result<Response<IstioCertificateResponse>, Status> {
         let started = Instant::now();
         let mut caller = None;
+        let mut tenant = None;
         let source = request
             .extensions()
             .get::<ConnInfo>()
@@ -273,16 +297,21 @@ impl IstioCertificateService for CaService {
         ) {
             (Ok(_source_slot), Ok(_permit)) => {
                 let _in_flight = self.metrics.in_flight();
-                self.sign(&request, &mut caller).await
+                self.sign(&request, &mut caller, &mut tenant).await
             }
             _ => Err(SignError::Overloaded),
         };
         let elapsed = started.elapsed().as_secs_f64();
         let elapsed_ms = (elapsed * 1e5).round() / 100.0;
-        let signer = self.issuance.issuer().label();
+        let backend = self.issuance.issuer().label();
+        // Bounded: a name from the signer table, else "default".
+        let signer = tenant
+            .as_ref()
+            .map_or(DEFAULT_SIGNER_LABEL, |t| t.name.as_str());
         match result {
             Ok(signed) => {
-                self.metrics.observe_request(Code::Ok, signer, elapsed);
+                self.metrics
+                    .observe_request(Code::Ok, backend, signer, elapsed);
                 self.metrics.observe_lifetime(signed.lifetime_secs);
                 if tracing::enabled!(tracing::Level::DEBUG) {
                     let fields = LogFields::of(&request, caller.as_ref());
@@ -300,7 +329,8 @@ impl IstioCertificateService for CaService {
             }
             Err(error) => {
                 let status = to_status(&error);
-                self.metrics.observe_request(status.code(), signer, elapsed);
+                self.metrics
+                    .observe_request(status.code(), backend, signer, elapsed);
                 // Anyone can make refusals: at most a few lines a second per code reach the
                 // log, the rest are counted. The gRPC code is a bounded, meaningful reason:
                 // a flood of bad tokens (UNAUTHENTICATED) does not hide UNAVAILABLE.
@@ -333,6 +363,38 @@ impl IstioCertificateService for CaService {
             }
         }
     }
+}
+
+/// The `signer` label of requests served by the mesh's own issuer.
+pub const DEFAULT_SIGNER_LABEL: &str = "default";
+
+/// The tenant for identities `allowed` (the caller's, or the impersonated one) asking for
+/// `cert_signer`. Identities of several namespaces (a client certificate may carry more than
+/// one) may use a tenant only if every namespace may.
+fn select_tenant(
+    table: &TenantTable,
+    allowed: &[String],
+    cert_signer: Option<&str>,
+) -> Result<Option<Arc<Tenant>>, SignError> {
+    let mut selected: Option<Option<Arc<Tenant>>> = None;
+    for identity in allowed {
+        let namespace = identity
+            .parse::<SpiffeId>()
+            .map_err(|e| SignError::InvalidRequest(format!("identity {identity:?}: {e}")))?
+            .namespace()
+            .to_owned();
+        let tenant = table.select(&namespace, cert_signer)?;
+        match &selected {
+            None => selected = Some(tenant),
+            Some(first) if first.as_ref().map(|t| &t.name) == tenant.as_ref().map(|t| &t.name) => {}
+            Some(_) => {
+                return Err(SignError::InvalidRequest(
+                    "the identities' namespaces have different default signers".into(),
+                ));
+            }
+        }
+    }
+    Ok(selected.flatten())
 }
 
 /// What the per-request log lines say of a call. Every value a caller chooses (headers,

@@ -97,7 +97,7 @@ impl ServingCerts {
                 csr: &csr,
                 names: &self.names,
                 lifetime: self.lifetime,
-                cert_signer: None,
+                route: None,
                 annotations: &NO_ANNOTATIONS,
             })
             .await?;

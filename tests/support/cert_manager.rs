@@ -290,3 +290,44 @@ pub fn target_for(
 ) -> istio_csr_rs::client::Target {
     super::localhost_target(running.grpc_address, dir.path().join("roots.pem"))
 }
+
+/// A stand-in for tenant issuers in `namespace`: each issuer name of `tenants` signs with its
+/// own CA (and reports it as `status.ca`); every other name is left alone, so this runs beside
+/// `start_fixture` on the same namespace.
+pub fn start_tenant_issuers(
+    client: kube::Client,
+    namespace: &str,
+    tenants: Vec<(String, Arc<TestCa>)>,
+) -> AbortOnDropHandle<()> {
+    let api: Api<CertificateRequest> = Api::namespaced(client, namespace);
+    let tenants = Arc::new(tenants);
+    AbortOnDropHandle::new(tokio::spawn(async move {
+        let mut events = watcher(api.clone(), watcher::Config::default()).boxed();
+        while let Some(event) = events.next().await {
+            let (Ok(watcher::Event::Apply(cr)) | Ok(watcher::Event::InitApply(cr))) = event else {
+                continue;
+            };
+            if cr
+                .status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .is_some()
+            {
+                continue;
+            }
+            let Some((_, ca)) = tenants
+                .iter()
+                .find(|(name, _)| *name == cr.spec.issuer_ref.name)
+            else {
+                continue;
+            };
+            let patch = serde_json::json!({"status": signed(&cr, ca, ca)});
+            let (api, name) = (api.clone(), cr.name_any());
+            tokio::spawn(async move {
+                let _ = api
+                    .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                    .await;
+            });
+        }
+    }))
+}

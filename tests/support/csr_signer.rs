@@ -126,3 +126,44 @@ fn sign(csr: &CertificateSigningRequest, ca: &TestCa) -> serde_json::Value {
         "certificate": base64::engine::general_purpose::STANDARD.encode(certificate),
     }})
 }
+
+/// A stand-in for tenant signers: each signer name of `tenants` signs approved requests with
+/// its own CA; every other name is left alone (other stand-ins may answer it).
+pub fn start_tenant_csr_signers(
+    client: kube::Client,
+    tenants: Vec<(String, Arc<TestCa>)>,
+) -> AbortOnDropHandle<()> {
+    let api: Api<CertificateSigningRequest> = Api::all(client);
+    let tenants = Arc::new(tenants);
+    AbortOnDropHandle::new(tokio::spawn(async move {
+        let config = watcher::Config::default().labels(&format!("{REQUEST_LABEL_KEY}=true"));
+        let mut events = watcher(api.clone(), config).boxed();
+        while let Some(event) = events.next().await {
+            let (Ok(watcher::Event::Apply(csr)) | Ok(watcher::Event::InitApply(csr))) = event
+            else {
+                continue;
+            };
+            let signed = csr
+                .status
+                .as_ref()
+                .and_then(|s| s.certificate.as_ref())
+                .is_some_and(|c| !c.0.is_empty());
+            if signed || !has(&csr, "Approved") {
+                continue;
+            }
+            let Some((_, ca)) = tenants
+                .iter()
+                .find(|(name, _)| *name == csr.spec.signer_name)
+            else {
+                continue;
+            };
+            let status = sign(&csr, ca);
+            let (api, name) = (api.clone(), csr.name_any());
+            tokio::spawn(async move {
+                let _ = api
+                    .patch_status(&name, &PatchParams::default(), &Patch::Merge(&status))
+                    .await;
+            });
+        }
+    }))
+}

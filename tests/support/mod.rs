@@ -5,6 +5,7 @@
 pub mod cert_manager;
 pub mod csr_signer;
 pub mod kube;
+pub mod mtls;
 pub mod openmetrics;
 
 use std::path::{Path, PathBuf};

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, watch};
 
 use super::requests::{self, InFlight, Waiters};
-use super::{IssueError, IssueRequest, Issued, Issuer};
+use super::{IssueError, IssueRequest, Issued, Issuer, SignerRoute};
 use crate::pki::pem;
 
 /// The annotation istio-csr puts on its CertificateRequests: the identities asked for.
@@ -363,6 +363,7 @@ impl Issuer for CertManagerIssuer {
                 &request.names.describe(),
                 request.lifetime,
                 request.annotations,
+                request.route,
             )
             .await?;
         let chain = pem::parse_certificates(issued.chain_pem.as_bytes())
@@ -382,16 +383,21 @@ impl CertManagerIssuer {
         identities: &str,
         lifetime: Duration,
         annotations: &BTreeMap<String, String>,
+        route: Option<&SignerRoute>,
     ) -> Result<IssuedPem, IssueError> {
         if !*self.synced.borrow() {
             return Err(IssueError::NotReady(
                 "CertificateRequest watch not synced".into(),
             ));
         }
-        let Some(issuer_ref) = self.issuer_ref.load_full() else {
-            return Err(IssueError::NotReady(
-                "no issuer configured (runtime ConfigMap)".into(),
-            ));
+        // A tenant signer has an issuer of its own; the runtime ConfigMap names the mesh's.
+        let issuer_ref = match route {
+            Some(route) => Arc::new(route.issuer_ref.clone().ok_or_else(|| {
+                IssueError::InvalidRequest("this tenant signer names no issuerRef".into())
+            })?),
+            None => self.issuer_ref.load_full().ok_or_else(|| {
+                IssueError::NotReady("no issuer configured (runtime ConfigMap)".into())
+            })?,
         };
         // Named here rather than by generateName, so the clean-up and the waiter exist
         // before the create is sent.

@@ -18,7 +18,7 @@ use kube::runtime::watcher;
 use tokio::sync::watch;
 
 use super::requests::{self, InFlight, Waiters};
-use super::{IssueError, IssueRequest, Issued, Issuer};
+use super::{IssueError, IssueRequest, Issued, Issuer, SignerRoute};
 use crate::pki::pem;
 
 /// On our CertificateSigningRequests, so the shared watch sees only them.
@@ -28,10 +28,8 @@ const MIN_EXPIRATION: Duration = Duration::from_secs(600);
 
 #[derive(Clone, Debug)]
 pub struct Settings {
-    /// `spec.signerName` of every request, unless `CertSigner` metadata picks another.
+    /// `spec.signerName` of every request, unless a tenant signer's route names another.
     pub signer_name: String,
-    /// With it, pilot-agent's `CertSigner: X` asks for signer `<domain>/X`.
-    pub cert_signer_domain: Option<String>,
     /// Approve our own requests (istiod's way). Off: an external approver decides.
     pub approve: bool,
     pub timeout: Duration,
@@ -92,20 +90,13 @@ impl KubeCsrIssuer {
         (issuer, run_watch(api, waiters, synced_tx))
     }
 
-    /// The signer for a request: `<domain>/<CertSigner>` when both are given, else the default.
-    /// A `CertSigner` that cannot be one path segment of a signer name is refused here rather
-    /// than by the API server.
-    pub fn signer_for(&self, cert_signer: Option<&str>) -> Result<String, IssueError> {
-        match (cert_signer, &self.settings.cert_signer_domain) {
-            (Some(signer), Some(domain)) if !signer.is_empty() => {
-                if !crate::pki::identity::is_dns1123_subdomain(signer) {
-                    return Err(IssueError::InvalidRequest(format!(
-                        "CertSigner {signer:?} is not a signer name"
-                    )));
-                }
-                Ok(format!("{domain}/{signer}"))
-            }
-            _ => Ok(self.settings.signer_name.clone()),
+    /// The signer for a request: its tenant's, else the default.
+    fn signer_for(&self, route: Option<&SignerRoute>) -> Result<String, IssueError> {
+        match route {
+            Some(route) => route.kube_csr_signer_name.clone().ok_or_else(|| {
+                IssueError::InvalidRequest("this tenant signer names no kubeCSRSignerName".into())
+            }),
+            None => Ok(self.settings.signer_name.clone()),
         }
     }
 
@@ -246,7 +237,7 @@ impl Issuer for KubeCsrIssuer {
     }
 
     async fn issue(&self, request: IssueRequest<'_>) -> Result<Issued, IssueError> {
-        let signer = self.signer_for(request.cert_signer)?;
+        let signer = self.signer_for(request.route)?;
         let csr_pem = pem::encode("CERTIFICATE REQUEST", &request.csr.der);
         let chain = self.submit(&csr_pem, &signer, request.lifetime).await?;
         let certs = pem::parse_certificates(chain.as_bytes())

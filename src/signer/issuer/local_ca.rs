@@ -414,12 +414,11 @@ impl Issuer for LocalCa {
     }
 
     async fn issue(&self, request: IssueRequest<'_>) -> Result<Issued, IssueError> {
-        if let Some(signer) = request.cert_signer {
-            // One CA signs everything here; istio-csr also ignores CertSigner.
-            tracing::debug!(
-                cert_signer = signer,
-                "CertSigner ignored by the built-in CA"
-            );
+        if request.route.is_some() {
+            // Start-up refuses tenant signers with the built-in CA; this is the backstop.
+            return Err(IssueError::InvalidRequest(
+                "the built-in CA has no tenant signers".into(),
+            ));
         }
         let ca = self.usable()?;
         let chain = ca

@@ -53,10 +53,20 @@ pub struct IssueRequest<'a> {
     pub names: &'a LeafNames,
     /// Already clamped to the configured maximum.
     pub lifetime: Duration,
-    /// pilot-agent's `CertSigner` metadata, when non-empty.
-    pub cert_signer: Option<&'a str>,
+    /// A tenant signer's issuer (`signer::tenants`); `None`: the mesh's issuer in force.
+    pub route: Option<&'a SignerRoute>,
     /// Added to the request object (cert-manager), e.g. istiod's additional annotations.
     pub annotations: &'a BTreeMap<String, String>,
+}
+
+/// Where a tenant signer's requests go: each backend reads its own field (the signer table
+/// is checked at load, so the one the backend in force needs is set).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SignerRoute {
+    /// `--signer cert-manager`: the CertificateRequest's issuerRef.
+    pub issuer_ref: Option<cert_manager::IssuerRef>,
+    /// `--signer kube-csr`: the CertificateSigningRequest's signerName.
+    pub kube_csr_signer_name: Option<String>,
 }
 
 /// What an issuer answers.
