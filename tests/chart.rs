@@ -256,6 +256,7 @@ impl Install {
                     "mountPath": dir.join("root-ca").to_str().unwrap(),
                 }},
                 "certmanager": {"namespace": name, "issuer": {"name": SIGNING_ISSUER}},
+                "tenants": {"mountPath": dir.join("tenants").to_str().unwrap()},
                 "istio": {"namespace": name},
                 "controller": {
                     "leaderElectionNamespace": name,
@@ -401,6 +402,17 @@ impl Install {
             };
             env.insert(name, value);
         }
+        // What the kubelet would project from the tenant signers' ConfigMap.
+        if let Some(signers) = self
+            .objects_of("ConfigMap")
+            .into_iter()
+            .find(|c| c["data"]["signers.yaml"].is_string())
+        {
+            let dir = self.dir.path().join("tenants/signers");
+            std::fs::create_dir_all(&dir).unwrap();
+            let text = signers["data"]["signers.yaml"].as_str().unwrap();
+            std::fs::write(dir.join("signers.yaml"), text).unwrap();
+        }
         let log = self.dir.path().join("istio-csr-rs.log");
         let file = std::fs::File::create(&log).unwrap();
         let child = Command::new(BIN)
@@ -465,6 +477,36 @@ impl Install {
             vec![self.root.cert.clone()],
             "the root bundle is the pinned root"
         );
+    }
+
+    /// A workload certificate of the app namespace asking for tenant signer `cert_signer`.
+    async fn request_with_signer(&self, process: &Process, cert_signer: &str) -> Vec<String> {
+        let cluster = shared().await;
+        let token = cluster
+            .token(&self.app_namespace, "web", &["istio-ca"], 3600, None)
+            .await;
+        let identity = format!("spiffe://cluster.local/ns/{}/sa/web", self.app_namespace);
+        let (csr, _) = p256_csr(&identity);
+        let target = self.target(process);
+        let request = target
+            .request(
+                Some(&token),
+                istio_csr_rs::proto::istio_v1_auth::IstioCertificateRequest {
+                    csr,
+                    validity_duration: 3600,
+                    metadata: Some(istio_csr_rs::client::metadata(Some(cert_signer), None)),
+                },
+            )
+            .unwrap();
+        target
+            .connect()
+            .await
+            .unwrap()
+            .create_certificate(request)
+            .await
+            .unwrap_or_else(|s| panic!("no {cert_signer} certificate: {s}\n{}", process.log_tail()))
+            .into_inner()
+            .cert_chain
     }
 
     /// The bundle in the app namespace, the Lease held by this pod: the leader's work.
@@ -819,19 +861,69 @@ async fn default_values_sign_write_the_bundle_and_istiod_tls_under_least_privile
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kube_csr_signs_through_the_csr_api_with_approval_limited_to_its_signer() {
+async fn kube_csr_and_tenant_signers_sign_with_approval_limited_to_their_names() {
     let (root, foreign) = (
         Arc::new(TestCa::root("chart kube-csr CA", KeyAlg::EcdsaP256)),
         Arc::new(TestCa::root("chart kube-csr foreign CA", KeyAlg::EcdsaP256)),
     );
-    let _signer =
-        support::csr_signer::start_csr_signer(shared().await.client().await, root.clone(), foreign);
+    let _signer = support::csr_signer::start_csr_signer(
+        shared().await.client().await,
+        root.clone(),
+        foreign.clone(),
+    );
+    // A tenant signer of its own CA (the stand-in's example.com/foreign), named through
+    // the domain, open to the app namespace.
+    let tenant_roots = foreign.cert_pem();
     let install = Install::new(
         "chart-kube-csr",
-        json!({"app": {"signer": "kube-csr", "kubeCSR": {"signerName": "example.com/ca"}}}),
-        Some(root),
+        json!({"app": {
+            "signer": "kube-csr",
+            "kubeCSR": {"signerName": "example.com/ca", "certSignerDomain": "example.com"},
+            "tenants": {
+                "signers": [{
+                    "name": "foreign", "rootsPEM": tenant_roots,
+                    "namespaces": ["chart-kube-csr-app"],
+                }],
+                "meshConfig": {"configMapName": "istio-mesh"},
+            },
+        }}),
+        Some(root.clone()),
     )
     .await;
+    // The mesh config's ConfigMap is the user's; the kubelet would project its key `mesh`.
+    let volumes = &install.object("Deployment")["spec"]["template"]["spec"]["volumes"];
+    let mesh_volume = volumes
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "mesh-config")
+        .expect("no mesh-config volume");
+    assert_eq!(mesh_volume["configMap"]["name"], "istio-mesh");
+    assert_eq!(mesh_volume["configMap"]["items"][0]["key"], "mesh");
+    let mesh_dir = install.dir.path().join("tenants/mesh");
+    std::fs::create_dir_all(&mesh_dir).unwrap();
+    let indented = root.cert_pem().replace('\n', "\n      ");
+    std::fs::write(
+        mesh_dir.join("mesh.yaml"),
+        format!(
+            "caCertificates:\n  - pem: |\n      {indented}\n    certSigners: [example.com/ca]\n"
+        ),
+    )
+    .unwrap();
+    assert_eq!(
+        install.arg("--mesh-config"),
+        Some(format!(
+            "{}/tenants/mesh/mesh.yaml",
+            install.dir.path().display()
+        ))
+    );
+    assert_eq!(
+        install.arg("--signers-file"),
+        Some(format!(
+            "{}/tenants/signers/signers.yaml",
+            install.dir.path().display()
+        ))
+    );
     assert!(
         install.arg("--certificate-namespace").is_none(),
         "cert-manager flags with kube-csr"
@@ -848,8 +940,31 @@ async fn kube_csr_signs_through_the_csr_api_with_approval_limited_to_its_signer(
     );
     let process = install.start().await;
     install.signs_a_workload_certificate(&process).await;
+    // CertSigner "foreign": its own CA, answered with exactly its roots; "ca" comes from the
+    // mesh config alone.
+    for (signer, ca) in [("foreign", &foreign), ("ca", &root)] {
+        let chain = install.request_with_signer(&process, signer).await;
+        let last = istio_csr_rs::pki::pem::parse_certificates(chain.last().unwrap().as_bytes());
+        assert_eq!(
+            last.unwrap(),
+            vec![ca.cert.clone()],
+            "the roots of {signer}"
+        );
+    }
     install.leads_and_writes_the_bundle(&process).await;
     install.refuses_what_it_never_needs().await;
+    assert!(
+        install
+            .may(
+                "approve",
+                "certificates.k8s.io",
+                "signers",
+                None,
+                Some("example.com/foreign")
+            )
+            .await,
+        "may not approve for its tenant signer"
+    );
     let approve = |signer: &'static str| {
         install.may(
             "approve",
