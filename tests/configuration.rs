@@ -181,7 +181,15 @@ async fn refuses_to_start_with_a_ca_outside_the_pinned_roots() {
 
 #[tokio::test]
 async fn explains_configurations_that_cannot_work() {
-    let cases: [(&[&str], &str); 6] = [
+    let cases: [(&[&str], &str); 7] = [
+        (
+            &[
+                "--standalone",
+                "--signers-file",
+                "/nonexistent/signers.yaml",
+            ],
+            "the built-in CA is one CA",
+        ),
         (
             &["--standalone", "--max-client-certificate-duration", "9000y"],
             "between 1m and 3650d",

@@ -583,3 +583,60 @@ caCertificates:
         1.0
     );
 }
+
+/// A table that cannot be right stops the start, with the reason.
+#[tokio::test]
+async fn a_broken_signers_file_stops_the_start() {
+    install_crypto_provider();
+    let cluster = shared().await;
+    cluster.namespace("tn-broken").await;
+    let dir = tempfile::tempdir().unwrap();
+    write_roots(dir.path());
+    let path = |name: &str| dir.path().join(name).to_str().unwrap().to_owned();
+    for (signers, expected) in [
+        (
+            "signers:\n  - {name: foo, rootsPEM: x, namespaces: [shared], default: true}\n  - {name: bar, rootsPEM: x, namespaces: [shared], default: true}\n",
+            "namespace \"shared\" has more than one default signer",
+        ),
+        (
+            "signers: [{name: foo, namespaces: [a]}]",
+            "no rootsFile, no rootsPEM and no mesh-config",
+        ),
+        (
+            "signers: [{name: foo, rootsPEM: junk, namespaces: [a]}]",
+            "signer \"foo\": roots",
+        ),
+    ] {
+        std::fs::write(dir.path().join("signers.yaml"), signers).unwrap();
+        let argv = [
+            "istio-csr-rs",
+            "serve",
+            "--signer",
+            "kube-csr",
+            "--kube-csr-signer-name",
+            "tenants.example.com/mesh",
+            "--cert-signer-domain",
+            "tenants.example.com",
+            "--root-ca-file",
+            &path("mesh.pem"),
+            "--signers-file",
+            &path("signers.yaml"),
+            "--kubeconfig",
+            cluster.kubeconfig.to_str().unwrap(),
+            "--serving-address",
+            "127.0.0.1:0",
+            "--admin-address",
+            "127.0.0.1:0",
+            "--leader-election-namespace",
+            "tn-broken",
+        ];
+        let Command::Serve(args) = Cli::try_parse_from(argv).unwrap().command else {
+            unreachable!()
+        };
+        let error = match app::start(*args, Hooks::default()).await {
+            Ok(_) => panic!("started with {signers}"),
+            Err(error) => format!("{error:#}"),
+        };
+        assert!(error.contains(expected), "{expected}: {error}");
+    }
+}

@@ -442,6 +442,59 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_tenant_is_chosen_by_the_namespace_of_every_identity_allowed() {
+        use crate::pki::chain::RootBundle;
+        use crate::pki::testing::{KeyAlg, TestCa};
+        use crate::signer::issuer::SignerRoute;
+        use crate::signer::tenants::Namespaces;
+        let roots = TestCa::root("t", KeyAlg::EcdsaP256);
+        let tenant = |name: &str, namespaces: &[&str], default: bool| Tenant {
+            name: name.into(),
+            route: SignerRoute {
+                issuer_ref: None,
+                kube_csr_signer_name: Some(format!("example.com/{name}")),
+            },
+            roots: Arc::new(RootBundle::from_pem(roots.cert_pem().as_bytes()).unwrap()),
+            roots_source: "test".into(),
+            namespaces: Namespaces::Only(namespaces.iter().map(|s| s.to_string()).collect()),
+            default,
+        };
+        let table = TenantTable::new(vec![
+            tenant("a", &["ns-a", "shared"], true),
+            tenant("b", &["ns-b", "shared"], false),
+        ]);
+        let id = |ns: &str| format!("spiffe://cluster.local/ns/{ns}/sa/web");
+        let chosen = |allowed: &[String], signer: Option<&str>| {
+            select_tenant(&table, allowed, signer).map(|t| t.map(|t| t.name.clone()))
+        };
+        // ztunnel: `allowed` is the impersonated identity, so its namespace decides.
+        assert_eq!(chosen(&[id("ns-a")], None).unwrap(), Some("a".into()));
+        assert_eq!(chosen(&[id("ns-b")], None).unwrap(), None);
+        assert_eq!(chosen(&[id("ns-b")], Some("b")).unwrap(), Some("b".into()));
+        // Several identities: every namespace must be allowed, and agree on the default.
+        assert_eq!(
+            chosen(&[id("ns-a"), id("shared")], None).unwrap(),
+            Some("a".into())
+        );
+        assert_eq!(
+            chosen(&[id("ns-b"), id("shared")], Some("b")).unwrap(),
+            Some("b".into())
+        );
+        assert!(matches!(
+            chosen(&[id("ns-a"), id("ns-b")], Some("b")),
+            Err(SignError::Tenant(TenantError::NotAllowed { .. }))
+        ));
+        assert!(matches!(
+            chosen(&[id("ns-a"), id("ns-b")], None),
+            Err(SignError::InvalidRequest(_))
+        ));
+        assert!(matches!(
+            chosen(&[id("ns-a")], Some("c")),
+            Err(SignError::Tenant(TenantError::Unknown(_)))
+        ));
+    }
+
+    #[test]
     fn clamps_lifetimes_to_the_maximum() {
         let max = Duration::from_secs(3600);
         assert_eq!(clamp_lifetime(86_400, max), max);

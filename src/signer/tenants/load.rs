@@ -34,10 +34,6 @@ pub struct Sources {
 const CLUSTER_ISSUER_SIGNER_DOMAIN: &str = "clusterissuers.cert-manager.io";
 
 impl Sources {
-    pub fn any(&self) -> bool {
-        self.signers_file.is_some() || self.mesh_config.is_some()
-    }
-
     /// Every file the table was read from (the roots files depend on the signers file).
     fn paths(&self, specs: &[SignerSpec]) -> Vec<PathBuf> {
         let mut paths: Vec<PathBuf> = self
