@@ -3,7 +3,6 @@
 
 pub mod admin;
 pub mod app;
-pub mod backoff;
 pub mod bundle;
 pub mod client;
 pub mod cluster;
@@ -12,6 +11,7 @@ pub mod fswatch;
 pub mod istiod;
 pub mod leader;
 pub mod pki;
+pub mod retry;
 pub mod signer;
 pub mod standalone;
 

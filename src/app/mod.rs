@@ -17,7 +17,6 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 
 use crate::admin::{self, AdminState, ExpiryGauges, Liveness, Readiness, Trust};
-use crate::backoff;
 use crate::bundle::{BundleMetrics, reconciler};
 use crate::cluster::client::ClientFactory;
 use crate::cluster::remote::{ClusterWork, RemoteSecrets};
@@ -27,6 +26,7 @@ use crate::istiod::{IstiodCertMetrics, IstiodCerts};
 use crate::leader::{self, Elector, LeaderMetrics, Leadership};
 use crate::pki::chain::RootBundle;
 use crate::proto::istio_v1_auth::istio_certificate_service_server::IstioCertificateServiceServer;
+use crate::retry;
 use crate::signer::authn::Authenticator;
 use crate::signer::authn::client_cert::ClientCertAuthenticator;
 use crate::signer::authn::node::KubeNodeAuthorizer;
@@ -608,11 +608,10 @@ impl Starting {
         let (roots, source) = match (self.signer.roots.take(), &self.signer.cert_manager) {
             (Some(known), _) => known,
             (None, Some(issuer)) => {
-                let bundle =
-                    backoff::retry_forever("trusting the issuer's CA on first use", || {
-                        roots::roots_on_first_use(issuer.as_ref(), &self.plan.serving_names)
-                    })
-                    .await;
+                let bundle = retry::retry_forever("trusting the issuer's CA on first use", || {
+                    roots::roots_on_first_use(issuer.as_ref(), &self.plan.serving_names)
+                })
+                .await;
                 let (tx, rx) = watch::channel(Arc::new(bundle));
                 // Nothing ever changes these roots; the sender lives as long as the process.
                 self.tasks

@@ -15,8 +15,8 @@ use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 use tokio_util::task::AbortOnDropHandle;
 
-use crate::backoff::Backoff;
 use crate::leader::Leadership;
+use crate::retry::Delays;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReconcileLabels {
@@ -87,7 +87,7 @@ where
     F: FnMut() -> Fut,
     Fut: Future<Output = anyhow::Result<()>> + Send + 'static,
 {
-    let mut backoff = Backoff::default();
+    let mut backoff = Delays::default();
     loop {
         let regained = !leadership.borrow().is_leader;
         if !wait_for_leadership(&mut leadership, true).await {

@@ -21,10 +21,10 @@ use tokio_util::task::AbortOnDropHandle;
 
 use super::client::ClientFactory;
 use super::{ClusterRegistry, RemoteCluster, kubeconfig};
-use crate::backoff::Backoff;
 use crate::bundle::{self, reconciler};
 use crate::leader::Leadership;
 use crate::pki::chain::RootBundle;
+use crate::retry::Delays;
 
 pub const SECRET_LABEL: &str = "istio/multiCluster=true";
 /// How long a new API server may take to answer before it counts as unreachable (and is tried
@@ -253,7 +253,7 @@ impl RemoteSecrets {
                     return;
                 }
             };
-            let mut backoff = Backoff::default();
+            let mut backoff = Delays::default();
             loop {
                 match tokio::time::timeout(PROBE_TIMEOUT, client.apiserver_version()).await {
                     Ok(Ok(_)) => break,

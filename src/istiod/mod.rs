@@ -27,11 +27,11 @@ use time::OffsetDateTime;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::backoff::Backoff;
 use crate::bundle;
 use crate::leader::Leadership;
 use crate::pki::chain::RootBundle;
 use crate::pki::pem;
+use crate::retry::Delays;
 use crate::signer::issuance::{Certified, Issuance, own_csr};
 use crate::signer::issuer::{IssueRequest, Purpose};
 pub use spec::{IstiodCertSpec, Reissue, SECRET_NAME, Verdict};
@@ -109,7 +109,7 @@ impl IstiodCerts {
         // When to judge again: the renewal time, or the end of a failure's backoff.
         let mut wake_at: Option<Instant> = None;
         let mut backing_off = false;
-        let mut backoff = Backoff::default();
+        let mut backoff = Delays::default();
         // Writes with no judgement of "right" in between: more than two means the signer's
         // answers never satisfy the checks; back off rather than write in a loop.
         let mut writes_in_a_row = 0u32;

@@ -291,7 +291,14 @@ impl Elector {
 /// 80% to 100% of the period: replicas do not retry in lockstep, and a released Lease is
 /// still taken within one retry period.
 fn jittered(period: Duration) -> Duration {
-    period.mul_f64(0.8 + crate::backoff::random_fraction() * 0.2)
+    period.mul_f64(0.8 + random_fraction() * 0.2)
+}
+
+/// A random number in [0, 1], in 256 steps: enough to spread retries apart.
+fn random_fraction() -> f64 {
+    let mut byte = [0u8; 1];
+    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut byte);
+    f64::from(byte[0]) / 255.0
 }
 
 /// Leases count whole seconds: round up, so followers never wait less than configured.

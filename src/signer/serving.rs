@@ -14,9 +14,9 @@ use tokio::sync::watch;
 use super::issuance::{Issuance, own_csr};
 use super::issuer::{IssueRequest, LeafNames, NO_ANNOTATIONS, Purpose};
 use super::tls::ServingCertResolver;
-use crate::backoff;
 use crate::pki::chain::RootBundle;
 use crate::pki::keys;
+use crate::retry;
 
 /// Keeps a CA about to expire (so short leaves) from a busy renewal loop.
 const RENEW_FLOOR: Duration = Duration::from_secs(1);
@@ -121,8 +121,7 @@ impl ServingCerts {
         let mut roots = self.roots.clone();
         roots.mark_unchanged();
         let first =
-            backoff::retry_forever("obtaining the first serving certificate", || self.renew())
-                .await;
+            retry::retry_forever("obtaining the first serving certificate", || self.renew()).await;
         self.renew_forever(first, roots)
     }
 
@@ -151,7 +150,7 @@ impl ServingCerts {
                 }
             }
             let installed =
-                backoff::retry_forever("serving certificate renewal", || self.renew()).await;
+                retry::retry_forever("serving certificate renewal", || self.renew()).await;
             not_before = installed.not_before;
             not_after = installed.not_after;
         }

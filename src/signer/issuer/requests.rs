@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use backon::{ExponentialBuilder, Retryable};
 use futures_util::StreamExt;
 use kube::api::{DeleteParams, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -244,17 +245,32 @@ where
             self.settled,
         );
         tokio::spawn(async move {
-            let attempts = if settled { 3 } else { 7 };
-            for attempt in 0..attempts {
+            // Before the create has answered, a 404 may only mean "not landed yet": keep
+            // trying for about 25 s (200 ms doubling, 7 tries); after it, 3 tries suffice.
+            let policy = ExponentialBuilder::new()
+                .with_min_delay(Duration::from_millis(200))
+                .with_max_times(if settled { 2 } else { 6 });
+            let delete = || async {
                 match api.delete(&name, &DeleteParams::background()).await {
-                    Ok(_) => return,
-                    Err(kube::Error::Api(e)) if e.code == 404 && settled => return,
-                    Err(kube::Error::Api(e)) if e.code == 404 => {}
-                    Err(error) => {
-                        tracing::warn!(%error, name, attempt, "request object not deleted yet");
-                    }
+                    Ok(_) => Ok(()),
+                    Err(kube::Error::Api(e)) if e.code == 404 && settled => Ok(()),
+                    Err(error) => Err(error),
                 }
-                tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
+            };
+            let deleted = delete
+                .retry(policy)
+                .sleep(tokio::time::sleep)
+                .notify(|error: &kube::Error, retry_in: Duration| {
+                    tracing::debug!(%error, name, ?retry_in, "request object not deleted yet");
+                })
+                .await;
+            match deleted {
+                Ok(()) => {}
+                // Still absent after every try: the create never landed.
+                Err(kube::Error::Api(e)) if e.code == 404 => {}
+                Err(error) => {
+                    tracing::warn!(%error, name, "request object not deleted; it stays until removed by hand");
+                }
             }
         });
     }
