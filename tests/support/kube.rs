@@ -170,7 +170,6 @@ impl TestCluster {
         let bin = binaries();
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
-        let api_port = free_port();
         let sa_key = d.join("sa.key");
         let ok = Command::new("openssl")
             .args(["genrsa", "-out"])
@@ -188,39 +187,54 @@ impl TestCluster {
         )
         .unwrap();
         let cert_dir = d.join("certs");
-        let apiserver = guarded(
-            &bin.join("kube-apiserver"),
-            &[
-                format!("--etcd-servers={etcd_url}"),
-                format!("--etcd-prefix={prefix}"),
-                format!("--secure-port={api_port}"),
-                "--bind-address=127.0.0.1".into(),
-                "--advertise-address=127.0.0.1".into(),
-                format!("--cert-dir={}", cert_dir.display()),
-                format!("--token-auth-file={}", d.join("tokens.csv").display()),
-                "--authorization-mode=RBAC".into(),
-                format!("--service-account-issuer={SA_ISSUER}"),
-                format!("--service-account-key-file={}", sa_key.display()),
-                format!("--service-account-signing-key-file={}", sa_key.display()),
-                format!("--api-audiences=istio-ca,{SA_ISSUER}"),
-                "--service-cluster-ip-range=10.0.0.0/24".into(),
-                // No controller-manager runs: service accounts are created by the tests.
-                "--disable-admission-plugins=ServiceAccount".into(),
-                "--enable-priority-and-fairness=false".into(),
-            ],
-            &d.join("apiserver.log"),
-            d,
-        );
-        let url = format!("https://127.0.0.1:{api_port}");
-        let kubeconfig = d.join("kubeconfig");
-        wait_ready(
-            &url,
-            &admin_token,
-            &cert_dir,
-            &kubeconfig,
-            &d.join("apiserver.log"),
-        )
-        .await;
+        // The port is free when picked but may be taken before the apiserver binds it (tests
+        // run side by side): then start over on another.
+        let mut attempts = 0;
+        let (apiserver, url, kubeconfig) = loop {
+            attempts += 1;
+            let api_port = free_port();
+            let apiserver = guarded(
+                &bin.join("kube-apiserver"),
+                &[
+                    format!("--etcd-servers={etcd_url}"),
+                    format!("--etcd-prefix={prefix}"),
+                    format!("--secure-port={api_port}"),
+                    "--bind-address=127.0.0.1".into(),
+                    "--advertise-address=127.0.0.1".into(),
+                    format!("--cert-dir={}", cert_dir.display()),
+                    format!("--token-auth-file={}", d.join("tokens.csv").display()),
+                    "--authorization-mode=RBAC".into(),
+                    format!("--service-account-issuer={SA_ISSUER}"),
+                    format!("--service-account-key-file={}", sa_key.display()),
+                    format!("--service-account-signing-key-file={}", sa_key.display()),
+                    format!("--api-audiences=istio-ca,{SA_ISSUER}"),
+                    "--service-cluster-ip-range=10.0.0.0/24".into(),
+                    // No controller-manager runs: service accounts are created by the tests.
+                    "--disable-admission-plugins=ServiceAccount".into(),
+                    "--enable-priority-and-fairness=false".into(),
+                ],
+                &d.join("apiserver.log"),
+                d,
+            );
+            let url = format!("https://127.0.0.1:{api_port}");
+            let kubeconfig = d.join("kubeconfig");
+            let ready = wait_ready(
+                &url,
+                &admin_token,
+                &cert_dir,
+                &kubeconfig,
+                &d.join("apiserver.log"),
+            )
+            .await;
+            match ready {
+                Some(_) => break (apiserver, url, kubeconfig),
+                // Not dropped: the guard's drop would remove `d` (its clean-up path), which
+                // the next attempt needs. The apiserver has exited; its idle guard ends with
+                // this process, as every guard does.
+                None if attempts < 5 => std::mem::forget(apiserver),
+                None => panic!("kube-apiserver found its port taken {attempts} times"),
+            }
+        };
         Self {
             url,
             admin_token,
@@ -395,7 +409,7 @@ async fn wait_ready(
     cert_dir: &Path,
     kubeconfig: &Path,
     log: &Path,
-) -> kube::Client {
+) -> Option<kube::Client> {
     let deadline = Instant::now() + STARTUP_DEADLINE;
     loop {
         if let Ok(ca) = std::fs::read_to_string(cert_dir.join("apiserver.crt")) {
@@ -407,8 +421,12 @@ async fn wait_ready(
                 .await
                 .is_ok_and(|body| body.trim() == "ok")
             {
-                return client;
+                return Some(client);
             }
+        }
+        // Lost the race for its port: the caller starts it again on another.
+        if std::fs::read_to_string(log).is_ok_and(|text| text.contains("address already in use")) {
+            return None;
         }
         if Instant::now() > deadline {
             let text = std::fs::read_to_string(log).unwrap_or_default();
