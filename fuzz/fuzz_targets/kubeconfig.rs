@@ -21,8 +21,7 @@ const WINDOW: usize = 32;
 const WORDING: &[&str] = &[
     "not a kubeconfig: ",
     "failed to parse kubeconfig YAML",
-    "kubeconfigs with mismatching kind cannot be merged",
-    "kubeconfigs with mismatching api version cannot be merged",
+    "failed to merge kubeconfig documents",
     "no cluster in it",
     "refused: ",
     " (allowed only with --allow-insecure-kubeconfig)",
@@ -85,9 +84,12 @@ fuzz_target!(|data: &[u8]| {
                 .iter()
                 .map(|n| &n.name)
                 .chain(config.clusters.iter().map(|n| &n.name));
+            // The longest quoted name that appears: a short name ("c") may also appear
+            // inside the quoted form of a longer one.
             let quoted = names
                 .map(|n| format!("{n:?}"))
-                .find(|q| message.contains(q.as_str()))
+                .filter(|q| message.contains(q.as_str()))
+                .max_by_key(String::len)
                 .unwrap_or_else(|| panic!("{message:?} names no user or cluster"));
             let shown = strict.as_ref().unwrap_err().to_string();
             let rest = shown.replacen(&quoted, "\0", 1);
