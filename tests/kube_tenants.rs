@@ -152,6 +152,45 @@ fn write_roots(dir: &Path) {
     std::fs::write(dir.join("bar.pem"), cas.bar.cert_pem()).unwrap();
 }
 
+/// `serve --signer kube-csr` with mesh signer `tenants.example.com/mesh`, the mesh root
+/// `dir/mesh.pem`, the signers file `dir/signers.yaml` and `kubeconfig`, then `extra`.
+fn csr_api_args(
+    dir: &Path,
+    kubeconfig: &Path,
+    leader_namespace: &str,
+    extra: &[&str],
+) -> Vec<String> {
+    let path = |name: &str| dir.join(name).to_str().unwrap().to_owned();
+    let mut argv: Vec<String> = [
+        "istio-csr-rs",
+        "serve",
+        "--signer",
+        "kube-csr",
+        "--kube-csr-signer-name",
+        "tenants.example.com/mesh",
+        "--cert-signer-domain",
+        "tenants.example.com",
+        "--root-ca-file",
+        &path("mesh.pem"),
+        "--signers-file",
+        &path("signers.yaml"),
+        "--kubeconfig",
+        kubeconfig.to_str().unwrap(),
+        "--serving-address",
+        "127.0.0.1:0",
+        "--admin-address",
+        "127.0.0.1:0",
+        "--serving-certificate-dns-names",
+        "localhost",
+        "--leader-election-namespace",
+        leader_namespace,
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    argv.extend(extra.iter().map(|a| (*a).to_owned()));
+    argv
+}
+
 async fn start(argv: Vec<String>) -> Running {
     let Command::Serve(args) = Cli::try_parse_from(argv).unwrap().command else {
         unreachable!()
@@ -191,33 +230,7 @@ async fn csr_api_tenancy(prefix: &str) -> Tenancy {
         bar = dir.path().join("bar.pem").display(),
     );
     std::fs::write(dir.path().join("signers.yaml"), signers).unwrap();
-    let path = |name: &str| dir.path().join(name).to_str().unwrap().to_owned();
-    let argv = [
-        "istio-csr-rs",
-        "serve",
-        "--signer",
-        "kube-csr",
-        "--kube-csr-signer-name",
-        "tenants.example.com/mesh",
-        "--cert-signer-domain",
-        "tenants.example.com",
-        "--root-ca-file",
-        &path("mesh.pem"),
-        "--signers-file",
-        &path("signers.yaml"),
-        "--kubeconfig",
-        cluster.kubeconfig.to_str().unwrap(),
-        "--serving-address",
-        "127.0.0.1:0",
-        "--admin-address",
-        "127.0.0.1:0",
-        "--serving-certificate-dns-names",
-        "localhost",
-        "--leader-election-namespace",
-        &plain_ns,
-    ]
-    .map(str::to_owned)
-    .to_vec();
+    let argv = csr_api_args(dir.path(), &cluster.kubeconfig, &plain_ns, &[]);
     let running = start(argv).await;
     Tenancy {
         running,
@@ -451,35 +464,13 @@ caCertificates:
         format!("signers: [{{name: foo, namespaces: [{foo_ns}]}}]\n"),
     )
     .unwrap();
-    let path = |name: &str| dir.path().join(name).to_str().unwrap().to_owned();
-    let argv = [
-        "istio-csr-rs",
-        "serve",
-        "--signer",
-        "kube-csr",
-        "--kube-csr-signer-name",
-        "tenants.example.com/mesh",
-        "--cert-signer-domain",
-        "tenants.example.com",
-        "--root-ca-file",
-        &path("mesh.pem"),
-        "--mesh-config",
-        &path("mesh.yaml"),
-        "--signers-file",
-        &path("signers.yaml"),
-        "--kubeconfig",
-        cluster.kubeconfig.to_str().unwrap(),
-        "--serving-address",
-        "127.0.0.1:0",
-        "--admin-address",
-        "127.0.0.1:0",
-        "--serving-certificate-dns-names",
-        "localhost",
-        "--leader-election-namespace",
+    let mesh = dir.path().join("mesh.yaml");
+    let argv = csr_api_args(
+        dir.path(),
+        &cluster.kubeconfig,
         &plain_ns,
-    ]
-    .map(str::to_owned)
-    .to_vec();
+        &["--mesh-config", mesh.to_str().unwrap()],
+    );
     let tenancy = Tenancy {
         running: start(argv).await,
         dir,
@@ -592,7 +583,6 @@ async fn a_broken_signers_file_stops_the_start() {
     cluster.namespace("tn-broken").await;
     let dir = tempfile::tempdir().unwrap();
     write_roots(dir.path());
-    let path = |name: &str| dir.path().join(name).to_str().unwrap().to_owned();
     for (signers, expected) in [
         (
             "signers:\n  - {name: foo, rootsPEM: x, namespaces: [shared], default: true}\n  - {name: bar, rootsPEM: x, namespaces: [shared], default: true}\n",
@@ -608,28 +598,7 @@ async fn a_broken_signers_file_stops_the_start() {
         ),
     ] {
         std::fs::write(dir.path().join("signers.yaml"), signers).unwrap();
-        let argv = [
-            "istio-csr-rs",
-            "serve",
-            "--signer",
-            "kube-csr",
-            "--kube-csr-signer-name",
-            "tenants.example.com/mesh",
-            "--cert-signer-domain",
-            "tenants.example.com",
-            "--root-ca-file",
-            &path("mesh.pem"),
-            "--signers-file",
-            &path("signers.yaml"),
-            "--kubeconfig",
-            cluster.kubeconfig.to_str().unwrap(),
-            "--serving-address",
-            "127.0.0.1:0",
-            "--admin-address",
-            "127.0.0.1:0",
-            "--leader-election-namespace",
-            "tn-broken",
-        ];
+        let argv = csr_api_args(dir.path(), &cluster.kubeconfig, "tn-broken", &[]);
         let Command::Serve(args) = Cli::try_parse_from(argv).unwrap().command else {
             unreachable!()
         };
