@@ -481,32 +481,14 @@ impl Install {
 
     /// A workload certificate of the app namespace asking for tenant signer `cert_signer`.
     async fn request_with_signer(&self, process: &Process, cert_signer: &str) -> Vec<String> {
-        let cluster = shared().await;
-        let token = cluster
-            .token(&self.app_namespace, "web", &["istio-ca"], 3600, None)
-            .await;
-        let identity = format!("spiffe://cluster.local/ns/{}/sa/web", self.app_namespace);
-        let (csr, _) = p256_csr(&identity);
-        let target = self.target(process);
-        let request = target
-            .request(
-                Some(&token),
-                istio_csr_rs::proto::istio_v1_auth::IstioCertificateRequest {
-                    csr,
-                    validity_duration: 3600,
-                    metadata: Some(istio_csr_rs::client::metadata(Some(cert_signer), None)),
-                },
-            )
-            .unwrap();
-        target
-            .connect()
-            .await
-            .unwrap()
-            .create_certificate(request)
-            .await
-            .unwrap_or_else(|s| panic!("no {cert_signer} certificate: {s}\n{}", process.log_tail()))
-            .into_inner()
-            .cert_chain
+        request_as_web(
+            &self.target(process),
+            &self.app_namespace,
+            Some(cert_signer),
+        )
+        .await
+        .unwrap_or_else(|s| panic!("no {cert_signer} certificate: {s}\n{}", process.log_tail()))
+        .0
     }
 
     /// The bundle in the app namespace, the Lease held by this pod: the leader's work.

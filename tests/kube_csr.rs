@@ -95,28 +95,9 @@ impl CsrServer {
         namespace: &str,
         cert_signer: Option<&str>,
     ) -> Result<Vec<String>, tonic::Status> {
-        let cluster = shared().await;
-        let token = cluster
-            .token(namespace, "web", &["istio-ca"], 3600, None)
-            .await;
-        let identity = format!("spiffe://cluster.local/ns/{namespace}/sa/web");
-        let (csr, _) = p256_csr(&identity);
-        let target = self.target();
-        let request = target
-            .request(
-                Some(&token),
-                istio_csr_rs::proto::istio_v1_auth::IstioCertificateRequest {
-                    csr,
-                    validity_duration: 3600,
-                    metadata: Some(istio_csr_rs::client::metadata(cert_signer, None)),
-                },
-            )
-            .unwrap();
-        let mut client = target.connect().await.unwrap();
-        client
-            .create_certificate(request)
+        request_as_web(&self.target(), namespace, cert_signer)
             .await
-            .map(|r| r.into_inner().cert_chain)
+            .map(|(chain, _)| chain)
     }
 }
 

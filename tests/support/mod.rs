@@ -377,3 +377,31 @@ pub fn localhost_target(address: impl std::fmt::Display, root_cert: PathBuf) -> 
         timeout: Duration::from_secs(20),
     }
 }
+
+/// CreateCertificate for `namespace/web` (its service-account token from the shared cluster)
+/// through `target`, with `CertSigner` metadata when given: the answer and the CSR's key.
+pub async fn request_as_web(
+    target: &Target,
+    namespace: &str,
+    cert_signer: Option<&str>,
+) -> Result<(Vec<String>, KeyPair), tonic::Status> {
+    let token = kube::shared()
+        .await
+        .token(namespace, "web", &["istio-ca"], 3600, None)
+        .await;
+    let identity = format!("spiffe://cluster.local/ns/{namespace}/sa/web");
+    let (csr, key) = p256_csr(&identity);
+    let request = target
+        .request(
+            Some(&token),
+            IstioCertificateRequest {
+                csr,
+                validity_duration: 3600,
+                metadata: Some(metadata(cert_signer, None)),
+            },
+        )
+        .unwrap();
+    let mut client = target.connect().await.unwrap();
+    let answer = client.create_certificate(request).await?;
+    Ok((answer.into_inner().cert_chain, key))
+}
