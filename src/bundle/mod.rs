@@ -2,7 +2,6 @@
 //! written by the leader only, always from the pinned roots.
 
 pub mod desired;
-pub mod queue;
 pub mod reconciler;
 pub mod selector;
 

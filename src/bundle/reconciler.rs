@@ -1,30 +1,42 @@
-//! One cluster's trust-bundle reconciler, run while this replica leads: a cached Namespace
-//! watch and a cached watch of `istio-ca-root-cert` ConfigMaps drive a work queue of namespace
-//! names; workers compare each namespace's ConfigMap with the desired one and write only what
-//! differs.
+//! One cluster's trust-bundle reconciler, run while this replica leads: kube-runtime's
+//! `Controller` over the selected Namespaces (metadata only, the selector applied by the API
+//! server), triggered too by the `istio-ca-root-cert` ConfigMaps (each mapped to its
+//! namespace), by a change of the pinned roots and by a periodic resync. Every reconcile
+//! compares the cached ConfigMap with the desired one and writes only what differs.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures_util::StreamExt;
+use futures_util::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
-use kube::api::PostParams;
+use kube::api::{PartialObjectMeta, PostParams};
+use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, ResourceExt};
 use serde::Serialize;
 use tokio::sync::watch;
+use tokio_stream::wrappers::{IntervalStream, WatchStream};
 
 use super::BundleMetrics;
 use super::desired::{CONFIG_MAP_NAME, Change, change_for};
-use super::queue::WorkQueue;
 use super::selector::Selector;
 use crate::pki::chain::RootBundle;
 
 /// Every namespace is looked at again this often, from the caches (no API call when right):
 /// the safety net for anything a watch missed.
 pub const RESYNC_PERIOD: Duration = Duration::from_secs(600);
+
+/// A failed namespace comes back after 50 ms, doubling per failure up to a minute (client-go's
+/// per-item rate limiter), while the others go on.
+const RETRY_MIN: Duration = Duration::from_millis(50);
+const RETRY_MAX: Duration = Duration::from_secs(60);
+
+/// Namespaces as the controller sees them: metadata only (labels, deletion), a fraction of
+/// the whole objects' memory.
+type NamespaceMeta = PartialObjectMeta<Namespace>;
 
 #[derive(Clone)]
 pub struct Settings {
@@ -42,9 +54,9 @@ pub struct BundleCounts {
     /// Namespaces that must hold the bundle (selected, not terminating).
     pub namespaces: usize,
     pub in_sync: usize,
-    /// Namespaces waiting for or in a reconcile.
+    /// Of those, not in sync yet and not failing: waiting for or in a reconcile.
     pub pending: usize,
-    /// Namespaces whose last reconcile failed (retried with backoff).
+    /// Of those, not in sync because their last reconcile failed (retried with backoff).
     pub errors: usize,
 }
 
@@ -64,10 +76,13 @@ impl Default for BundleView {
     }
 }
 
+/// Failure counts by namespace name: the retry delay of each, and the admin API's errors.
+type Failures = Arc<Mutex<HashMap<String, u32>>>;
+
 struct Live {
-    namespaces: Store<Namespace>,
+    namespaces: Store<NamespaceMeta>,
     config_maps: Store<ConfigMap>,
-    queue: Arc<WorkQueue>,
+    failures: Failures,
     selector: Selector,
     roots: watch::Receiver<Arc<RootBundle>>,
     synced: Arc<AtomicBool>,
@@ -84,10 +99,9 @@ impl BundleView {
         let live = self.live.lock().ok()?;
         let live = live.as_ref()?;
         let pem = live.roots.borrow().pem().to_owned();
+        let failing = live.failures.lock().map(|f| f.clone()).unwrap_or_default();
         let mut counts = BundleCounts {
             synced: live.synced.load(Ordering::Acquire),
-            pending: live.queue.pending(),
-            errors: live.queue.failing(),
             ..Default::default()
         };
         for namespace in live.namespaces.state() {
@@ -101,38 +115,54 @@ impl BundleView {
                 .get(&ObjectRef::new(CONFIG_MAP_NAME).within(&name));
             if change_for(&name, existing.as_deref(), &pem) == Change::None {
                 counts.in_sync += 1;
+            } else if failing.contains_key(&name) {
+                counts.errors += 1;
+            } else {
+                counts.pending += 1;
             }
         }
         Some(counts)
     }
 }
 
-fn wants_bundle(namespace: &Namespace, selector: &Selector) -> bool {
-    let terminating = namespace.metadata.deletion_timestamp.is_some()
-        || namespace
-            .status
-            .as_ref()
-            .and_then(|s| s.phase.as_deref())
-            .is_some_and(|p| p == "Terminating");
-    !terminating && selector.matches(namespace.metadata.labels.as_ref())
+/// The API server already leaves out unselected namespaces; the local match is the same
+/// selector again, so a namespace relabelled between two events is judged by its labels now.
+fn wants_bundle(namespace: &NamespaceMeta, selector: &Selector) -> bool {
+    // A terminating namespace refuses new objects; its deletionTimestamp is what marks it.
+    namespace.metadata.deletion_timestamp.is_none()
+        && selector.matches(namespace.metadata.labels.as_ref())
 }
 
-/// Runs until dropped (leadership lost, cluster removed) or a watch ends for good.
+/// What each reconcile needs, shared by the controller's tasks.
+struct Context {
+    client: kube::Client,
+    settings: Settings,
+    config_maps: Store<ConfigMap>,
+    /// Set once the ConfigMap watch has listed. Not `Store::wait_until_ready`: its future
+    /// wakes only the last of several waiters (kube-runtime 5's DelayedInit keeps one waker),
+    /// and the controller itself waits on the Namespace store.
+    config_maps_listed: watch::Receiver<bool>,
+    namespaces: Store<NamespaceMeta>,
+    roots: watch::Receiver<Arc<RootBundle>>,
+    failures: Failures,
+}
+
+/// Runs until dropped (leadership lost, cluster removed) or the controller ends.
 pub async fn run(
     client: kube::Client,
     settings: Settings,
-    mut roots: watch::Receiver<Arc<RootBundle>>,
+    roots: watch::Receiver<Arc<RootBundle>>,
     view: Arc<BundleView>,
 ) -> anyhow::Result<()> {
-    let (namespaces, ns_writer) = reflector::store::<Namespace>();
+    let (namespaces, ns_writer) = reflector::store::<NamespaceMeta>();
     let (config_maps, cm_writer) = reflector::store::<ConfigMap>();
-    let queue = Arc::new(WorkQueue::default());
+    let failures = Failures::default();
     let synced = Arc::new(AtomicBool::new(false));
     if let Ok(mut live) = view.live.lock() {
         *live = Some(Live {
             namespaces: namespaces.clone(),
             config_maps: config_maps.clone(),
-            queue: queue.clone(),
+            failures: failures.clone(),
             selector: settings.selector.clone(),
             roots: roots.clone(),
             synced: synced.clone(),
@@ -140,111 +170,106 @@ pub async fn run(
     }
     let _clear_view = ClearOnDrop {
         view: view.clone(),
-        queue: queue.clone(),
+        failures: failures.clone(),
     };
     let cluster = settings.cluster.clone();
 
+    let mut ns_config = watcher::Config::default();
+    let selector = settings.selector.to_string();
+    if !selector.is_empty() {
+        ns_config = ns_config.labels(&selector);
+    }
     // Backoff between failed re-lists: a missing permission or a dead remote must not become
     // a hot loop that starves the other clusters.
-    let ns_watch = watcher(
-        Api::<Namespace>::all(client.clone()),
-        watcher::Config::default(),
-    )
-    .default_backoff();
-    let ns_events = {
-        let queue = queue.clone();
-        let cluster = cluster.clone();
-        reflector::reflector(ns_writer, ns_watch).for_each(move |event| {
-            match event {
-                Ok(watcher::Event::Apply(ns) | watcher::Event::InitApply(ns)) => {
-                    queue.add(&ns.name_any())
-                }
-                Ok(watcher::Event::Delete(ns)) => queue.forget(&ns.name_any()),
-                Ok(_) => {}
-                Err(error) => tracing::warn!(%cluster, %error, "Namespace watch interrupted"),
-            }
-            std::future::ready(())
-        })
-    };
-    let cm_watch = watcher(
+    let (ns_listed_tx, mut ns_listed) = watch::channel(false);
+    let (cm_listed_tx, mut cm_listed) = watch::channel(false);
+    let ns_events = watcher(Api::<NamespaceMeta>::all(client.clone()), ns_config)
+        .default_backoff()
+        .reflect(ns_writer)
+        .inspect_ok(move |event| mark_listed(event, &ns_listed_tx))
+        .applied_objects();
+    let cm_events = watcher(
         Api::<ConfigMap>::all(client.clone()),
         watcher::Config::default().fields(&format!("metadata.name={CONFIG_MAP_NAME}")),
     )
-    .default_backoff();
-    let cm_events = {
-        let queue = queue.clone();
+    .default_backoff()
+    // Compared and replaced whole, but nobody needs their field managers.
+    .modify(|cm| cm.metadata.managed_fields = None)
+    .reflect(cm_writer)
+    .inspect_ok(move |event| mark_listed(event, &cm_listed_tx))
+    .touched_objects();
+
+    // The stream yields the current roots first: only later changes trigger.
+    let roots_changed = WatchStream::from_changes(roots.clone()).map({
         let cluster = cluster.clone();
-        reflector::reflector(cm_writer, cm_watch).for_each(move |event| {
-            match event {
-                Ok(
-                    watcher::Event::Apply(cm)
-                    | watcher::Event::InitApply(cm)
-                    | watcher::Event::Delete(cm),
-                ) => {
-                    if let Some(namespace) = cm.namespace() {
-                        queue.add(&namespace);
-                    }
+        move |_| tracing::info!(%cluster, "trust roots changed; updating every namespace")
+    });
+    let resync = IntervalStream::new(tokio::time::interval_at(
+        tokio::time::Instant::now() + RESYNC_PERIOD,
+        RESYNC_PERIOD,
+    ))
+    .map(|_| ());
+
+    let context = Arc::new(Context {
+        client,
+        settings: settings.clone(),
+        config_maps: config_maps.clone(),
+        config_maps_listed: cm_listed.clone(),
+        namespaces: namespaces.clone(),
+        roots,
+        failures,
+    });
+    let concurrency = u16::try_from(settings.workers.max(1)).unwrap_or(u16::MAX);
+    let reconciles = Controller::for_stream(ns_events, namespaces.clone())
+        .watches_stream(cm_events, |cm: ConfigMap| {
+            cm.namespace()
+                .map(|ns| ObjectRef::<NamespaceMeta>::new(&ns))
+        })
+        .reconcile_all_on(futures_util::stream::select(roots_changed, resync))
+        .with_config(controller::Config::default().concurrency(concurrency))
+        .run(reconcile, error_policy, context)
+        .for_each(|result| {
+            match result {
+                Err(controller::Error::QueueError(error)) => {
+                    tracing::warn!(%cluster, %error, "trust bundle watch interrupted");
                 }
-                Ok(_) => {}
-                Err(error) => tracing::warn!(%cluster, %error, "ConfigMap watch interrupted"),
+                // Gone from the cache before its turn came (deleted, or no longer selected).
+                Err(controller::Error::ObjectNotFound(_)) => {
+                    settings.metrics.reconciled(&cluster, "skipped");
+                }
+                Err(controller::Error::RunnerError(error)) => {
+                    tracing::error!(%cluster, %error, "trust bundle controller failed");
+                }
+                // Reported by `error_policy`, with the retry delay.
+                Err(controller::Error::ReconcilerFailed(..)) | Ok(_) => {}
             }
             std::future::ready(())
-        })
-    };
+        });
 
-    let work = async {
-        // Nothing is written from half-listed caches.
-        tokio::try_join!(
-            namespaces.wait_until_ready(),
-            config_maps.wait_until_ready()
-        )?;
-        synced.store(true, Ordering::Release);
-        view.syncs.send_modify(|n| *n += 1);
-        tracing::info!(%cluster, namespaces = namespaces.len(), "trust bundle caches synced; reconciling every namespace");
-        let enqueue_all = || {
-            for namespace in namespaces.state() {
-                queue.add(&namespace.name_any());
-            }
-        };
-        enqueue_all();
-        roots.mark_unchanged();
-        let current_roots = roots.clone();
-        let workers = futures_util::future::join_all((0..settings.workers.max(1)).map(|_| {
-            worker(
-                client.clone(),
-                &settings,
-                &queue,
-                &namespaces,
-                &config_maps,
-                &current_roots,
-            )
-        }));
-        let triggers = async {
-            let mut resync = tokio::time::interval(RESYNC_PERIOD);
-            resync.tick().await;
-            loop {
-                tokio::select! {
-                    changed = roots.changed() => {
-                        if changed.is_err() {
-                            return;
-                        }
-                        tracing::info!(%cluster, "trust roots changed; updating every namespace");
-                        enqueue_all();
-                    }
-                    _ = resync.tick() => enqueue_all(),
-                }
-            }
-        };
-        tokio::select! {
-            _ = workers => {}
-            _ = triggers => {}
+    // Nothing is written from half-listed caches: the controller holds its reconciles until
+    // the Namespace cache is ready, and each reconcile waits for the ConfigMap cache.
+    let announce_sync = async {
+        let both = tokio::try_join!(
+            async { ns_listed.wait_for(|listed| *listed).await.map(drop) },
+            async { cm_listed.wait_for(|listed| *listed).await.map(drop) },
+        );
+        if both.is_ok() {
+            synced.store(true, Ordering::Release);
+            view.syncs.send_modify(|n| *n += 1);
+            tracing::info!(cluster = %settings.cluster, namespaces = namespaces.len(), "trust bundle caches synced; reconciling every namespace");
         }
-        anyhow::Ok(())
+        std::future::pending::<()>().await
     };
     tokio::select! {
-        _ = ns_events => anyhow::bail!("the Namespace watch of cluster {cluster} ended"),
-        _ = cm_events => anyhow::bail!("the ConfigMap watch of cluster {cluster} ended"),
-        result = work => result,
+        () = reconciles => anyhow::bail!("the trust bundle controller of cluster {} ended", settings.cluster),
+        () = announce_sync => unreachable!("pending never completes"),
+    }
+}
+
+/// A watch's first list is complete (the reflector has applied it: the store is ready).
+fn mark_listed<K>(event: &watcher::Event<K>, listed: &watch::Sender<bool>) {
+    if matches!(event, watcher::Event::InitDone) {
+        listed.send_replace(true);
     }
 }
 
@@ -252,7 +277,7 @@ pub async fn run(
 /// already put itself there.
 struct ClearOnDrop {
     view: Arc<BundleView>,
-    queue: Arc<WorkQueue>,
+    failures: Failures,
 }
 
 impl Drop for ClearOnDrop {
@@ -260,41 +285,71 @@ impl Drop for ClearOnDrop {
         if let Ok(mut live) = self.view.live.lock()
             && live
                 .as_ref()
-                .is_some_and(|l| Arc::ptr_eq(&l.queue, &self.queue))
+                .is_some_and(|l| Arc::ptr_eq(&l.failures, &self.failures))
         {
             *live = None;
         }
     }
 }
 
-async fn worker(
-    client: kube::Client,
-    settings: &Settings,
-    queue: &Arc<WorkQueue>,
-    namespaces: &Store<Namespace>,
-    config_maps: &Store<ConfigMap>,
-    roots: &watch::Receiver<Arc<RootBundle>>,
-) {
-    loop {
-        let name = queue.next().await;
-        let pem = roots.borrow().pem().to_owned();
-        let outcome = reconcile(&client, &name, &pem, settings, namespaces, config_maps).await;
-        let result = match &outcome {
-            Ok(Outcome::Unchanged) => "unchanged",
-            Ok(Outcome::Skipped) => "skipped",
-            Ok(Outcome::Written) => "written",
-            Ok(Outcome::Stale) => "stale",
-            Err(_) => "error",
-        };
-        settings.metrics.reconciled(&settings.cluster, result);
-        match outcome {
-            Ok(_) => queue.done(&name),
-            Err(error) => {
-                let retry_in = queue.retry_later(&name);
-                tracing::warn!(cluster = %settings.cluster, namespace = %name, %error, ?retry_in, "trust bundle not written");
+async fn reconcile(
+    namespace: Arc<NamespaceMeta>,
+    ctx: Arc<Context>,
+) -> Result<Action, kube::Error> {
+    let name = namespace.name_any();
+    if ctx
+        .config_maps_listed
+        .clone()
+        .wait_for(|listed| *listed)
+        .await
+        .is_err()
+    {
+        // The ConfigMap watch is gone: so is this run.
+        return Ok(Action::await_change());
+    }
+    let pem = ctx.roots.borrow().pem().to_owned();
+    let outcome = write_if_needed(&ctx, &namespace, &name, &pem).await;
+    let result = match &outcome {
+        Ok(Outcome::Unchanged) => "unchanged",
+        Ok(Outcome::Skipped) => "skipped",
+        Ok(Outcome::Written) => "written",
+        Ok(Outcome::Stale) => "stale",
+        Err(_) => "error",
+    };
+    ctx.settings
+        .metrics
+        .reconciled(&ctx.settings.cluster, result);
+    if let Ok(mut failures) = ctx.failures.lock() {
+        match &outcome {
+            Ok(_) => {
+                failures.remove(&name);
             }
+            Err(_) => *failures.entry(name).or_insert(0) += 1,
         }
     }
+    // Nothing to schedule: every change that matters is a watch event, a root change or the
+    // resync.
+    outcome.map(|_| Action::await_change())
+}
+
+/// Called after a failed reconcile (its failure already counted): when to try it again.
+fn error_policy(namespace: Arc<NamespaceMeta>, error: &kube::Error, ctx: Arc<Context>) -> Action {
+    let name = namespace.name_any();
+    let failures = ctx
+        .failures
+        .lock()
+        .ok()
+        .and_then(|f| f.get(&name).copied())
+        .unwrap_or(1);
+    let retry_in = retry_delay(failures);
+    tracing::warn!(cluster = %ctx.settings.cluster, namespace = %name, %error, ?retry_in, "trust bundle not written");
+    Action::requeue(retry_in)
+}
+
+fn retry_delay(failures: u32) -> Duration {
+    RETRY_MIN
+        .saturating_mul(1u32 << failures.saturating_sub(1).min(20))
+        .min(RETRY_MAX)
 }
 
 enum Outcome {
@@ -302,27 +357,25 @@ enum Outcome {
     Skipped,
     Written,
     /// The cache was behind (the object exists after all, changed, or is gone): its watch
-    /// event queues the namespace again, so this is no failure to back off from.
+    /// event triggers the namespace again, so this is no failure to back off from.
     Stale,
 }
 
-async fn reconcile(
-    client: &kube::Client,
+async fn write_if_needed(
+    ctx: &Context,
+    namespace: &NamespaceMeta,
     name: &str,
     pem: &str,
-    settings: &Settings,
-    namespaces: &Store<Namespace>,
-    config_maps: &Store<ConfigMap>,
 ) -> Result<Outcome, kube::Error> {
-    let Some(namespace) = namespaces.get(&ObjectRef::new(name)) else {
-        return Ok(Outcome::Skipped);
-    };
+    let settings = &ctx.settings;
     // Excluded namespaces keep whatever they have: we never delete a ConfigMap.
-    if !wants_bundle(&namespace, &settings.selector) {
+    if !wants_bundle(namespace, &settings.selector) {
         return Ok(Outcome::Skipped);
     }
-    let existing = config_maps.get(&ObjectRef::new(CONFIG_MAP_NAME).within(name));
-    let api: Api<ConfigMap> = Api::namespaced(client.clone(), name);
+    let existing = ctx
+        .config_maps
+        .get(&ObjectRef::new(CONFIG_MAP_NAME).within(name));
+    let api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), name);
     let (op, result) = match change_for(name, existing.as_deref(), pem) {
         Change::None => return Ok(Outcome::Unchanged),
         Change::Create(cm) => ("create", api.create(&PostParams::default(), &cm).await),
@@ -344,12 +397,30 @@ async fn reconcile(
         // The namespace went away or started terminating meanwhile: nothing to do.
         Err(kube::Error::Api(e))
             if (e.code == 403 || e.code == 404)
-                && namespaces
+                && ctx
+                    .namespaces
                     .get(&ObjectRef::new(name))
                     .is_none_or(|ns| !wants_bundle(&ns, &settings.selector)) =>
         {
             Ok(Outcome::Skipped)
         }
         Err(error) => Err(error),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failing_namespace_backs_off_from_50_ms_doubling_to_a_minute() {
+        let delays: Vec<_> = (1..=4).map(retry_delay).collect();
+        assert_eq!(
+            delays,
+            [50, 100, 200, 400].map(Duration::from_millis).to_vec()
+        );
+        assert_eq!(retry_delay(11), Duration::from_millis(51_200));
+        assert_eq!(retry_delay(12), RETRY_MAX);
+        assert_eq!(retry_delay(u32::MAX), RETRY_MAX);
     }
 }

@@ -1,6 +1,6 @@
 //! `--configmap-namespace-selector`: a Kubernetes label selector (`k=v`, `k==v`, `k!=v`, `k`,
-//! `!k`, `k in (a,b)`, `k notin (a,b)`, comma-separated, all must hold), matched locally
-//! against the cached namespaces.
+//! `!k`, `k in (a,b)`, `k notin (a,b)`, comma-separated, all must hold). Sent to the API server
+//! with the Namespace watch (in its canonical form, `Display`), and matched again locally.
 
 use std::collections::BTreeMap;
 
@@ -102,6 +102,10 @@ fn parse_term(term: &str) -> Result<Requirement, String> {
             .split(',')
             .map(|v| value_of(v.trim()))
             .collect::<Result<Vec<_>, _>>()?;
+        // As the API server, which would refuse the watch: a set needs a value.
+        if values.iter().all(String::is_empty) {
+            return Err(format!("{term:?}: the set has no value"));
+        }
         let key = key_of(key)?;
         return Ok(if negated {
             Requirement::NotIn(key, values)
@@ -147,6 +151,26 @@ fn is_label_value(value: &str) -> bool {
             && bytes
                 .iter()
                 .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.')))
+}
+
+/// Kubernetes' label-selector syntax, what the API server parses.
+impl std::fmt::Display for Selector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, requirement) in self.requirements.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            match requirement {
+                Requirement::Equals(k, v) => write!(f, "{k}={v}")?,
+                Requirement::NotEquals(k, v) => write!(f, "{k}!={v}")?,
+                Requirement::Exists(k) => write!(f, "{k}")?,
+                Requirement::NotExists(k) => write!(f, "!{k}")?,
+                Requirement::In(k, vs) => write!(f, "{k} in ({})", vs.join(","))?,
+                Requirement::NotIn(k, vs) => write!(f, "{k} notin ({})", vs.join(","))?,
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Selector {
@@ -204,6 +228,21 @@ mod tests {
     }
 
     #[test]
+    fn renders_what_it_parsed_in_the_api_servers_syntax() {
+        for (text, canonical) in [
+            ("", ""),
+            ("a==b", "a=b"),
+            (" a = b , !c", "a=b,!c"),
+            ("istio.io/rev!=canary,d", "istio.io/rev!=canary,d"),
+            ("team in ( a , c ),x notin (y)", "team in (a,c),x notin (y)"),
+        ] {
+            let selector: Selector = text.parse().unwrap();
+            assert_eq!(selector.to_string(), canonical, "{text:?}");
+            assert_eq!(canonical.parse::<Selector>().unwrap(), selector);
+        }
+    }
+
+    #[test]
     fn refuses_malformed_selectors() {
         for text in [
             "a=b,",
@@ -216,6 +255,8 @@ mod tests {
             "a=-b",
             "a=(b)",
             "team in ((a))",
+            "team in ()",
+            "team notin ( )",
         ] {
             assert!(text.parse::<Selector>().is_err(), "{text:?} parsed");
         }
