@@ -83,29 +83,59 @@ async fn refuses_a_dns_san_as_invalid_argument() {
 }
 
 #[tokio::test]
-async fn refuses_garbage_and_oversized_csrs_as_invalid_argument() {
+async fn refuses_garbage_as_invalid_argument() {
     let server = Server::start(&[]).await;
-    for csr in ["not a csr".to_owned(), "A".repeat(100 * 1024)] {
-        let status = create(&server, Some(&server.token()), csr, 3600)
-            .await
-            .unwrap_err();
-        assert_eq!(status.code(), Code::InvalidArgument);
-    }
+    let status = create(&server, Some(&server.token()), "not a csr".into(), 3600)
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+}
+
+/// A valid CSR behind `len` bytes of text, which PEM readers skip: only its size is wrong.
+fn padded_csr(len: usize) -> String {
+    let (csr, _) = p256_csr(DEFAULT_ID);
+    let padding = len - csr.len();
+    format!("{}\n{csr}", "x".repeat(padding - 1))
 }
 
 #[tokio::test]
-async fn refuses_messages_over_the_grpc_size_limit() {
+async fn refuses_a_valid_csr_over_64_kib_as_invalid_argument() {
     let server = Server::start(&[]).await;
-    let status = create(
-        &server,
-        Some(&server.token()),
-        "A".repeat(1024 * 1024),
-        3600,
-    )
-    .await
-    .unwrap_err();
-    assert_ne!(status.code(), Code::Ok);
-    assert_ne!(status.code(), Code::Unknown, "{status:?}");
+    let limit = istio_csr_rs::pki::csr::MAX_CSR_PEM_BYTES;
+    // At the limit it is signed: only the size refuses the next one.
+    create(&server, Some(&server.token()), padded_csr(limit), 3600)
+        .await
+        .unwrap();
+    let status = create(&server, Some(&server.token()), padded_csr(limit + 1), 3600)
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+}
+
+#[tokio::test]
+async fn refuses_messages_over_the_grpc_size_limit_as_resource_exhausted() {
+    let server = Server::start(&[]).await;
+    let (csr, _) = p256_csr(DEFAULT_ID);
+    // A valid request made large by a metadata field the server ignores.
+    let padded = |bytes: usize| {
+        let mut request =
+            pilot_agent_request(&server.target(), Some(&server.token()), csr.clone(), 3600);
+        let fields = &mut request.get_mut().metadata.as_mut().unwrap().fields;
+        fields.insert(
+            "Padding".into(),
+            prost_types::Value {
+                kind: Some(prost_types::value::Kind::StringValue("p".repeat(bytes))),
+            },
+        );
+        request
+    };
+    let mut client = server.client().await;
+    client.create_certificate(padded(100 * 1024)).await.unwrap();
+    let status = client
+        .create_certificate(padded(1024 * 1024))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
 }
 
 #[tokio::test]

@@ -186,3 +186,102 @@ async fn a_leader_that_cannot_renew_steps_down_and_keeps_competing() {
         "A did not come back"
     );
 }
+
+/// Records every leadership change of replica `index` as (when, index, leading).
+fn record(
+    index: usize,
+    mut leadership: watch::Receiver<Leadership>,
+    log: std::sync::Arc<std::sync::Mutex<Vec<(tokio::time::Instant, usize, bool)>>>,
+) -> AbortOnDropHandle<()> {
+    AbortOnDropHandle::new(tokio::spawn(async move {
+        let mut was = false;
+        loop {
+            let now = leadership.borrow_and_update().is_leader;
+            if now != was {
+                log.lock()
+                    .unwrap()
+                    .push((tokio::time::Instant::now(), index, now));
+                was = now;
+            }
+            if leadership.changed().await.is_err() {
+                return;
+            }
+        }
+    }))
+}
+
+#[tokio::test]
+async fn of_three_competing_replicas_never_two_lead_at_once() {
+    let cluster = shared().await;
+    let namespace = "lease-exclusive";
+    cluster.namespace(namespace).await;
+    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut replicas: Vec<Option<Replica>> = Vec::new();
+    let mut recorders = Vec::new();
+    for i in 0..3 {
+        let r = replica(cluster.client().await, namespace, &format!("replica-{i}"));
+        recorders.push(record(i, r.leadership.clone(), log.clone()));
+        replicas.push(Some(r));
+    }
+    let leader_now = |replicas: &[Option<Replica>]| {
+        replicas
+            .iter()
+            .position(|r| r.as_ref().is_some_and(|r| r.leadership.borrow().is_leader))
+    };
+    let until_a_leader = |replicas: &Vec<Option<Replica>>| {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let mut watches: Vec<_> = replicas
+            .iter()
+            .flatten()
+            .map(|r| r.leadership.clone())
+            .collect();
+        async move {
+            let any = futures_util::future::select_all(
+                watches
+                    .iter_mut()
+                    .map(|w| Box::pin(async move { w.wait_for(|l| l.is_leader).await.is_ok() })),
+            );
+            tokio::time::timeout_at(deadline, any).await.is_ok()
+        }
+    };
+    assert!(until_a_leader(&replicas).await, "nobody led");
+    let first = leader_now(&replicas).unwrap();
+
+    // A graceful handover: the leader stops and releases the Lease.
+    let gone = replicas[first].take().unwrap();
+    gone.stop.cancel();
+    gone.task.await.unwrap().unwrap();
+    assert!(
+        until_a_leader(&replicas).await,
+        "no successor after a release"
+    );
+    let second = leader_now(&replicas).unwrap();
+    assert_ne!(second, first);
+
+    // A crash: the next leader vanishes; it stops acting at that instant.
+    drop(replicas[second].take());
+    log.lock()
+        .unwrap()
+        .push((tokio::time::Instant::now(), second, false));
+    assert!(
+        until_a_leader(&replicas).await,
+        "no successor after a crash"
+    );
+    let third = leader_now(&replicas).unwrap();
+    assert!(third != first && third != second);
+
+    let mut events = log.lock().unwrap().clone();
+    events.sort_by_key(|(at, _, leading)| (*at, *leading));
+    let mut leading = std::collections::BTreeSet::new();
+    for (at, index, now) in events {
+        if now {
+            leading.insert(index);
+        } else {
+            leading.remove(&index);
+        }
+        assert!(
+            leading.len() <= 1,
+            "replicas {leading:?} both led at {at:?}"
+        );
+    }
+}

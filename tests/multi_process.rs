@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use istio_csr_rs::client::Target;
@@ -132,6 +132,54 @@ async fn has_bundle(cluster: &TestCluster, namespace: &str, pem: &str) -> bool {
         .is_some_and(|d| d.get("root-cert.pem").is_some_and(|v| v == pem))
 }
 
+/// A leader change must not hold up signing: the Lease's 15 s would show in the latency.
+const SIGNING_BOUND: Duration = Duration::from_secs(2);
+
+/// Back-to-back CreateCertificate calls to one replica until stopped.
+struct Load {
+    stop: Arc<AtomicBool>,
+    calls: tokio::task::JoinHandle<Vec<Duration>>,
+}
+
+impl Load {
+    fn start(target: Target, token: String) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let calls = tokio::spawn({
+            let stop = stop.clone();
+            async move {
+                let identity = format!("spiffe://cluster.local/ns/{TEST}/sa/web");
+                let mut latencies = Vec::new();
+                while !stop.load(Ordering::Acquire) {
+                    let started = std::time::Instant::now();
+                    request_certificate(&target, Some(&token), &identity)
+                        .await
+                        .expect("signing failed during a leader change");
+                    latencies.push(started.elapsed());
+                }
+                latencies
+            }
+        });
+        Self { stop, calls }
+    }
+
+    /// Every call of the phase succeeded (or the task panicked), each within the bound.
+    async fn stop_and_check(self, phase: &str) {
+        self.stop.store(true, Ordering::Release);
+        let latencies = self.calls.await.unwrap();
+        assert!(
+            latencies.len() >= 5,
+            "{phase}: only {} calls",
+            latencies.len()
+        );
+        let slowest = latencies.iter().max().copied().unwrap_or_default();
+        assert!(
+            slowest < SIGNING_BOUND,
+            "{phase}: a call took {slowest:?} of {} calls",
+            latencies.len()
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn the_lease_moves_on_sigterm_and_sigkill_while_signing_never_pauses() {
     install_crypto_provider();
@@ -164,25 +212,9 @@ async fn the_lease_moves_on_sigterm_and_sigkill_while_signing_never_pauses() {
     managed_namespace(cluster, "mp-one").await;
     assert!(eventually(WAIT, || has_bundle(cluster, "mp-one", &pem)).await);
 
-    // Load on B for the whole test: every call must succeed, whoever leads.
+    // Load on B through A's SIGTERM and B's takeover: every call succeeds, promptly.
     let token = cluster.token(TEST, "web", &["istio-ca"], 3600, None).await;
-    let (target, stop, answered) = (
-        b.target(dir.path()),
-        Arc::new(AtomicBool::new(false)),
-        Arc::new(AtomicUsize::new(0)),
-    );
-    let load = {
-        let (stop, answered) = (stop.clone(), answered.clone());
-        tokio::spawn(async move {
-            let identity = format!("spiffe://cluster.local/ns/{TEST}/sa/web");
-            while !stop.load(Ordering::Acquire) {
-                request_certificate(&target, Some(&token), &identity)
-                    .await
-                    .expect("signing paused during a leader change");
-                answered.fetch_add(1, Ordering::Relaxed);
-            }
-        })
-    };
+    let load = Load::start(b.target(dir.path()), token.clone());
 
     // SIGTERM: A drains, releases the Lease and exits 0; B takes over at its next try.
     a.signal("TERM");
@@ -194,12 +226,18 @@ async fn the_lease_moves_on_sigterm_and_sigkill_while_signing_never_pauses() {
     );
     managed_namespace(cluster, "mp-two").await;
     assert!(eventually(WAIT, || has_bundle(cluster, "mp-two", &pem)).await);
+    load.stop_and_check("A's SIGTERM").await;
 
-    // SIGKILL: C only gets the Lease once B's expires, then keeps the bundle.
+    // SIGKILL: C only gets the Lease once B's expires, then keeps the bundle. The load moves
+    // to C before B dies and runs until C has taken over and written.
     let c = Replica::start(cluster, dir.path());
-    stop.store(true, Ordering::Release);
-    load.await.unwrap();
-    assert!(answered.load(Ordering::Relaxed) > 0);
+    let b_identity = b.bundle().await["leader"]["identity"].clone();
+    let following = eventually(WAIT, || async {
+        c.bundle().await["leader"]["holder"] == b_identity
+    })
+    .await;
+    assert!(following, "{:#}", c.bundle().await);
+    let load = Load::start(c.target(dir.path()), token);
     b.signal("KILL");
     assert!(
         eventually(WAIT, || c.is_leader()).await,
@@ -207,6 +245,7 @@ async fn the_lease_moves_on_sigterm_and_sigkill_while_signing_never_pauses() {
     );
     managed_namespace(cluster, "mp-three").await;
     assert!(eventually(WAIT, || has_bundle(cluster, "mp-three", &pem)).await);
+    load.stop_and_check("B's SIGKILL").await;
     let identity = format!("spiffe://cluster.local/ns/{TEST}/sa/web");
     let token = cluster.token(TEST, "web", &["istio-ca"], 3600, None).await;
     request_certificate(&c.target(dir.path()), Some(&token), &identity)
