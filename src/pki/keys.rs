@@ -2,7 +2,8 @@
 //!
 //! ring (our only crypto provider) loads PKCS#8 alone, but istiod's `cacerts` and Kubernetes TLS
 //! Secrets commonly hold PKCS#1 (`RSA PRIVATE KEY`) or SEC1 (`EC PRIVATE KEY`) keys, so those are
-//! re-wrapped as PKCS#8 here without touching the key material.
+//! re-encoded as PKCS#8: PKCS#1 by the `rsa` crate; SEC1 here, by wrapping it as it is, since
+//! only the curve crates (not among our dependencies) would parse it.
 
 use rcgen::KeyPair;
 use rustls_pki_types::PrivateKeyDer;
@@ -20,12 +21,8 @@ pub enum KeyError {
     Unsupported,
 }
 
-/// DER OIDs (full TLV) used in PKCS#8 AlgorithmIdentifiers.
-const OID_RSA_ENCRYPTION: &[u8] = &[
-    0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x01,
-];
+/// The id-ecPublicKey OID (full TLV), for SEC1 keys' PKCS#8 AlgorithmIdentifier.
 const OID_EC_PUBLIC_KEY: &[u8] = &[0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01];
-const DER_NULL: &[u8] = &[0x05, 0x00];
 
 /// Loads a PEM private key (PKCS#8, PKCS#1 or SEC1) as a signing key pair.
 pub fn load_private_key_pem(pem: &[u8]) -> Result<KeyPair, KeyError> {
@@ -35,7 +32,7 @@ pub fn load_private_key_pem(pem: &[u8]) -> Result<KeyPair, KeyError> {
     })?;
     let pkcs8 = match &key {
         PrivateKeyDer::Pkcs8(k) => k.secret_pkcs8_der().to_vec(),
-        PrivateKeyDer::Pkcs1(k) => rsa_pkcs1_to_pkcs8(k.secret_pkcs1_der()),
+        PrivateKeyDer::Pkcs1(k) => rsa_pkcs1_to_pkcs8(k.secret_pkcs1_der())?,
         PrivateKeyDer::Sec1(k) => sec1_to_pkcs8(k.secret_sec1_der())?,
         _ => return Err(KeyError::Unsupported),
     };
@@ -60,9 +57,13 @@ pub fn generate_rsa(bits: usize) -> Result<KeyPair, KeyError> {
     KeyPair::try_from(der.as_bytes()).map_err(|_| KeyError::Unsupported)
 }
 
-fn rsa_pkcs1_to_pkcs8(pkcs1: &[u8]) -> Vec<u8> {
-    let algorithm = der_tlv(0x30, &[OID_RSA_ENCRYPTION, DER_NULL].concat());
-    pkcs8_wrap(&algorithm, pkcs1)
+fn rsa_pkcs1_to_pkcs8(pkcs1: &[u8]) -> Result<Vec<u8>, KeyError> {
+    use rsa::pkcs1::DecodeRsaPrivateKey;
+    use rsa::pkcs8::EncodePrivateKey;
+    let malformed = |e: &dyn std::fmt::Display| KeyError::Malformed(e.to_string());
+    let key = rsa::RsaPrivateKey::from_pkcs1_der(pkcs1).map_err(|e| malformed(&e))?;
+    let der = key.to_pkcs8_der().map_err(|e| malformed(&e))?;
+    Ok(der.as_bytes().to_vec())
 }
 
 fn sec1_to_pkcs8(sec1: &[u8]) -> Result<Vec<u8>, KeyError> {
