@@ -13,9 +13,10 @@ use axum::extract::{Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::{Registry, Unit};
 use tokio::sync::watch;
@@ -30,13 +31,12 @@ use crate::pki::chain::RootBundle;
 /// The OpenMetrics text format, which prometheus-client writes.
 const OPENMETRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
-/// Gauges read from the current state at each scrape, so they are never stale.
-#[derive(Clone, Default)]
-pub struct ExpiryGauges {
-    serving_certificate: Gauge,
-    root_certificate: Gauge,
-    cluster_state: Family<ClusterStateLabels, Gauge>,
-    bundle_namespaces: Family<BundleNamespaceLabels, Gauge>,
+/// Gauges computed from the current state while a scrape encodes them: never stale, and two
+/// concurrent scrapes cannot interleave a clear and a refill of shared gauges.
+pub struct StateGauges {
+    serving_cert: Arc<crate::signer::tls::ServingCertResolver>,
+    trust: Arc<OnceLock<Trust>>,
+    clusters: Option<ClusterRegistry>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -51,63 +51,94 @@ struct BundleNamespaceLabels {
     status: &'static str,
 }
 
-impl ExpiryGauges {
-    pub fn register(registry: &mut Registry) -> Self {
-        let gauges = Self::default();
-        registry.register_with_unit(
+/// `Collector` asks for Debug; the state it reads has none worth printing.
+impl std::fmt::Debug for StateGauges {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StateGauges").finish_non_exhaustive()
+    }
+}
+
+impl StateGauges {
+    pub fn register(
+        registry: &mut Registry,
+        serving_cert: Arc<crate::signer::tls::ServingCertResolver>,
+        trust: Arc<OnceLock<Trust>>,
+        clusters: Option<ClusterRegistry>,
+    ) {
+        registry.register_collector(Box::new(Self {
+            serving_cert,
+            trust,
+            clusters,
+        }));
+    }
+}
+
+impl Collector for StateGauges {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
+        let seconds = Unit::Seconds;
+        ConstGauge::new(self.serving_cert.not_after_unix()).encode(encoder.encode_descriptor(
             "serving_certificate_expiry_timestamp",
             "When this replica's gRPC serving certificate expires, as unix time.",
-            Unit::Seconds,
-            gauges.serving_certificate.clone(),
-        );
-        registry.register_with_unit(
+            Some(&seconds),
+            MetricType::Gauge,
+        )?)?;
+        let root_expiry = self
+            .trust
+            .get()
+            .map_or(0, |trust| bundle::earliest_expiry(&trust.roots.borrow()));
+        ConstGauge::new(root_expiry).encode(encoder.encode_descriptor(
             "root_certificate_expiry_timestamp",
             "When the first of the trusted root certificates expires, as unix time.",
-            Unit::Seconds,
-            gauges.root_certificate.clone(),
-        );
-        registry.register(
+            Some(&seconds),
+            MetricType::Gauge,
+        )?)?;
+        // Clusters that left are simply not reported any more.
+        let reports = self
+            .clusters
+            .as_ref()
+            .map(ClusterRegistry::reports)
+            .unwrap_or_default();
+        let mut states = encoder.encode_descriptor(
             "cluster_state",
             "1 for each cluster's current state (connecting, connected, syncing, synced, error), 0 for the others.",
-            gauges.cluster_state.clone(),
-        );
-        registry.register(
-            "bundle_namespaces",
-            "Namespaces of each cluster by trust-bundle status (selected, in_sync, pending, error); leader only.",
-            gauges.bundle_namespaces.clone(),
-        );
-        gauges
-    }
-
-    /// Refreshed at every scrape from the registry's reports: clusters that left disappear.
-    fn set_clusters(&self, reports: &[crate::cluster::ClusterReport]) {
-        self.cluster_state.clear();
-        self.bundle_namespaces.clear();
-        for report in reports {
+            None,
+            MetricType::Gauge,
+        )?;
+        for report in &reports {
             for state in crate::cluster::ClusterState::ALL {
-                self.cluster_state
-                    .get_or_create(&ClusterStateLabels {
-                        cluster: report.id.clone(),
-                        state: state.label(),
-                    })
-                    .set(i64::from(state == report.state));
-            }
-            if let Some(counts) = &report.bundle {
-                for (status, value) in [
-                    ("selected", counts.namespaces),
-                    ("in_sync", counts.in_sync),
-                    ("pending", counts.pending),
-                    ("error", counts.errors),
-                ] {
-                    self.bundle_namespaces
-                        .get_or_create(&BundleNamespaceLabels {
-                            cluster: report.id.clone(),
-                            status,
-                        })
-                        .set(i64::try_from(value).unwrap_or(i64::MAX));
-                }
+                let labels = ClusterStateLabels {
+                    cluster: report.id.clone(),
+                    state: state.label(),
+                };
+                ConstGauge::new(i64::from(state == report.state))
+                    .encode(states.encode_family(&labels)?)?;
             }
         }
+        let mut namespaces = encoder.encode_descriptor(
+            "bundle_namespaces",
+            "Namespaces of each cluster by trust-bundle status (selected, in_sync, pending, error); leader only.",
+            None,
+            MetricType::Gauge,
+        )?;
+        for report in &reports {
+            let Some(counts) = &report.bundle else {
+                continue;
+            };
+            for (status, value) in [
+                ("selected", counts.namespaces),
+                ("in_sync", counts.in_sync),
+                ("pending", counts.pending),
+                ("error", counts.errors),
+            ] {
+                let labels = BundleNamespaceLabels {
+                    cluster: report.id.clone(),
+                    status,
+                };
+                ConstGauge::new(i64::try_from(value).unwrap_or(i64::MAX))
+                    .encode(namespaces.encode_family(&labels)?)?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -123,11 +154,11 @@ pub fn register_build_info(registry: &mut Registry) {
 pub struct AdminState {
     pub readiness: Arc<Readiness>,
     pub liveness: Arc<Liveness>,
+    /// Its `StateGauges` read the trust and clusters below.
     pub registry: Registry,
-    pub gauges: ExpiryGauges,
     /// Set once the roots are known: at start, or after the issuer's first answer when they
     /// are trusted on first use.
-    pub trust: OnceLock<Trust>,
+    pub trust: Arc<OnceLock<Trust>>,
     /// The clusters whose bundles are kept (Kubernetes only).
     pub clusters: Option<ClusterRegistry>,
     /// The leader election (Kubernetes only).
@@ -194,19 +225,6 @@ async fn readyz(
 }
 
 async fn metrics(State(state): State<Arc<AdminState>>) -> Response {
-    state
-        .gauges
-        .serving_certificate
-        .set(state.readiness.serving_cert.not_after_unix());
-    if let Some(trust) = state.trust.get() {
-        state
-            .gauges
-            .root_certificate
-            .set(bundle::earliest_expiry(&trust.roots.borrow()));
-    }
-    if let Some(clusters) = &state.clusters {
-        state.gauges.set_clusters(&clusters.reports());
-    }
     let mut body = String::new();
     match prometheus_client::encoding::text::encode(&mut body, &state.registry) {
         Ok(()) => ([(header::CONTENT_TYPE, OPENMETRICS_CONTENT_TYPE)], body).into_response(),
@@ -300,9 +318,14 @@ mod tests {
         let (_, rx) = watch::channel(Arc::new(roots));
         let mut registry = Registry::with_prefix("istio_csr");
         register_build_info(&mut registry);
-        let gauges = ExpiryGauges::register(&mut registry);
+        let resolver = Arc::new(ServingCertResolver::default());
+        let trust = Arc::new(OnceLock::from(Trust {
+            roots: rx,
+            source: "file:/etc/roots.pem".into(),
+        }));
+        StateGauges::register(&mut registry, resolver.clone(), trust.clone(), None);
         let readiness = Arc::new(Readiness::new(
-            Arc::new(ServingCertResolver::default()),
+            resolver,
             Arc::new(FakeIssuer {
                 ready: issuer_ready,
             }),
@@ -311,11 +334,7 @@ mod tests {
             readiness,
             liveness: Arc::new(Liveness::default()),
             registry,
-            gauges,
-            trust: OnceLock::from(Trust {
-                roots: rx,
-                source: "file:/etc/roots.pem".into(),
-            }),
+            trust,
             clusters: None,
             leadership: None,
             signers: None,

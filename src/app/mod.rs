@@ -16,7 +16,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 
-use crate::admin::{self, AdminState, ExpiryGauges, Liveness, Readiness, Trust};
+use crate::admin::{self, AdminState, Liveness, Readiness, StateGauges, Trust};
 use crate::bundle::{BundleMetrics, reconciler};
 use crate::cluster::client::ClientFactory;
 use crate::cluster::remote::{ClusterWork, RemoteSecrets};
@@ -186,7 +186,6 @@ pub async fn launch(args: ServeArgs, hooks: Hooks) -> anyhow::Result<Launched> {
     let mut registry = Registry::with_prefix("istio_csr");
     admin::register_build_info(&mut registry);
     let signer_metrics = SignerMetrics::register(&mut registry);
-    let gauges = ExpiryGauges::register(&mut registry);
     let clients = ClientFactory::new(
         &mut registry,
         args.server.kube_api_qps,
@@ -293,13 +292,20 @@ pub async fn launch(args: ServeArgs, hooks: Hooks) -> anyhow::Result<Launched> {
         .with_context(|| format!("binding the admin address {}", plan.admin_address))?;
     let admin_address = admin_listener.local_addr()?;
     tracing::info!(admin = %admin_address, "admin API listening");
+    let trust = Arc::new(OnceLock::new());
+    let reported_clusters = kube.as_ref().map(|_| clusters.clone());
+    StateGauges::register(
+        &mut registry,
+        resolver.clone(),
+        trust.clone(),
+        reported_clusters.clone(),
+    );
     let admin_state = Arc::new(AdminState {
         readiness: readiness.clone(),
         liveness: liveness.clone(),
         registry,
-        gauges,
-        trust: OnceLock::new(),
-        clusters: kube.as_ref().map(|_| clusters.clone()),
+        trust,
+        clusters: reported_clusters,
         leadership: leader.as_ref().map(|l| l.leadership.clone()),
         signers: tenants.as_ref().map(|(table, status)| admin::Signers {
             backend: signer.issuer.label(),
