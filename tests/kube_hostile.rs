@@ -1,9 +1,13 @@
 //! Tier 3: the node check of impersonation against a real kube-apiserver, with pods in every
 //! phase and being deleted. Nothing runs the pods (there is no kubelet): they stay Pending
 //! unless a test sets their phase through the status subresource, and a deleted pod with a
-//! finalizer stays Terminating until the test removes the finalizer.
+//! finalizer stays Terminating until the test removes the finalizer. The signer caches pods
+//! (trusted node accounts are set): the last tests show what that cache saves and where the
+//! API server is still asked.
 
 mod support;
+
+use std::time::Duration;
 
 use ::kube::Api;
 use ::kube::api::{DeleteParams, Patch, PatchParams, PostParams};
@@ -20,6 +24,8 @@ use tonic::Code;
 
 /// Holds deleted pods in Terminating.
 const FINALIZER: &str = "istio-csr-rs.test/hold";
+/// How long the signer's pod cache may take to see a change: far more than it needs.
+const WAIT: Duration = Duration::from_secs(30);
 
 struct Signer {
     running: Running,
@@ -91,6 +97,55 @@ impl Signer {
             .await
             .map(|r| r.into_inner().cert_chain)
     }
+
+    /// Pod requests the signer has made so far with `verb` (get, list, watch), any answer.
+    async fn pod_requests(&self, verb: &str) -> f64 {
+        let url = format!("http://{}/metrics", self.running.admin_address);
+        let (_, body) = http_get(&url).await;
+        openmetrics::parse(&body)
+            .samples
+            .iter()
+            .filter(|s| {
+                s.name == "istio_csr_kube_api_requests_total"
+                    && s.labels.get("resource").is_some_and(|r| r == "pods")
+                    && s.labels.get("verb").is_some_and(|v| v == verb)
+            })
+            .map(|s| s.value)
+            .sum()
+    }
+
+    /// Pod GETs and LISTs so far: what the cache is there to save.
+    async fn pod_reads(&self) -> (f64, f64) {
+        (
+            self.pod_requests("get").await,
+            self.pod_requests("list").await,
+        )
+    }
+
+    /// Waits until the pod cache answers: an impersonation that reads no pod from the API.
+    async fn until_cache_warm(&self, token: &str, identity: &str) {
+        let warm = eventually(WAIT, || async {
+            let before = self.pod_reads().await;
+            let signed = self.impersonate(token, identity).await.is_ok();
+            signed && self.pod_reads().await == before
+        })
+        .await;
+        assert!(warm, "the pod cache never answered alone");
+    }
+}
+
+/// A node with a ztunnel pod (account `namespace/ztunnel`) and a signer that trusts it: the
+/// signer and the ztunnel's token.
+async fn ztunnel_on(cluster: &TestCluster, namespace: &str, node: &str) -> (Signer, String) {
+    cluster.namespace(namespace).await;
+    cluster.service_account(namespace, "ztunnel").await;
+    let pod = cluster.pod(namespace, "ztunnel-1", "ztunnel", node).await;
+    let trusted = format!("{namespace}/ztunnel");
+    let signer = signer(cluster, &["--ca-trusted-node-accounts", &trusted]).await;
+    let token = cluster
+        .token(namespace, "ztunnel", &["istio-ca"], 3600, Some(&pod))
+        .await;
+    (signer, token)
 }
 
 async fn pods(cluster: &TestCluster, namespace: &str) -> Api<Pod> {
@@ -273,9 +328,109 @@ async fn a_terminating_ztunnel_still_impersonates_but_a_terminated_one_cannot() 
         ("ztunnel-failed", "Failed", &finished_tokens[1]),
     ] {
         set_phase(cluster, "kh-nodes", name, phase).await;
-        let status = signer.impersonate(token, web).await.unwrap_err();
-        assert_eq!(status.code(), Code::PermissionDenied, "{phase}");
+        // Refused as soon as the signer's pod cache has seen the new phase (milliseconds).
+        let refused = eventually(WAIT, || async {
+            signer
+                .impersonate(token, web)
+                .await
+                .is_err_and(|s| s.code() == Code::PermissionDenied)
+        })
+        .await;
+        assert!(refused, "a {phase} ztunnel still impersonates");
     }
 
     release(cluster, "kh-nodes", "ztunnel-leaving").await;
+}
+
+#[tokio::test]
+async fn a_warm_pod_cache_answers_30_impersonations_without_a_pod_get_or_list() {
+    let cluster = shared().await;
+    let node = "kh-node-warm";
+    let app = "kh-warm-app";
+    cluster.namespace(app).await;
+    let accounts: Vec<String> = (0..30).map(|i| format!("web-{i}")).collect();
+    for sa in &accounts {
+        cluster.service_account(app, sa).await;
+        cluster.pod(app, &format!("{sa}-1"), sa, node).await;
+    }
+    let (signer, ztunnel) = ztunnel_on(cluster, "kh-warm-system", node).await;
+    let id = |sa: &str| format!("spiffe://cluster.local/ns/{app}/sa/{sa}");
+    signer.until_cache_warm(&ztunnel, &id("web-0")).await;
+
+    let before = signer.pod_reads().await;
+    let answers = futures_util::future::join_all(
+        accounts
+            .iter()
+            .map(|sa| async { (id(sa), signer.impersonate(&ztunnel, &id(sa)).await) }),
+    )
+    .await;
+    for (identity, answer) in answers {
+        let chain = answer.unwrap_or_else(|s| panic!("{identity}: {s:?}"));
+        assert_eq!(leaf_identity(&chain).0, vec![identity]);
+    }
+    assert_eq!(
+        signer.pod_reads().await,
+        before,
+        "pod (GET, LIST) requests during 30 impersonations on a warm cache"
+    );
+    assert!(
+        signer.pod_requests("watch").await >= 1.0,
+        "the cache watches pods"
+    );
+}
+
+#[tokio::test]
+async fn a_pod_created_just_now_is_accepted_before_the_cache_has_seen_it() {
+    let cluster = shared().await;
+    let node = "kh-node-fresh";
+    let app = "kh-fresh-app";
+    cluster.namespace(app).await;
+    cluster.service_account(app, "old").await;
+    cluster.pod(app, "old-1", "old", node).await;
+    let (signer, ztunnel) = ztunnel_on(cluster, "kh-fresh-system", node).await;
+    let id = |sa: &str| format!("spiffe://cluster.local/ns/{app}/sa/{sa}");
+    signer.until_cache_warm(&ztunnel, &id("old")).await;
+
+    // Asked for the moment the API server has it: whether or not the watch event has reached
+    // the cache, the node's pods are listed again when the cache knows none of the account.
+    for i in 0..5 {
+        let sa = format!("new-{i}");
+        cluster.service_account(app, &sa).await;
+        cluster.pod(app, &format!("{sa}-1"), &sa, node).await;
+        let chain = signer
+            .impersonate(&ztunnel, &id(&sa))
+            .await
+            .unwrap_or_else(|s| panic!("{sa}, created just now: {s:?}"));
+        assert_eq!(leaf_identity(&chain).0, vec![id(&sa)]);
+    }
+}
+
+#[tokio::test]
+async fn a_deleted_pods_identity_is_refused_once_the_cache_has_seen_the_deletion() {
+    let cluster = shared().await;
+    let node = "kh-node-deleted";
+    let app = "kh-deleted-app";
+    cluster.namespace(app).await;
+    cluster.service_account(app, "gone").await;
+    cluster.pod(app, "gone-1", "gone", node).await;
+    let (signer, ztunnel) = ztunnel_on(cluster, "kh-deleted-system", node).await;
+    let gone = format!("spiffe://cluster.local/ns/{app}/sa/gone");
+    signer.until_cache_warm(&ztunnel, &gone).await;
+
+    let api = pods(cluster, app).await;
+    api.delete("gone-1", &DeleteParams::default().grace_period(0))
+        .await
+        .unwrap();
+    assert!(api.get_opt("gone-1").await.unwrap().is_none());
+    let refused = eventually(WAIT, || async {
+        signer
+            .impersonate(&ztunnel, &gone)
+            .await
+            .is_err_and(|s| s.code() == Code::PermissionDenied)
+    })
+    .await;
+    assert!(refused, "the deleted pod's identity is still handed out");
+    // And it stays refused: the cache does not bring it back.
+    let status = signer.impersonate(&ztunnel, &gone).await.unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied);
 }
