@@ -7,146 +7,16 @@
 
 mod support;
 
-use std::time::Duration;
-
 use ::kube::Api;
 use ::kube::api::{DeleteParams, Patch, PatchParams, PostParams};
-use clap::Parser;
-use istio_csr_rs::app::{self, Hooks, Running};
-use istio_csr_rs::client::Target;
-use istio_csr_rs::config::{Cli, Command};
-use istio_csr_rs::pki::testing::{KeyAlg, TestCa};
-use istio_csr_rs::proto::istio_v1_auth::IstioCertificateRequest;
 use k8s_openapi::api::core::v1::Pod;
+use support::ambient::{CACHE_WAIT as WAIT, signer, ztunnel_on};
 use support::kube::{TestCluster, shared};
 use support::*;
 use tonic::Code;
 
 /// Holds deleted pods in Terminating.
 const FINALIZER: &str = "istio-csr-rs.test/hold";
-/// How long the signer's pod cache may take to see a change: far more than it needs.
-const WAIT: Duration = Duration::from_secs(30);
-
-struct Signer {
-    running: Running,
-    dir: tempfile::TempDir,
-}
-
-/// A signer with the built-in CA that reviews tokens and checks nodes in `cluster`.
-async fn signer(cluster: &TestCluster, extra: &[&str]) -> Signer {
-    install_crypto_provider();
-    let dir = tempfile::tempdir().unwrap();
-    let root = TestCa::root("kube hostile root", KeyAlg::EcdsaP256);
-    let ca = dir.path().join("ca");
-    std::fs::create_dir_all(&ca).unwrap();
-    for name in ["ca-cert.pem", "cert-chain.pem", "root-cert.pem"] {
-        std::fs::write(ca.join(name), root.cert_pem()).unwrap();
-    }
-    std::fs::write(ca.join("ca-key.pem"), root.key_pem()).unwrap();
-    let ca = ca.to_str().unwrap().to_owned();
-    let kubeconfig = cluster.kubeconfig.to_str().unwrap().to_owned();
-    let mut argv = vec![
-        "istio-csr-rs",
-        "serve",
-        "--signer",
-        "local-ca",
-        "--local-ca-dir",
-        &ca,
-        "--kubeconfig",
-        &kubeconfig,
-        "--serving-address",
-        "127.0.0.1:0",
-        "--admin-address",
-        "127.0.0.1:0",
-        "--serving-certificate-dns-names",
-        "localhost",
-    ];
-    argv.extend_from_slice(extra);
-    let Command::Serve(args) = Cli::try_parse_from(argv).unwrap().command else {
-        unreachable!()
-    };
-    let running = app::start(*args, Hooks::default()).await.unwrap();
-    Signer { running, dir }
-}
-
-impl Signer {
-    fn target(&self) -> Target {
-        localhost_target(
-            self.running.grpc_address,
-            self.dir.path().join("ca/root-cert.pem"),
-        )
-    }
-
-    /// What ztunnel does: a CSR for `identity`, asked for with `ImpersonatedIdentity`.
-    async fn impersonate(&self, token: &str, identity: &str) -> Result<Vec<String>, tonic::Status> {
-        let target = self.target();
-        let (csr, _) = p256_csr(identity);
-        let request = target
-            .request(
-                Some(token),
-                IstioCertificateRequest {
-                    csr,
-                    validity_duration: 3600,
-                    metadata: Some(istio_csr_rs::client::metadata(None, Some(identity))),
-                },
-            )
-            .unwrap();
-        let mut client = target.connect().await.unwrap();
-        client
-            .create_certificate(request)
-            .await
-            .map(|r| r.into_inner().cert_chain)
-    }
-
-    /// Pod requests the signer has made so far with `verb` (get, list, watch), any answer.
-    async fn pod_requests(&self, verb: &str) -> f64 {
-        let url = format!("http://{}/metrics", self.running.admin_address);
-        let (_, body) = http_get(&url).await;
-        openmetrics::parse(&body)
-            .samples
-            .iter()
-            .filter(|s| {
-                s.name == "istio_csr_kube_api_requests_total"
-                    && s.labels.get("resource").is_some_and(|r| r == "pods")
-                    && s.labels.get("verb").is_some_and(|v| v == verb)
-            })
-            .map(|s| s.value)
-            .sum()
-    }
-
-    /// Pod GETs and LISTs so far: what the cache is there to save.
-    async fn pod_reads(&self) -> (f64, f64) {
-        (
-            self.pod_requests("get").await,
-            self.pod_requests("list").await,
-        )
-    }
-
-    /// Waits until the pod cache answers: an impersonation that reads no pod from the API.
-    async fn until_cache_warm(&self, token: &str, identity: &str) {
-        let warm = eventually(WAIT, || async {
-            let before = self.pod_reads().await;
-            let signed = self.impersonate(token, identity).await.is_ok();
-            signed && self.pod_reads().await == before
-        })
-        .await;
-        assert!(warm, "the pod cache never answered alone");
-    }
-}
-
-/// A node with a ztunnel pod (account `namespace/ztunnel`) and a signer that trusts it: the
-/// signer and the ztunnel's token.
-async fn ztunnel_on(cluster: &TestCluster, namespace: &str, node: &str) -> (Signer, String) {
-    cluster.namespace(namespace).await;
-    cluster.service_account(namespace, "ztunnel").await;
-    let pod = cluster.pod(namespace, "ztunnel-1", "ztunnel", node).await;
-    let trusted = format!("{namespace}/ztunnel");
-    let signer = signer(cluster, &["--ca-trusted-node-accounts", &trusted]).await;
-    let token = cluster
-        .token(namespace, "ztunnel", &["istio-ca"], 3600, Some(&pod))
-        .await;
-    (signer, token)
-}
 
 async fn pods(cluster: &TestCluster, namespace: &str) -> Api<Pod> {
     Api::namespaced(cluster.client().await, namespace)
@@ -353,7 +223,7 @@ async fn a_warm_pod_cache_answers_30_impersonations_without_a_pod_get_or_list() 
         cluster.service_account(app, sa).await;
         cluster.pod(app, &format!("{sa}-1"), sa, node).await;
     }
-    let (signer, ztunnel) = ztunnel_on(cluster, "kh-warm-system", node).await;
+    let (signer, ztunnel) = ztunnel_on(cluster, "kh-warm-system", node, &[]).await;
     let id = |sa: &str| format!("spiffe://cluster.local/ns/{app}/sa/{sa}");
     signer.until_cache_warm(&ztunnel, &id("web-0")).await;
 
@@ -387,7 +257,7 @@ async fn a_pod_created_just_now_is_accepted_before_the_cache_has_seen_it() {
     cluster.namespace(app).await;
     cluster.service_account(app, "old").await;
     cluster.pod(app, "old-1", "old", node).await;
-    let (signer, ztunnel) = ztunnel_on(cluster, "kh-fresh-system", node).await;
+    let (signer, ztunnel) = ztunnel_on(cluster, "kh-fresh-system", node, &[]).await;
     let id = |sa: &str| format!("spiffe://cluster.local/ns/{app}/sa/{sa}");
     signer.until_cache_warm(&ztunnel, &id("old")).await;
 
@@ -413,7 +283,7 @@ async fn a_deleted_pods_identity_is_refused_once_the_cache_has_seen_the_deletion
     cluster.namespace(app).await;
     cluster.service_account(app, "gone").await;
     cluster.pod(app, "gone-1", "gone", node).await;
-    let (signer, ztunnel) = ztunnel_on(cluster, "kh-deleted-system", node).await;
+    let (signer, ztunnel) = ztunnel_on(cluster, "kh-deleted-system", node, &[]).await;
     let gone = format!("spiffe://cluster.local/ns/{app}/sa/gone");
     signer.until_cache_warm(&ztunnel, &gone).await;
 
