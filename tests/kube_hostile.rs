@@ -10,13 +10,50 @@ mod support;
 use ::kube::Api;
 use ::kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use k8s_openapi::api::core::v1::Pod;
-use support::ambient::{CACHE_WAIT as WAIT, signer, ztunnel_on};
+use support::ambient::{CACHE_WAIT as WAIT, Signer, signer, ztunnel_on};
 use support::kube::{TestCluster, shared};
 use support::*;
 use tonic::Code;
 
 /// Holds deleted pods in Terminating.
 const FINALIZER: &str = "istio-csr-rs.test/hold";
+
+/// Node `kh-node-<name>` with a ztunnel (namespace `kh-<name>-system`) that the signer trusts,
+/// and a pod of each of `accounts` (namespace `kh-<name>-app`); the signer's pod cache is warm.
+struct WarmNode {
+    signer: Signer,
+    ztunnel: String,
+    app: String,
+    name: String,
+}
+
+impl WarmNode {
+    fn id(&self, sa: &str) -> String {
+        format!("spiffe://cluster.local/ns/{}/sa/{sa}", self.app)
+    }
+}
+
+async fn warm_node(name: &str, accounts: &[String]) -> WarmNode {
+    let cluster = shared().await;
+    let (node, app) = (format!("kh-node-{name}"), format!("kh-{name}-app"));
+    cluster.namespace(&app).await;
+    for sa in accounts {
+        cluster.service_account(&app, sa).await;
+        cluster.pod(&app, &format!("{sa}-1"), sa, &node).await;
+    }
+    let system = format!("kh-{name}-system");
+    let (signer, ztunnel) = ztunnel_on(cluster, &system, &node, &[]).await;
+    let warm = WarmNode {
+        signer,
+        ztunnel,
+        app,
+        name: node,
+    };
+    warm.signer
+        .until_cache_warm(&warm.ztunnel, &warm.id(&accounts[0]))
+        .await;
+    warm
+}
 
 async fn pods(cluster: &TestCluster, namespace: &str) -> Api<Pod> {
     Api::namespaced(cluster.client().await, namespace)
@@ -214,24 +251,15 @@ async fn a_terminating_ztunnel_still_impersonates_but_a_terminated_one_cannot() 
 
 #[tokio::test]
 async fn a_warm_pod_cache_answers_30_impersonations_without_a_pod_get_or_list() {
-    let cluster = shared().await;
-    let node = "kh-node-warm";
-    let app = "kh-warm-app";
-    cluster.namespace(app).await;
     let accounts: Vec<String> = (0..30).map(|i| format!("web-{i}")).collect();
-    for sa in &accounts {
-        cluster.service_account(app, sa).await;
-        cluster.pod(app, &format!("{sa}-1"), sa, node).await;
-    }
-    let (signer, ztunnel) = ztunnel_on(cluster, "kh-warm-system", node, &[]).await;
-    let id = |sa: &str| format!("spiffe://cluster.local/ns/{app}/sa/{sa}");
-    signer.until_cache_warm(&ztunnel, &id("web-0")).await;
+    let node = warm_node("warm", &accounts).await;
+    let (signer, ztunnel, id) = (&node.signer, &node.ztunnel, |sa: &str| node.id(sa));
 
     let before = signer.pod_reads().await;
     let answers = futures_util::future::join_all(
         accounts
             .iter()
-            .map(|sa| async { (id(sa), signer.impersonate(&ztunnel, &id(sa)).await) }),
+            .map(|sa| async { (id(sa), signer.impersonate(ztunnel, &id(sa)).await) }),
     )
     .await;
     for (identity, answer) in answers {
@@ -252,55 +280,45 @@ async fn a_warm_pod_cache_answers_30_impersonations_without_a_pod_get_or_list() 
 #[tokio::test]
 async fn a_pod_created_just_now_is_accepted_before_the_cache_has_seen_it() {
     let cluster = shared().await;
-    let node = "kh-node-fresh";
-    let app = "kh-fresh-app";
-    cluster.namespace(app).await;
-    cluster.service_account(app, "old").await;
-    cluster.pod(app, "old-1", "old", node).await;
-    let (signer, ztunnel) = ztunnel_on(cluster, "kh-fresh-system", node, &[]).await;
-    let id = |sa: &str| format!("spiffe://cluster.local/ns/{app}/sa/{sa}");
-    signer.until_cache_warm(&ztunnel, &id("old")).await;
+    let node = warm_node("fresh", &["old".to_owned()]).await;
 
     // Asked for the moment the API server has it: whether or not the watch event has reached
     // the cache, the node's pods are listed again when the cache knows none of the account.
     for i in 0..5 {
         let sa = format!("new-{i}");
-        cluster.service_account(app, &sa).await;
-        cluster.pod(app, &format!("{sa}-1"), &sa, node).await;
-        let chain = signer
-            .impersonate(&ztunnel, &id(&sa))
+        cluster.service_account(&node.app, &sa).await;
+        cluster
+            .pod(&node.app, &format!("{sa}-1"), &sa, &node.name)
+            .await;
+        let chain = node
+            .signer
+            .impersonate(&node.ztunnel, &node.id(&sa))
             .await
             .unwrap_or_else(|s| panic!("{sa}, created just now: {s:?}"));
-        assert_eq!(leaf_identity(&chain).0, vec![id(&sa)]);
+        assert_eq!(leaf_identity(&chain).0, vec![node.id(&sa)]);
     }
 }
 
 #[tokio::test]
 async fn a_deleted_pods_identity_is_refused_once_the_cache_has_seen_the_deletion() {
     let cluster = shared().await;
-    let node = "kh-node-deleted";
-    let app = "kh-deleted-app";
-    cluster.namespace(app).await;
-    cluster.service_account(app, "gone").await;
-    cluster.pod(app, "gone-1", "gone", node).await;
-    let (signer, ztunnel) = ztunnel_on(cluster, "kh-deleted-system", node, &[]).await;
-    let gone = format!("spiffe://cluster.local/ns/{app}/sa/gone");
-    signer.until_cache_warm(&ztunnel, &gone).await;
+    let node = warm_node("deleted", &["gone".to_owned()]).await;
+    let (signer, ztunnel, gone) = (&node.signer, &node.ztunnel, node.id("gone"));
 
-    let api = pods(cluster, app).await;
+    let api = pods(cluster, &node.app).await;
     api.delete("gone-1", &DeleteParams::default().grace_period(0))
         .await
         .unwrap();
     assert!(api.get_opt("gone-1").await.unwrap().is_none());
     let refused = eventually(WAIT, || async {
         signer
-            .impersonate(&ztunnel, &gone)
+            .impersonate(ztunnel, &gone)
             .await
             .is_err_and(|s| s.code() == Code::PermissionDenied)
     })
     .await;
     assert!(refused, "the deleted pod's identity is still handed out");
     // And it stays refused: the cache does not bring it back.
-    let status = signer.impersonate(&ztunnel, &gone).await.unwrap_err();
+    let status = signer.impersonate(ztunnel, &gone).await.unwrap_err();
     assert_eq!(status.code(), Code::PermissionDenied);
 }

@@ -1,76 +1,21 @@
-//! ztunnel's side of impersonation against a real kube-apiserver: a signer with the built-in
-//! CA that reviews tokens and checks nodes there, and the pod requests it makes, from its own
+//! ztunnel's side of impersonation against a real kube-apiserver: what it asks the built-in CA
+//! signer of `kube_signer`, and the pod requests that signer makes, from its own
 //! `istio_csr_kube_api_requests_total`.
 #![allow(dead_code)]
 
 use std::time::Duration;
 
-use clap::Parser;
-use istio_csr_rs::app::{self, Hooks, Running};
-use istio_csr_rs::client::Target;
-use istio_csr_rs::config::{Cli, Command};
-use istio_csr_rs::pki::testing::{KeyAlg, TestCa};
 use istio_csr_rs::proto::istio_v1_auth::IstioCertificateRequest;
 
 use super::kube::TestCluster;
-use super::{
-    eventually, http_get, install_crypto_provider, localhost_target, openmetrics, p256_csr,
-};
+pub use super::kube_signer::{Signer, signer};
+use super::{eventually, http_get, openmetrics, p256_csr};
 
 /// How long the signer's pod cache may take to sync or to see a change: far more than it
 /// needs.
 pub const CACHE_WAIT: Duration = Duration::from_secs(30);
 
-pub struct Signer {
-    pub running: Running,
-    dir: tempfile::TempDir,
-}
-
-/// A signer with the built-in CA that reviews tokens and checks nodes in `cluster`.
-pub async fn signer(cluster: &TestCluster, extra: &[&str]) -> Signer {
-    install_crypto_provider();
-    let dir = tempfile::tempdir().unwrap();
-    let root = TestCa::root("ambient root", KeyAlg::EcdsaP256);
-    let ca = dir.path().join("ca");
-    std::fs::create_dir_all(&ca).unwrap();
-    for name in ["ca-cert.pem", "cert-chain.pem", "root-cert.pem"] {
-        std::fs::write(ca.join(name), root.cert_pem()).unwrap();
-    }
-    std::fs::write(ca.join("ca-key.pem"), root.key_pem()).unwrap();
-    let ca = ca.to_str().unwrap().to_owned();
-    let kubeconfig = cluster.kubeconfig.to_str().unwrap().to_owned();
-    let mut argv = vec![
-        "istio-csr-rs",
-        "serve",
-        "--signer",
-        "local-ca",
-        "--local-ca-dir",
-        &ca,
-        "--kubeconfig",
-        &kubeconfig,
-        "--serving-address",
-        "127.0.0.1:0",
-        "--admin-address",
-        "127.0.0.1:0",
-        "--serving-certificate-dns-names",
-        "localhost",
-    ];
-    argv.extend_from_slice(extra);
-    let Command::Serve(args) = Cli::try_parse_from(argv).unwrap().command else {
-        unreachable!()
-    };
-    let running = app::start(*args, Hooks::default()).await.unwrap();
-    Signer { running, dir }
-}
-
 impl Signer {
-    pub fn target(&self) -> Target {
-        localhost_target(
-            self.running.grpc_address,
-            self.dir.path().join("ca/root-cert.pem"),
-        )
-    }
-
     /// What ztunnel sends: a CSR for `identity`, asked for with `ImpersonatedIdentity`.
     pub fn impersonation(
         &self,

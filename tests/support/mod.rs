@@ -6,6 +6,7 @@ pub mod ambient;
 pub mod cert_manager;
 pub mod csr_signer;
 pub mod kube;
+pub mod kube_signer;
 pub mod mtls;
 pub mod openmetrics;
 
