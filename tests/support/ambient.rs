@@ -3,8 +3,10 @@
 //! `istio_csr_kube_api_requests_total`.
 #![allow(dead_code)]
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
+use istio_csr_rs::client::Target;
 use istio_csr_rs::proto::istio_v1_auth::IstioCertificateRequest;
 
 use super::kube::TestCluster;
@@ -15,73 +17,103 @@ use super::{eventually, http_get, openmetrics, p256_csr};
 /// needs.
 pub const CACHE_WAIT: Duration = Duration::from_secs(30);
 
+/// What ztunnel sends to `target`: a CSR for `identity`, asked for with
+/// `ImpersonatedIdentity`.
+pub fn impersonation(
+    target: &Target,
+    token: &str,
+    identity: &str,
+) -> tonic::Request<IstioCertificateRequest> {
+    let (csr, _) = p256_csr(identity);
+    target
+        .request(
+            Some(token),
+            IstioCertificateRequest {
+                csr,
+                validity_duration: 3600,
+                metadata: Some(istio_csr_rs::client::metadata(None, Some(identity))),
+            },
+        )
+        .unwrap()
+}
+
+/// One impersonation over a connection of its own.
+pub async fn impersonate(
+    target: &Target,
+    token: &str,
+    identity: &str,
+) -> Result<Vec<String>, tonic::Status> {
+    let request = impersonation(target, token, identity);
+    let mut client = target.connect().await.unwrap();
+    client
+        .create_certificate(request)
+        .await
+        .map(|r| r.into_inner().cert_chain)
+}
+
+/// Pod requests the server with admin API `admin` has made so far with `verb` (get, list,
+/// watch), any answer, in all its clusters.
+pub async fn pod_requests(admin: SocketAddr, verb: &str) -> f64 {
+    let (_, body) = http_get(&format!("http://{admin}/metrics")).await;
+    openmetrics::parse(&body)
+        .samples
+        .iter()
+        .filter(|s| {
+            s.name == "istio_csr_kube_api_requests_total"
+                && s.labels.get("resource").is_some_and(|r| r == "pods")
+                && s.labels.get("verb").is_some_and(|v| v == verb)
+        })
+        .map(|s| s.value)
+        .sum()
+}
+
+/// Pod GETs and LISTs so far: what the cache is there to save.
+pub async fn pod_reads(admin: SocketAddr) -> (f64, f64) {
+    (
+        pod_requests(admin, "get").await,
+        pod_requests(admin, "list").await,
+    )
+}
+
+/// Waits until the pod cache answers: an impersonation that reads no pod from the API.
+pub async fn until_cache_warm(target: &Target, admin: SocketAddr, token: &str, identity: &str) {
+    let warm = eventually(CACHE_WAIT, || async {
+        let before = pod_reads(admin).await;
+        let signed = impersonate(target, token, identity).await.is_ok();
+        signed && pod_reads(admin).await == before
+    })
+    .await;
+    assert!(warm, "the pod cache never answered alone");
+}
+
+/// The same, for the local cluster of a `kube_signer::Signer`.
 impl Signer {
-    /// What ztunnel sends: a CSR for `identity`, asked for with `ImpersonatedIdentity`.
     pub fn impersonation(
         &self,
         token: &str,
         identity: &str,
     ) -> tonic::Request<IstioCertificateRequest> {
-        let (csr, _) = p256_csr(identity);
-        self.target()
-            .request(
-                Some(token),
-                IstioCertificateRequest {
-                    csr,
-                    validity_duration: 3600,
-                    metadata: Some(istio_csr_rs::client::metadata(None, Some(identity))),
-                },
-            )
-            .unwrap()
+        impersonation(&self.target(), token, identity)
     }
 
-    /// One impersonation over a connection of its own.
     pub async fn impersonate(
         &self,
         token: &str,
         identity: &str,
     ) -> Result<Vec<String>, tonic::Status> {
-        let request = self.impersonation(token, identity);
-        let mut client = self.target().connect().await.unwrap();
-        client
-            .create_certificate(request)
-            .await
-            .map(|r| r.into_inner().cert_chain)
+        impersonate(&self.target(), token, identity).await
     }
 
-    /// Pod requests the signer has made so far with `verb` (get, list, watch), any answer.
     pub async fn pod_requests(&self, verb: &str) -> f64 {
-        let url = format!("http://{}/metrics", self.running.admin_address);
-        let (_, body) = http_get(&url).await;
-        openmetrics::parse(&body)
-            .samples
-            .iter()
-            .filter(|s| {
-                s.name == "istio_csr_kube_api_requests_total"
-                    && s.labels.get("resource").is_some_and(|r| r == "pods")
-                    && s.labels.get("verb").is_some_and(|v| v == verb)
-            })
-            .map(|s| s.value)
-            .sum()
+        pod_requests(self.running.admin_address, verb).await
     }
 
-    /// Pod GETs and LISTs so far: what the cache is there to save.
     pub async fn pod_reads(&self) -> (f64, f64) {
-        (
-            self.pod_requests("get").await,
-            self.pod_requests("list").await,
-        )
+        pod_reads(self.running.admin_address).await
     }
 
-    /// Waits until the pod cache answers: an impersonation that reads no pod from the API.
     pub async fn until_cache_warm(&self, token: &str, identity: &str) {
-        let warm = eventually(CACHE_WAIT, || async {
-            let before = self.pod_reads().await;
-            let signed = self.impersonate(token, identity).await.is_ok();
-            signed && self.pod_reads().await == before
-        })
-        .await;
-        assert!(warm, "the pod cache never answered alone");
+        until_cache_warm(&self.target(), self.running.admin_address, token, identity).await
     }
 }
 
