@@ -11,6 +11,9 @@
 //!
 //! Staleness: the cache is as fresh as the watch (milliseconds behind the API server while it
 //! runs). Until its first list is complete it answers nothing, and `node.rs` reads the API.
+//! While the watch is interrupted it keeps its last state, as kube-runtime's `Store` does,
+//! and the watcher resumes (or re-lists) with backoff; a cache that misses a new pod costs a
+//! LIST, so only a pod deleted during an outage could still be counted until it resumes.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, RwLock};
@@ -256,7 +259,11 @@ async fn watch(client: kube::Client, cluster: String, index: Arc<RwLock<Index>>)
             Err(error) => tracing::warn!(%cluster, %error, "pod watch interrupted"),
         }
     }
-    tracing::error!(%cluster, "the pod watch ended");
+    // Never by kube-runtime's design; if it did, a frozen cache must not answer.
+    if let Ok(mut index) = index.write() {
+        index.synced = false;
+    }
+    tracing::error!(%cluster, "the pod watch ended; the node check reads the API");
 }
 
 #[cfg(test)]
