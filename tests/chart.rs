@@ -828,6 +828,10 @@ async fn default_values_sign_write_the_bundle_and_istiod_tls_under_least_privile
         "pods are readable without trusted node accounts"
     );
     assert!(
+        !install.may("watch", "", "pods", None, None).await,
+        "pods are watchable without trusted node accounts"
+    );
+    assert!(
         !install
             .may(
                 "update",
@@ -1002,6 +1006,13 @@ async fn ambient_trusted_node_accounts_get_pod_rights_and_ztunnel_impersonates()
             .may("list", "", "pods", Some(&install.app_namespace), None)
             .await
     );
+    // The pod cache: every pod of the cluster, listed and watched.
+    for verb in ["list", "watch"] {
+        assert!(
+            install.may(verb, "", "pods", None, None).await,
+            "{verb} pods in every namespace"
+        );
+    }
     assert!(
         !install
             .may("update", "", "pods", Some(name), Some("ztunnel-1"))

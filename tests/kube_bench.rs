@@ -1,5 +1,6 @@
 //! The cost of a CSR on a real kube-apiserver: latency at 1, 10 and 50 concurrent requests,
-//! 1,000 requests at once, and the API requests each CSR makes. Ignored by `cargo test`; run:
+//! 1,000 requests at once, and the API requests each CSR makes; an ambient restart (one
+//! ztunnel asking for 1,000 pods of its node at once). Ignored by `cargo test`; run:
 //!
 //!   ISTIO_CSR_KUBE_BIN=... cargo test --release --test kube_bench -- --ignored --nocapture
 //!
@@ -12,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use istio_csr_rs::signer::issuer::{IssueRequest, Issuer, LeafNames, NO_ANNOTATIONS, Purpose};
+use support::ambient::ztunnel_on;
 use support::cert_manager::{cert_manager_server_with, target_for};
 use support::kube::shared;
 use support::*;
@@ -537,4 +539,134 @@ async fn trust_bundle_fill_rotation_and_resync_of_2000_namespaces() {
         gets(&api_calls(second.admin_address).await),
     );
     assert_eq!((resync.1, resync.2), (0.0, 0.0), "a correct resync wrote");
+}
+
+/// The ambient restart: pods (one service account each, as ztunnel asks once per identity)
+/// on the restarted ztunnel's node, spread over namespaces, among as many on other nodes.
+const AMBIENT_PODS: usize = 1000;
+const AMBIENT_NAMESPACES: usize = 4;
+const AMBIENT_OTHER_NODES: usize = 9;
+/// ztunnel's connections to the CA: 8 x 128 streams carry all 1,000 calls at once.
+const AMBIENT_CONNECTIONS: usize = 8;
+
+/// Requests with `verb` on `resource`, whatever the answer.
+fn all_codes(metrics: &openmetrics::Exposition, verb: &str, resource: &str) -> f64 {
+    metrics
+        .samples
+        .iter()
+        .filter(|s| {
+            s.name == "istio_csr_kube_api_requests_total"
+                && s.labels.get("verb").is_some_and(|v| v == verb)
+                && s.labels.get("resource").is_some_and(|r| r == resource)
+        })
+        .map(|s| s.value)
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "a benchmark: run with --ignored --nocapture (scripts/bench.sh kube)"]
+async fn ambient_restart_one_ztunnel_asks_for_1000_pods_of_its_node() {
+    let cluster = shared().await;
+    let node = "ambient-node-0";
+    let namespaces: Vec<String> = (0..AMBIENT_NAMESPACES)
+        .map(|i| format!("ambient-{i}"))
+        .collect();
+    for namespace in &namespaces {
+        cluster.namespace(namespace).await;
+    }
+    // (namespace, service account, node): the restarted node's pods first.
+    let pods: Vec<(String, String, String)> = (0..2 * AMBIENT_PODS)
+        .map(|i| {
+            let namespace = namespaces[i % AMBIENT_NAMESPACES].clone();
+            let node = if i < AMBIENT_PODS {
+                node.to_owned()
+            } else {
+                format!("ambient-node-{}", 1 + i % AMBIENT_OTHER_NODES)
+            };
+            (namespace, format!("sa-{i}"), node)
+        })
+        .collect();
+    let prepared = Instant::now();
+    futures_util::stream::iter(pods.iter())
+        .map(|(namespace, sa, node)| async move {
+            cluster.service_account(namespace, sa).await;
+            cluster.pod(namespace, &format!("{sa}-1"), sa, node).await;
+        })
+        .buffer_unordered(32)
+        .collect::<Vec<()>>()
+        .await;
+    eprintln!("prepared {} pods in {:?}", pods.len(), prepared.elapsed());
+    // All 1,000 calls come from one address: the per-source bound (256 by default) would turn
+    // most of them into ResourceExhausted and retries, and this measures the node check.
+    let (signer, ztunnel) = ztunnel_on(
+        cluster,
+        "ambient-system",
+        node,
+        &["--max-inflight-per-source", "0", "--log-level", "warn"],
+    )
+    .await;
+    let identities: Vec<String> = pods[..AMBIENT_PODS]
+        .iter()
+        .map(|(namespace, sa, _)| format!("spiffe://cluster.local/ns/{namespace}/sa/{sa}"))
+        .collect();
+    signer.until_cache_warm(&ztunnel, &identities[0]).await;
+    let mut clients = Vec::new();
+    for _ in 0..AMBIENT_CONNECTIONS {
+        clients.push(signer.target().connect().await.unwrap());
+    }
+    // Keys and CSRs are made first: ztunnel has them before it asks.
+    let requests: Vec<_> = identities
+        .iter()
+        .map(|identity| (identity.clone(), signer.impersonation(&ztunnel, identity)))
+        .collect();
+
+    let admin = signer.running.admin_address;
+    let before = api_calls(admin).await;
+    let started = Instant::now();
+    let answers = futures_util::future::join_all(requests.into_iter().enumerate().map(
+        |(i, (identity, request))| {
+            let mut client = clients[i % clients.len()].clone();
+            async move {
+                let t = Instant::now();
+                let answer = client.create_certificate(request).await;
+                let ok =
+                    answer.is_ok_and(|a| leaf_identity(&a.into_inner().cert_chain).0 == [identity]);
+                (t.elapsed(), ok)
+            }
+        },
+    ))
+    .await;
+    let wall = started.elapsed();
+    let after = api_calls(admin).await;
+    let failures = answers.iter().filter(|(_, ok)| !ok).count();
+    let mut latencies: Vec<Duration> = answers.iter().map(|(t, _)| *t).collect();
+    latencies.sort();
+    let delta = |verb: &str, resource: &str| {
+        all_codes(&after, verb, resource) - all_codes(&before, verb, resource)
+    };
+
+    println!(
+        "\nAmbient restart: one ztunnel asks for {AMBIENT_PODS} pods of its node at once ({} \
+         namespaces, one service account per pod, {} pods in the cluster), pod cache warm, \
+         built-in CA.\n",
+        AMBIENT_NAMESPACES,
+        pods.len() + 1
+    );
+    println!(
+        "| calls | failures | p50 ms | p99 ms | max ms | wall s | pod GETs | pod LISTs | pod watches | TokenReviews |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!(
+        "| {} | {failures} | {} | {} | {} | {:.2} | {} | {} | {} | {} |",
+        latencies.len(),
+        ms(percentile(&latencies, 0.50)),
+        ms(percentile(&latencies, 0.99)),
+        ms(*latencies.last().unwrap()),
+        wall.as_secs_f64(),
+        delta("get", "pods"),
+        delta("list", "pods"),
+        delta("watch", "pods"),
+        delta("create", "tokenreviews"),
+    );
+    assert_eq!(failures, 0, "every impersonation must succeed");
 }

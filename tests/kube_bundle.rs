@@ -19,6 +19,7 @@ use istio_csr_rs::client::Target;
 use istio_csr_rs::config::{Cli, Command};
 use istio_csr_rs::pki::testing::{KeyAlg, TestCa};
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret};
+use support::ambient::{impersonate, pod_reads, until_cache_warm};
 use support::kube::{TestCluster, TestClusters};
 use support::*;
 use tokio::sync::OnceCell;
@@ -50,11 +51,13 @@ impl BundleServer {
             test,
             TestCa::root(&format!("{test} root"), KeyAlg::EcdsaP256),
             tempfile::tempdir().unwrap(),
+            &[],
         )
         .await
     }
 
-    async fn start_with(test: &str, root: TestCa, dir: tempfile::TempDir) -> Self {
+    /// `extra`: flags beyond the bundle's.
+    async fn start_with(test: &str, root: TestCa, dir: tempfile::TempDir, extra: &[&str]) -> Self {
         install_crypto_provider();
         let local = &clusters().await[0];
         create_namespace(local, test, &[]).await;
@@ -69,7 +72,7 @@ impl BundleServer {
             std::fs::write(&pinned, root.cert_pem()).unwrap();
         }
         let selector = format!("bundle-test={test},excluded!=true");
-        let argv = vec![
+        let mut argv = vec![
             "istio-csr-rs".to_owned(),
             "serve".into(),
             "--signer".into(),
@@ -99,6 +102,7 @@ impl BundleServer {
             "--max-concurrent-reconciles".into(),
             "1".into(),
         ];
+        argv.extend(extra.iter().map(|flag| (*flag).to_owned()));
         let Command::Serve(args) = Cli::try_parse_from(argv).unwrap().command else {
             unreachable!()
         };
@@ -592,7 +596,7 @@ async fn a_new_leader_resyncs_everything_with_zero_writes() {
     }
     let root = TestCa::root("resync root", KeyAlg::EcdsaP256);
     let dir = tempfile::tempdir().unwrap();
-    let first = BundleServer::start_with(test, root, dir).await;
+    let first = BundleServer::start_with(test, root, dir, &[]).await;
     first.add_remote("remote-1", &kubeconfig_of(&all[1])).await;
     let pem = first.pem();
     for cluster in &all[..2] {
@@ -614,7 +618,7 @@ async fn a_new_leader_resyncs_everything_with_zero_writes() {
     running.wait().await.unwrap();
 
     // A new replica takes the released Lease and looks at every namespace again.
-    let second = BundleServer::start_with(test, root, dir).await;
+    let second = BundleServer::start_with(test, root, dir, &[]).await;
     let settled = eventually(WAIT, || async {
         let report = second.debug_bundle().await;
         let clusters = report["clusters"].as_array().unwrap().clone();
@@ -745,4 +749,60 @@ async fn a_changed_kubeconfig_takes_over_and_a_broken_change_keeps_the_old_one()
     assert!(reported, "{:#}", server.debug_bundle().await);
     managed_namespace(&all[1], test, "change-c").await;
     expect_bundle(&all[1], "change-c", &pem).await;
+}
+
+#[tokio::test]
+async fn a_remote_clusters_ztunnel_is_checked_against_that_clusters_pod_cache() {
+    let test = "remote-pods";
+    let remote = &clusters().await[1];
+    let (system, app, node) = ("rp-system", "rp-app", "rp-node-1");
+    for namespace in [system, app] {
+        remote.namespace(namespace).await;
+    }
+    remote.service_account(system, "ztunnel").await;
+    let ztunnel_pod = remote.pod(system, "ztunnel-1", "ztunnel", node).await;
+    let accounts: Vec<String> = (0..10).map(|i| format!("web-{i}")).collect();
+    for sa in &accounts {
+        remote.service_account(app, sa).await;
+        remote.pod(app, &format!("{sa}-1"), sa, node).await;
+    }
+    let token = remote
+        .token(system, "ztunnel", &["istio-ca"], 3600, Some(&ztunnel_pod))
+        .await;
+    let server = BundleServer::start_with(
+        test,
+        TestCa::root("remote pods root", KeyAlg::EcdsaP256),
+        tempfile::tempdir().unwrap(),
+        &["--ca-trusted-node-accounts", "rp-system/ztunnel"],
+    )
+    .await;
+    server.add_remote("remote-1", &kubeconfig_of(remote)).await;
+    let target = Target {
+        cluster_id: "remote-1".into(),
+        ..localhost_target(server.running.grpc_address, server.pinned())
+    };
+    let admin = server.running.admin_address;
+    let id = |sa: &str| format!("spiffe://cluster.local/ns/{app}/sa/{sa}");
+
+    // Once the remote is registered and its own pod cache has synced, its ztunnel's
+    // impersonations read no pod from any API server.
+    until_cache_warm(&target, admin, &token, &id(&accounts[0])).await;
+    let before = pod_reads(admin).await;
+    for sa in &accounts {
+        let chain = impersonate(&target, &token, &id(sa))
+            .await
+            .unwrap_or_else(|s| panic!("{sa}: {s:?}"));
+        assert_eq!(leaf_identity(&chain).0, vec![id(sa)]);
+    }
+    assert_eq!(pod_reads(admin).await, before, "pod (GET, LIST) requests");
+
+    // The remote's entry goes, and its cache with it: its ztunnel is unknown.
+    server.remove_remote("remote-1").await;
+    let gone = eventually(WAIT, || async {
+        impersonate(&target, &token, &id(&accounts[0]))
+            .await
+            .is_err_and(|s| s.code() == Code::Unauthenticated)
+    })
+    .await;
+    assert!(gone, "remote-1 still answers after its Secret was deleted");
 }

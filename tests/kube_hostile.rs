@@ -1,19 +1,16 @@
 //! Tier 3: the node check of impersonation against a real kube-apiserver, with pods in every
 //! phase and being deleted. Nothing runs the pods (there is no kubelet): they stay Pending
 //! unless a test sets their phase through the status subresource, and a deleted pod with a
-//! finalizer stays Terminating until the test removes the finalizer.
+//! finalizer stays Terminating until the test removes the finalizer. The signer caches pods
+//! (trusted node accounts are set): the last tests show what that cache saves and where the
+//! API server is still asked.
 
 mod support;
 
 use ::kube::Api;
 use ::kube::api::{DeleteParams, Patch, PatchParams, PostParams};
-use clap::Parser;
-use istio_csr_rs::app::{self, Hooks, Running};
-use istio_csr_rs::client::Target;
-use istio_csr_rs::config::{Cli, Command};
-use istio_csr_rs::pki::testing::{KeyAlg, TestCa};
-use istio_csr_rs::proto::istio_v1_auth::IstioCertificateRequest;
 use k8s_openapi::api::core::v1::Pod;
+use support::ambient::{CACHE_WAIT as WAIT, Signer, signer, ztunnel_on};
 use support::kube::{TestCluster, shared};
 use support::*;
 use tonic::Code;
@@ -21,76 +18,41 @@ use tonic::Code;
 /// Holds deleted pods in Terminating.
 const FINALIZER: &str = "istio-csr-rs.test/hold";
 
-struct Signer {
-    running: Running,
-    dir: tempfile::TempDir,
+/// Node `kh-node-<name>` with a ztunnel (namespace `kh-<name>-system`) that the signer trusts,
+/// and a pod of each of `accounts` (namespace `kh-<name>-app`); the signer's pod cache is warm.
+struct WarmNode {
+    signer: Signer,
+    ztunnel: String,
+    app: String,
+    name: String,
 }
 
-/// A signer with the built-in CA that reviews tokens and checks nodes in `cluster`.
-async fn signer(cluster: &TestCluster, extra: &[&str]) -> Signer {
-    install_crypto_provider();
-    let dir = tempfile::tempdir().unwrap();
-    let root = TestCa::root("kube hostile root", KeyAlg::EcdsaP256);
-    let ca = dir.path().join("ca");
-    std::fs::create_dir_all(&ca).unwrap();
-    for name in ["ca-cert.pem", "cert-chain.pem", "root-cert.pem"] {
-        std::fs::write(ca.join(name), root.cert_pem()).unwrap();
+impl WarmNode {
+    fn id(&self, sa: &str) -> String {
+        format!("spiffe://cluster.local/ns/{}/sa/{sa}", self.app)
     }
-    std::fs::write(ca.join("ca-key.pem"), root.key_pem()).unwrap();
-    let ca = ca.to_str().unwrap().to_owned();
-    let kubeconfig = cluster.kubeconfig.to_str().unwrap().to_owned();
-    let mut argv = vec![
-        "istio-csr-rs",
-        "serve",
-        "--signer",
-        "local-ca",
-        "--local-ca-dir",
-        &ca,
-        "--kubeconfig",
-        &kubeconfig,
-        "--serving-address",
-        "127.0.0.1:0",
-        "--admin-address",
-        "127.0.0.1:0",
-        "--serving-certificate-dns-names",
-        "localhost",
-    ];
-    argv.extend_from_slice(extra);
-    let Command::Serve(args) = Cli::try_parse_from(argv).unwrap().command else {
-        unreachable!()
+}
+
+async fn warm_node(name: &str, accounts: &[String]) -> WarmNode {
+    let cluster = shared().await;
+    let (node, app) = (format!("kh-node-{name}"), format!("kh-{name}-app"));
+    cluster.namespace(&app).await;
+    for sa in accounts {
+        cluster.service_account(&app, sa).await;
+        cluster.pod(&app, &format!("{sa}-1"), sa, &node).await;
+    }
+    let system = format!("kh-{name}-system");
+    let (signer, ztunnel) = ztunnel_on(cluster, &system, &node, &[]).await;
+    let warm = WarmNode {
+        signer,
+        ztunnel,
+        app,
+        name: node,
     };
-    let running = app::start(*args, Hooks::default()).await.unwrap();
-    Signer { running, dir }
-}
-
-impl Signer {
-    fn target(&self) -> Target {
-        localhost_target(
-            self.running.grpc_address,
-            self.dir.path().join("ca/root-cert.pem"),
-        )
-    }
-
-    /// What ztunnel does: a CSR for `identity`, asked for with `ImpersonatedIdentity`.
-    async fn impersonate(&self, token: &str, identity: &str) -> Result<Vec<String>, tonic::Status> {
-        let target = self.target();
-        let (csr, _) = p256_csr(identity);
-        let request = target
-            .request(
-                Some(token),
-                IstioCertificateRequest {
-                    csr,
-                    validity_duration: 3600,
-                    metadata: Some(istio_csr_rs::client::metadata(None, Some(identity))),
-                },
-            )
-            .unwrap();
-        let mut client = target.connect().await.unwrap();
-        client
-            .create_certificate(request)
-            .await
-            .map(|r| r.into_inner().cert_chain)
-    }
+    warm.signer
+        .until_cache_warm(&warm.ztunnel, &warm.id(&accounts[0]))
+        .await;
+    warm
 }
 
 async fn pods(cluster: &TestCluster, namespace: &str) -> Api<Pod> {
@@ -273,9 +235,90 @@ async fn a_terminating_ztunnel_still_impersonates_but_a_terminated_one_cannot() 
         ("ztunnel-failed", "Failed", &finished_tokens[1]),
     ] {
         set_phase(cluster, "kh-nodes", name, phase).await;
-        let status = signer.impersonate(token, web).await.unwrap_err();
-        assert_eq!(status.code(), Code::PermissionDenied, "{phase}");
+        // Refused as soon as the signer's pod cache has seen the new phase (milliseconds).
+        let refused = eventually(WAIT, || async {
+            signer
+                .impersonate(token, web)
+                .await
+                .is_err_and(|s| s.code() == Code::PermissionDenied)
+        })
+        .await;
+        assert!(refused, "a {phase} ztunnel still impersonates");
     }
 
     release(cluster, "kh-nodes", "ztunnel-leaving").await;
+}
+
+#[tokio::test]
+async fn a_warm_pod_cache_answers_30_impersonations_without_a_pod_get_or_list() {
+    let accounts: Vec<String> = (0..30).map(|i| format!("web-{i}")).collect();
+    let node = warm_node("warm", &accounts).await;
+    let (signer, ztunnel, id) = (&node.signer, &node.ztunnel, |sa: &str| node.id(sa));
+
+    let before = signer.pod_reads().await;
+    let answers = futures_util::future::join_all(
+        accounts
+            .iter()
+            .map(|sa| async { (id(sa), signer.impersonate(ztunnel, &id(sa)).await) }),
+    )
+    .await;
+    for (identity, answer) in answers {
+        let chain = answer.unwrap_or_else(|s| panic!("{identity}: {s:?}"));
+        assert_eq!(leaf_identity(&chain).0, vec![identity]);
+    }
+    assert_eq!(
+        signer.pod_reads().await,
+        before,
+        "pod (GET, LIST) requests during 30 impersonations on a warm cache"
+    );
+    assert!(
+        signer.pod_requests("watch").await >= 1.0,
+        "the cache watches pods"
+    );
+}
+
+#[tokio::test]
+async fn a_pod_created_just_now_is_accepted_before_the_cache_has_seen_it() {
+    let cluster = shared().await;
+    let node = warm_node("fresh", &["old".to_owned()]).await;
+
+    // Asked for the moment the API server has it: whether or not the watch event has reached
+    // the cache, the node's pods are listed again when the cache knows none of the account.
+    for i in 0..5 {
+        let sa = format!("new-{i}");
+        cluster.service_account(&node.app, &sa).await;
+        cluster
+            .pod(&node.app, &format!("{sa}-1"), &sa, &node.name)
+            .await;
+        let chain = node
+            .signer
+            .impersonate(&node.ztunnel, &node.id(&sa))
+            .await
+            .unwrap_or_else(|s| panic!("{sa}, created just now: {s:?}"));
+        assert_eq!(leaf_identity(&chain).0, vec![node.id(&sa)]);
+    }
+}
+
+#[tokio::test]
+async fn a_deleted_pods_identity_is_refused_once_the_cache_has_seen_the_deletion() {
+    let cluster = shared().await;
+    let node = warm_node("deleted", &["gone".to_owned()]).await;
+    let (signer, ztunnel, gone) = (&node.signer, &node.ztunnel, node.id("gone"));
+
+    let api = pods(cluster, &node.app).await;
+    api.delete("gone-1", &DeleteParams::default().grace_period(0))
+        .await
+        .unwrap();
+    assert!(api.get_opt("gone-1").await.unwrap().is_none());
+    let refused = eventually(WAIT, || async {
+        signer
+            .impersonate(ztunnel, &gone)
+            .await
+            .is_err_and(|s| s.code() == Code::PermissionDenied)
+    })
+    .await;
+    assert!(refused, "the deleted pod's identity is still handed out");
+    // And it stays refused: the cache does not bring it back.
+    let status = signer.impersonate(ztunnel, &gone).await.unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied);
 }

@@ -2,69 +2,10 @@
 
 mod support;
 
-use clap::Parser;
-use istio_csr_rs::app::{self, Hooks, Running};
-use istio_csr_rs::client::Target;
-use istio_csr_rs::config::{Cli, Command};
-use istio_csr_rs::pki::testing::{KeyAlg, TestCa};
-use support::kube::{TestCluster, shared};
+use support::kube::shared;
+use support::kube_signer::signer;
 use support::*;
 use tonic::Code;
-
-struct Signer {
-    running: Running,
-    dir: tempfile::TempDir,
-}
-
-/// A signer with the built-in CA that authenticates callers by TokenReview in `cluster`.
-async fn signer(cluster: &TestCluster, extra: &[&str]) -> Signer {
-    install_crypto_provider();
-    let dir = tempfile::tempdir().unwrap();
-    let root = TestCa::root("kube test root", KeyAlg::EcdsaP256);
-    let ca = dir.path().join("ca");
-    std::fs::create_dir_all(&ca).unwrap();
-    for name in ["ca-cert.pem", "cert-chain.pem", "root-cert.pem"] {
-        std::fs::write(ca.join(name), root.cert_pem()).unwrap();
-    }
-    std::fs::write(ca.join("ca-key.pem"), root.key_pem()).unwrap();
-    let ca = ca.to_str().unwrap().to_owned();
-    let kubeconfig = cluster.kubeconfig.to_str().unwrap().to_owned();
-    let mut argv = vec![
-        "istio-csr-rs",
-        "serve",
-        "--signer",
-        "local-ca",
-        "--local-ca-dir",
-        &ca,
-        "--kubeconfig",
-        &kubeconfig,
-        "--serving-address",
-        "127.0.0.1:0",
-        "--admin-address",
-        "127.0.0.1:0",
-        "--serving-certificate-dns-names",
-        "localhost",
-    ];
-    argv.extend_from_slice(extra);
-    let Command::Serve(args) = Cli::try_parse_from(argv).unwrap().command else {
-        unreachable!()
-    };
-    let running = app::start(*args, Hooks::default()).await.unwrap();
-    Signer { running, dir }
-}
-
-impl Signer {
-    fn target(&self) -> Target {
-        localhost_target(
-            self.running.grpc_address,
-            self.dir.path().join("ca/root-cert.pem"),
-        )
-    }
-
-    async fn create(&self, token: &str, identity: &str) -> Result<Vec<String>, tonic::Status> {
-        request_certificate(&self.target(), Some(token), identity).await
-    }
-}
 
 #[tokio::test]
 async fn a_token_minted_for_istio_ca_gets_exactly_its_identity() {

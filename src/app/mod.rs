@@ -30,6 +30,7 @@ use crate::retry;
 use crate::signer::authn::Authenticator;
 use crate::signer::authn::client_cert::ClientCertAuthenticator;
 use crate::signer::authn::node::KubeNodeAuthorizer;
+use crate::signer::authn::pod_cache::PodCache;
 use crate::signer::authn::static_tokens::StaticTokens;
 use crate::signer::authn::token_review::{TokenReviewMetrics, TokenReviewer};
 use crate::signer::issuance::{Issuance, IssuanceMetrics};
@@ -588,6 +589,7 @@ impl Starting {
             registry: self.clusters.clone(),
             clients: self.clients.clone(),
             work,
+            watch_pods: !self.args.server.ca_trusted_node_accounts.is_empty(),
         };
         let remote_work = self
             .liveness
@@ -708,7 +710,13 @@ impl Starting {
         );
         let service = match &self.kube {
             Some(client) => {
-                service.with_node_authorizer(Arc::new(KubeNodeAuthorizer::new(client.clone())))
+                let mut nodes = KubeNodeAuthorizer::new(client.clone());
+                // Only ztunnel's calls read pods: without trusted node accounts, no watch.
+                if !args.server.ca_trusted_node_accounts.is_empty() {
+                    nodes = nodes
+                        .with_pod_cache(PodCache::start(client.clone(), self.clusters.local_id()));
+                }
+                service.with_node_authorizer(Arc::new(nodes))
             }
             None => service,
         };

@@ -15,6 +15,7 @@ use arc_swap::ArcSwap;
 use serde::Serialize;
 
 use crate::bundle::reconciler::{BundleCounts, BundleView};
+use crate::signer::authn::pod_cache::PodCache;
 
 /// A remote cluster as registered: a new kubeconfig makes a new generation, so nothing cached
 /// for the old one (token reviews) is used for the new one.
@@ -24,6 +25,9 @@ pub struct RemoteCluster {
     pub client: kube::Client,
     /// For TokenReviews only: its own rate-limit bucket (see `ClientFactory`).
     pub review_client: kube::Client,
+    /// For the node check, when trusted node accounts are configured; its watch ends with
+    /// this generation.
+    pub pods: Option<PodCache>,
 }
 
 /// Where a caller's credentials are checked.

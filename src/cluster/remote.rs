@@ -25,6 +25,7 @@ use crate::bundle::{self, reconciler};
 use crate::leader::Leadership;
 use crate::pki::chain::RootBundle;
 use crate::retry::Delays;
+use crate::signer::authn::pod_cache::PodCache;
 
 pub const SECRET_LABEL: &str = "istio/multiCluster=true";
 /// How long a new API server may take to answer before it counts as unreachable (and is tried
@@ -70,6 +71,8 @@ pub struct RemoteSecrets {
     pub registry: ClusterRegistry,
     pub clients: ClientFactory,
     pub work: ClusterWork,
+    /// Cache each cluster's pods for the node check (trusted node accounts are configured).
+    pub watch_pods: bool,
 }
 
 struct Running {
@@ -234,6 +237,7 @@ impl RemoteSecrets {
         let clients = self.clients.clone();
         let allow_insecure = self.allow_insecure;
         let work = self.work.clone();
+        let watch_pods = self.watch_pods;
         async move {
             let built = async {
                 let config = kubeconfig::parse(&kubeconfig, allow_insecure)?;
@@ -291,6 +295,7 @@ impl RemoteSecrets {
                 generation,
                 client: client.clone(),
                 review_client,
+                pods: watch_pods.then(|| PodCache::start(client.clone(), &id)),
             }));
             // However this task ends (a removal aborts it, even mid-registration), its
             // generation leaves the registry with it.

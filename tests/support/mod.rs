@@ -2,9 +2,11 @@
 //! 127.0.0.1:0 over TLS, and a real tonic client.
 #![allow(dead_code)]
 
+pub mod ambient;
 pub mod cert_manager;
 pub mod csr_signer;
 pub mod kube;
+pub mod kube_signer;
 pub mod mtls;
 pub mod openmetrics;
 

@@ -4,6 +4,7 @@
 pub mod client_cert;
 pub mod jwt;
 pub mod node;
+pub mod pod_cache;
 pub mod static_tokens;
 pub mod token_review;
 
