@@ -25,7 +25,7 @@ async fn maps_issuer_failures_to_their_protocol_codes() {
     let cases = [
         (IssueError::NotReady("no issuer".into()), Code::Unavailable),
         (
-            IssueError::Unavailable("api server down".into()),
+            IssueError::unavailable("api server down"),
             Code::Unavailable,
         ),
         (IssueError::Timeout, Code::DeadlineExceeded),

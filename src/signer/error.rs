@@ -61,11 +61,11 @@ impl SignError {
                 Code::PermissionDenied
             }
             SignError::Issue(e) => match e {
-                IssueError::NotReady(_) | IssueError::Unavailable(_) => Code::Unavailable,
+                IssueError::NotReady(_) | IssueError::Unavailable { .. } => Code::Unavailable,
                 IssueError::Timeout => Code::DeadlineExceeded,
                 IssueError::InvalidRequest(_) => Code::InvalidArgument,
                 IssueError::Denied(_) => Code::PermissionDenied,
-                IssueError::Failed(_) | IssueError::Internal(_) => Code::Internal,
+                IssueError::Failed(_) | IssueError::Internal { .. } => Code::Internal,
             },
             SignError::Tenant(TenantError::Unknown(_)) => Code::InvalidArgument,
             SignError::Tenant(TenantError::NotAllowed { .. }) => Code::PermissionDenied,
@@ -125,10 +125,7 @@ mod tests {
                 Code::Unavailable,
             ),
             (IssueError::NotReady("x".into()).into(), Code::Unavailable),
-            (
-                IssueError::Unavailable("x".into()).into(),
-                Code::Unavailable,
-            ),
+            (IssueError::unavailable("x").into(), Code::Unavailable),
             (IssueError::Timeout.into(), Code::DeadlineExceeded),
             (
                 IssueError::InvalidRequest("x".into()).into(),

@@ -111,10 +111,9 @@ impl Issuance {
         request.route = tenant.map(|t| &t.route);
         match self.issuer.issue(request).await? {
             // Proven against these roots when the CA was loaded (local_ca's module docs).
-            Issued::InProcess { .. } if tenant.is_some() => Err(IssueError::Internal(
-                "an in-process CA answered for a tenant signer".into(),
-            )
-            .into()),
+            Issued::InProcess { .. } if tenant.is_some() => {
+                Err(IssueError::internal("an in-process CA answered for a tenant signer").into())
+            }
             Issued::InProcess { chain, roots } => Ok(Certified { chain, roots }),
             Issued::External { mut chain, ca } => {
                 // Read the roots after signing, so a rotation during the wait is honoured.

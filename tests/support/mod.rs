@@ -266,7 +266,7 @@ impl Issuer for GatedIssuer {
         self.release
             .acquire()
             .await
-            .map_err(|_| IssueError::Internal("gate closed".into()))?
+            .map_err(|_| IssueError::internal("gate closed"))?
             .forget();
         self.inner.issue(request).await
     }

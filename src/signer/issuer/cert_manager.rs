@@ -419,7 +419,7 @@ impl CertManagerIssuer {
         request
             .create(&object)
             .await?
-            .map_err(|e| IssueError::Unavailable(format!("creating a CertificateRequest: {e}")))?;
+            .map_err(|e| IssueError::unavailable_because("creating a CertificateRequest", e))?;
         request.answer().await
     }
 }

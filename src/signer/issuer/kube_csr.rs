@@ -150,9 +150,7 @@ impl KubeCsrIssuer {
             kube::Error::Api(e) if e.code == 422 => {
                 IssueError::Failed(format!("CertificateSigningRequest refused: {}", e.message))
             }
-            other => {
-                IssueError::Unavailable(format!("creating a CertificateSigningRequest: {other}"))
-            }
+            other => IssueError::unavailable_because("creating a CertificateSigningRequest", other),
         })?;
         if self.settings.approve {
             tokio::time::timeout_at(
@@ -160,9 +158,7 @@ impl KubeCsrIssuer {
                 self.approve(&in_flight.name, signer_name),
             )
             .await
-            .map_err(|_| {
-                IssueError::Unavailable("the API server did not answer the approval".into())
-            })??;
+            .map_err(|_| IssueError::unavailable("the API server did not answer the approval"))??;
         }
         in_flight.answer().await
     }
@@ -174,7 +170,7 @@ impl KubeCsrIssuer {
     async fn approve(&self, name: &str, signer_name: &str) -> Result<(), IssueError> {
         for _ in 0..3 {
             let mut current = self.api.get_approval(name).await.map_err(|e| {
-                IssueError::Unavailable(format!("reading the CertificateSigningRequest: {e}"))
+                IssueError::unavailable_because("reading the CertificateSigningRequest", e)
             })?;
             let status = current.status.get_or_insert_with(Default::default);
             let conditions = status.conditions.get_or_insert_with(Vec::new);
@@ -210,14 +206,15 @@ impl KubeCsrIssuer {
                     )));
                 }
                 Err(error) => {
-                    return Err(IssueError::Unavailable(format!(
-                        "approving the CertificateSigningRequest: {error}"
-                    )));
+                    return Err(IssueError::unavailable_because(
+                        "approving the CertificateSigningRequest",
+                        error,
+                    ));
                 }
             }
         }
-        Err(IssueError::Unavailable(
-            "the CertificateSigningRequest kept changing while being approved".into(),
+        Err(IssueError::unavailable(
+            "the CertificateSigningRequest kept changing while being approved",
         ))
     }
 }

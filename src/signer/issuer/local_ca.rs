@@ -430,7 +430,7 @@ impl Issuer for LocalCa {
             )
             .map_err(|e| match e {
                 leaf::LeafError::CaExpired => IssueError::NotReady(e.to_string()),
-                other => IssueError::Internal(other.to_string()),
+                other => IssueError::internal_because("signing", other),
             })?;
         Ok(Issued::InProcess {
             chain,

@@ -96,22 +96,88 @@ impl Issued {
     }
 }
 
-#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
+/// What caused an error, kept whole (a `kube::Error` with its API status, a signing error)
+/// for whoever inspects it; shared, since one outcome can answer several waiters.
+pub type Cause = Arc<dyn std::error::Error + Send + Sync>;
+
+#[derive(Clone, Debug)]
 pub enum IssueError {
-    #[error("no usable issuer: {0}")]
     NotReady(String),
-    #[error("invalid request for this issuer: {0}")]
     InvalidRequest(String),
-    #[error("issuer unreachable: {0}")]
-    Unavailable(String),
-    #[error("issuer did not answer in time")]
+    Unavailable { what: String, cause: Option<Cause> },
     Timeout,
-    #[error("issuer denied the request: {0}")]
     Denied(String),
-    #[error("issuer failed the request: {0}")]
     Failed(String),
-    #[error("internal error: {0}")]
-    Internal(String),
+    Internal { what: String, cause: Option<Cause> },
+}
+
+impl std::fmt::Display for IssueError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::NotReady(why) => write!(f, "no usable issuer: {why}"),
+            Self::InvalidRequest(why) => write!(f, "invalid request for this issuer: {why}"),
+            Self::Unavailable { what, .. } => write!(f, "issuer unreachable: {what}"),
+            Self::Timeout => f.write_str("issuer did not answer in time"),
+            Self::Denied(why) => write!(f, "issuer denied the request: {why}"),
+            Self::Failed(why) => write!(f, "issuer failed the request: {why}"),
+            Self::Internal { what, .. } => write!(f, "internal error: {what}"),
+        }
+    }
+}
+
+/// By hand, not thiserror: its `#[source]` on an `Arc<dyn Error>` hands out the Arc, and a
+/// caller could not downcast the cause to its own type (a `kube::Error`).
+impl std::error::Error for IssueError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::Unavailable {
+                cause: Some(cause), ..
+            }
+            | Self::Internal {
+                cause: Some(cause), ..
+            } => Some(cause.as_ref()),
+            _ => None,
+        }
+    }
+}
+
+impl IssueError {
+    pub fn unavailable(what: impl Into<String>) -> Self {
+        Self::Unavailable {
+            what: what.into(),
+            cause: None,
+        }
+    }
+
+    /// `doing` failed because of `cause`. The message names the cause too, as the crate's
+    /// other errors do, so a one-line log needs no chain.
+    pub fn unavailable_because(
+        doing: &str,
+        cause: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        Self::Unavailable {
+            what: format!("{doing}: {cause}"),
+            cause: Some(Arc::new(cause)),
+        }
+    }
+
+    pub fn internal(what: impl Into<String>) -> Self {
+        Self::Internal {
+            what: what.into(),
+            cause: None,
+        }
+    }
+
+    /// As `unavailable_because`.
+    pub fn internal_because(
+        doing: &str,
+        cause: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        Self::Internal {
+            what: format!("{doing}: {cause}"),
+            cause: Some(Arc::new(cause)),
+        }
+    }
 }
 
 #[async_trait]
@@ -136,4 +202,27 @@ pub trait Issuer: Send + Sync {
     }
 
     async fn issue(&self, request: IssueRequest<'_>) -> Result<Issued, IssueError>;
+}
+
+#[cfg(test)]
+mod error_tests {
+    use super::*;
+
+    #[test]
+    fn an_api_failure_keeps_the_kube_error_and_its_status() {
+        let status =
+            kube::core::Status::failure("etcd is down", "ServiceUnavailable").with_code(503);
+        let error = IssueError::unavailable_because(
+            "creating a CertificateRequest",
+            kube::Error::Api(status.boxed()),
+        );
+        let cause =
+            std::error::Error::source(&error).and_then(|cause| cause.downcast_ref::<kube::Error>());
+        let Some(kube::Error::Api(status)) = cause else {
+            panic!("the kube::Error is gone: {error:?}");
+        };
+        assert_eq!(status.code, 503);
+        assert!(error.to_string().contains("etcd is down"), "{error}");
+        assert!(std::error::Error::source(&IssueError::unavailable("x")).is_none());
+    }
 }

@@ -130,7 +130,7 @@ where
     ) -> Result<Self, IssueError> {
         let name = request_name();
         let waiting = Waiting::register(waiters, &name)
-            .ok_or_else(|| IssueError::Internal("waiter registry poisoned".into()))?;
+            .ok_or_else(|| IssueError::internal("waiter registry poisoned"))?;
         Ok(Self {
             cleanup: Cleanup {
                 api: api.clone(),
@@ -155,7 +155,7 @@ where
         )
         .await
         .map_err(|_| {
-            IssueError::Unavailable(format!(
+            IssueError::unavailable(format!(
                 "the API server did not answer the {} create",
                 self.kind
             ))
@@ -168,7 +168,7 @@ where
     pub async fn answer(mut self) -> Result<T, IssueError> {
         match tokio::time::timeout_at(self.deadline, &mut self.waiting.answer).await {
             Err(_) => Err(IssueError::Timeout),
-            Ok(Err(_)) => Err(IssueError::Internal("watch stopped".into())),
+            Ok(Err(_)) => Err(IssueError::internal("watch stopped")),
             Ok(Ok(Outcome::Issued(issued))) => Ok(issued),
             Ok(Ok(Outcome::Denied(message))) => Err(IssueError::Denied(message)),
             Ok(Ok(Outcome::Failed(message))) => Err(IssueError::Failed(message)),
