@@ -8,7 +8,7 @@ use anyhow::Context;
 use tokio::sync::watch;
 
 use super::plan::MIN_CERTIFICATE_DURATION;
-use crate::fswatch::{self, FileWatch};
+use crate::fswatch::Follower;
 use crate::pki::chain::RootBundle;
 use crate::signer::issuance::own_csr;
 use crate::signer::issuer::{IssueRequest, Issued, Issuer, NO_ANNOTATIONS, Purpose};
@@ -27,37 +27,28 @@ pub(super) fn watch_root_file(
         let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
         RootBundle::from_pem(&bytes).with_context(|| format!("parsing {}", path.display()))
     };
+    let paths = [path.clone()];
+    let follower = Follower::new(&paths)?;
     let initial = load(&path)?;
     tracing::info!(path = %path.display(), roots = initial.certs().len(), "pinned root bundle loaded");
-    let mut files = FileWatch::new(std::slice::from_ref(&path), fswatch::DEFAULT_RESYNC)?;
     let (tx, rx) = watch::channel(Arc::new(initial));
     let task = async move {
-        let mut failed = None;
-        loop {
-            let on_disk = fswatch::fingerprint(std::slice::from_ref(&path));
-            if Some(on_disk) != failed {
-                match load(&path) {
-                    Ok(bundle) => {
-                        failed = None;
-                        let changed = tx.send_if_modified(|current| {
-                            let differs = current.certs() != bundle.certs();
-                            if differs {
-                                *current = Arc::new(bundle);
-                            }
-                            differs
-                        });
-                        if changed {
-                            tracing::info!(path = %path.display(), "pinned root bundle changed");
-                        }
+        follower
+            .follow("pinned root bundle", &paths, || {
+                let bundle = load(&path)?;
+                let changed = tx.send_if_modified(|current| {
+                    let differs = current.certs() != bundle.certs();
+                    if differs {
+                        *current = Arc::new(bundle);
                     }
-                    Err(error) => {
-                        failed = Some(on_disk);
-                        tracing::error!(error = %format!("{error:#}"), "pinned roots not reloaded; keeping the previous roots");
-                    }
+                    differs
+                });
+                if changed {
+                    tracing::info!(path = %path.display(), "pinned root bundle changed");
                 }
-            }
-            files.changed().await;
-        }
+                Ok(())
+            })
+            .await
     };
     Ok((rx, task))
 }

@@ -11,7 +11,7 @@ use async_trait::async_trait;
 
 use super::{AuthMethod, Authenticator, AuthnError, Caller, Credentials, ServiceAccount};
 use crate::cluster::ClusterTarget;
-use crate::fswatch::{self, FileWatch};
+use crate::fswatch::{self, Follower};
 use crate::pki::identity::SpiffeId;
 use std::future::Future;
 
@@ -80,7 +80,7 @@ impl TokenTable {
         }
         Ok(Self {
             by_digest,
-            source: digest(text),
+            source: fswatch::fingerprint_of(&[text]),
         })
     }
 
@@ -133,25 +133,16 @@ impl StaticTokens {
     pub fn watch(
         self: Arc<Self>,
     ) -> notify::Result<impl Future<Output = anyhow::Result<()>> + use<>> {
-        let mut watch = FileWatch::new(std::slice::from_ref(&self.path), fswatch::DEFAULT_RESYNC)?;
-        let mut failed_source = None;
+        let paths = [self.path.clone()];
+        let follower = Follower::watching(&paths, self.table.load().source)?;
         Ok(async move {
-            loop {
-                let content = std::fs::read_to_string(&self.path).unwrap_or_default();
-                let source = digest(&content);
-                if source != self.table.load().source && Some(source) != failed_source {
-                    match self.reload() {
-                        Ok(count) => {
-                            tracing::info!(path = %self.path.display(), count, "reloaded static tokens");
-                        }
-                        Err(error) => {
-                            failed_source = Some(source);
-                            tracing::error!(%error, "static token file not reloaded; keeping the previous tokens");
-                        }
-                    }
-                }
-                watch.changed().await;
-            }
+            follower
+                .follow("static token file", &paths, || {
+                    let count = self.reload()?;
+                    tracing::info!(path = %self.path.display(), count, "reloaded static tokens");
+                    Ok(())
+                })
+                .await
         })
     }
 }

@@ -22,7 +22,7 @@ use tokio::sync::watch;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
 use super::{IssueError, IssueRequest, Issued, Issuer, LeafNames};
-use crate::fswatch::{self, FileWatch};
+use crate::fswatch::{self, Follower};
 use crate::pki::chain::{self, RootBundle, VerifiedChain};
 use crate::pki::{keys, leaf, pem};
 
@@ -361,32 +361,27 @@ impl LocalCa {
     pub fn watch(
         self: Arc<Self>,
     ) -> notify::Result<impl Future<Output = anyhow::Result<()>> + use<>> {
-        let mut files = FileWatch::new(std::slice::from_ref(&self.dir), fswatch::DEFAULT_RESYNC)?;
+        let mut follower = Follower::watching(
+            std::slice::from_ref(&self.dir),
+            self.current.load().fingerprint,
+        )?;
         let mut pinned = self.pinned.clone();
         Ok(async move {
-            // The content of a broken update, so it is reported once, not on every wake-up.
-            let mut failed = None;
             let mut roots_changed = false;
             loop {
+                // Which files make the CA depends on which layout is there now; none at all
+                // fingerprints as zeros, a content of its own.
                 let on_disk = Layout::detect(&self.dir)
                     .map(|l| fswatch::fingerprint(&l.paths()))
-                    .ok();
-                let files_changed =
-                    on_disk != Some(self.current.load().fingerprint) && on_disk != failed;
-                if files_changed || roots_changed {
-                    match self.reload() {
-                        Ok(()) => {
-                            failed = None;
-                            tracing::info!(dir = %self.dir.display(), "reloaded the built-in CA");
-                        }
-                        Err(error) => {
-                            failed = on_disk;
-                            tracing::error!(%error, "built-in CA not reloaded; keeping the previous CA");
-                        }
-                    }
-                }
+                    .unwrap_or_default();
+                // A new pinned bundle may make the CA usable or not: judged again.
+                follower.check("built-in CA", on_disk, roots_changed, || {
+                    self.reload()?;
+                    tracing::info!(dir = %self.dir.display(), "reloaded the built-in CA");
+                    Ok(None)
+                })?;
                 roots_changed = tokio::select! {
-                    _ = files.changed() => false,
+                    _ = follower.changed() => false,
                     Ok(()) = async {
                         match pinned.as_mut() {
                             Some(rx) => rx.changed().await,

@@ -13,7 +13,7 @@ use tokio::sync::watch;
 
 use super::file::{self, Backend, Namespaces, RootsSource, SignerSpec};
 use super::{Tenant, TenantTable, mesh_config};
-use crate::fswatch::{self, FileWatch};
+use crate::fswatch::{self, Follower};
 use crate::pki::chain::RootBundle;
 use crate::signer::issuer::SignerRoute;
 use crate::signer::issuer::cert_manager::IssuerRef;
@@ -222,38 +222,35 @@ pub fn follow(
         );
     }
     let mut paths = sources.paths(&specs);
-    let mut files = FileWatch::new(&paths, fswatch::DEFAULT_RESYNC)?;
-    let mut loaded = fswatch::fingerprint(&paths);
+    let mut follower = Follower::new(&paths)?;
     let (tx, rx) = watch::channel(Arc::new(table));
     let task = async move {
         loop {
-            files.changed().await;
-            let on_disk = fswatch::fingerprint(&paths);
-            if on_disk == loaded {
-                continue;
-            }
-            loaded = on_disk;
-            match sources.load() {
-                Ok((table, specs)) => {
+            follower.changed().await;
+            follower.check(
+                "tenant signer table",
+                fswatch::fingerprint(&paths),
+                false,
+                || {
+                    let (table, specs) = sources.load().inspect_err(|error| {
+                        status.failures.inc();
+                        status
+                            .last_error
+                            .store(Some(Arc::new(format!("{error:#}"))));
+                    })?;
                     status.last_error.store(None);
                     let names: Vec<&str> =
                         table.tenants().iter().map(|t| t.name.as_str()).collect();
                     tracing::info!(signers = ?names, "tenant signers reloaded");
                     tx.send_replace(Arc::new(table));
+                    // The table names the roots files: follow the ones it names now.
                     let now = sources.paths(&specs);
-                    if now != paths {
-                        files = FileWatch::new(&now, fswatch::DEFAULT_RESYNC)?;
-                        paths = now;
-                        loaded = fswatch::fingerprint(&paths);
-                    }
-                }
-                Err(error) => {
-                    let error = format!("{error:#}");
-                    tracing::error!(%error, "tenant signers not reloaded; keeping the previous table");
-                    status.failures.inc();
-                    status.last_error.store(Some(Arc::new(error)));
-                }
-            }
+                    Ok((now != paths).then(|| {
+                        paths.clone_from(&now);
+                        now
+                    }))
+                },
+            )?;
         }
     };
     Ok((rx, task))
