@@ -15,6 +15,7 @@ use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
+use tracing::Instrument;
 
 use crate::admin::{self, AdminState, Liveness, Readiness, StateGauges, Trust};
 use crate::bundle::{BundleMetrics, reconciler};
@@ -568,11 +569,13 @@ impl Starting {
         let local = self.clusters.local_status();
         let local_work = self.liveness.spawn(
             "bundle-local",
-            work.clone().run(
-                self.clusters.local_id().to_owned(),
-                client.clone(),
-                local.bundle.clone(),
-            ),
+            work.clone()
+                .run(
+                    self.clusters.local_id().to_owned(),
+                    client.clone(),
+                    local.bundle.clone(),
+                )
+                .instrument(crate::cluster::cluster_span(self.clusters.local_id())),
         );
         if !self.args.bundle.multicluster_enabled {
             tracing::info!("remote clusters are off (--multicluster-enabled=false)");

@@ -13,6 +13,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 use tokio_util::task::AbortOnDropHandle;
+use tracing::Instrument;
 
 use crate::leader::Leadership;
 use crate::retry::Delays;
@@ -95,7 +96,8 @@ where
         if regained {
             backoff.reset();
         }
-        let mut running = AbortOnDropHandle::new(tokio::spawn(work()));
+        // In this task's span: a cluster's reconciler logs with its cluster.
+        let mut running = AbortOnDropHandle::new(tokio::spawn(work().in_current_span()));
         tokio::select! {
             still_electing = wait_for_leadership(&mut leadership, false) => {
                 if !still_electing {

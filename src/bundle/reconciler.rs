@@ -200,10 +200,8 @@ pub async fn run(
     .touched_objects();
 
     // The stream yields the current roots first: only later changes trigger.
-    let roots_changed = WatchStream::from_changes(roots.clone()).map({
-        let cluster = cluster.clone();
-        move |_| tracing::info!(%cluster, "trust roots changed; updating every namespace")
-    });
+    let roots_changed = WatchStream::from_changes(roots.clone())
+        .map(|_| tracing::info!("trust roots changed; updating every namespace"));
     let resync = IntervalStream::new(tokio::time::interval_at(
         tokio::time::Instant::now() + RESYNC_PERIOD,
         RESYNC_PERIOD,
@@ -231,14 +229,14 @@ pub async fn run(
         .for_each(|result| {
             match result {
                 Err(controller::Error::QueueError(error)) => {
-                    tracing::warn!(%cluster, %error, "trust bundle watch interrupted");
+                    tracing::warn!(%error, "trust bundle watch interrupted");
                 }
                 // Gone from the cache before its turn came (deleted, or no longer selected).
                 Err(controller::Error::ObjectNotFound(_)) => {
                     settings.metrics.reconciled(&cluster, "skipped");
                 }
                 Err(controller::Error::RunnerError(error)) => {
-                    tracing::error!(%cluster, %error, "trust bundle controller failed");
+                    tracing::error!(%error, "trust bundle controller failed");
                 }
                 // Reported by `error_policy`, with the retry delay.
                 Err(controller::Error::ReconcilerFailed(..)) | Ok(_) => {}
@@ -256,7 +254,10 @@ pub async fn run(
         if both.is_ok() {
             synced.store(true, Ordering::Release);
             view.syncs.send_modify(|n| *n += 1);
-            tracing::info!(cluster = %settings.cluster, namespaces = namespaces.len(), "trust bundle caches synced; reconciling every namespace");
+            tracing::info!(
+                namespaces = namespaces.len(),
+                "trust bundle caches synced; reconciling every namespace"
+            );
         }
         std::future::pending::<()>().await
     };
@@ -342,7 +343,7 @@ fn error_policy(namespace: Arc<NamespaceMeta>, error: &kube::Error, ctx: Arc<Con
         .and_then(|f| f.get(&name).copied())
         .unwrap_or(1);
     let retry_in = retry_delay(failures);
-    tracing::warn!(cluster = %ctx.settings.cluster, namespace = %name, %error, ?retry_in, "trust bundle not written");
+    tracing::warn!(namespace = %name, %error, ?retry_in, "trust bundle not written");
     Action::requeue(retry_in)
 }
 
@@ -388,7 +389,7 @@ async fn write_if_needed(
     match result {
         Ok(_) => {
             settings.metrics.wrote(&settings.cluster, op);
-            tracing::debug!(cluster = %settings.cluster, namespace = %name, op, "trust bundle written");
+            tracing::debug!(namespace = %name, op, "trust bundle written");
             Ok(Outcome::Written)
         }
         Err(kube::Error::Api(e)) if e.code == 409 || (e.code == 404 && op == "update") => {

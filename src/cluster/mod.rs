@@ -275,6 +275,12 @@ impl ClusterRegistry {
     }
 }
 
+/// The span of every task that works on one cluster: its log lines carry `cluster=<id>`
+/// without each naming it.
+pub fn cluster_span(id: &str) -> tracing::Span {
+    tracing::info_span!("cluster", cluster = %id)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

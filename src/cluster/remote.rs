@@ -18,6 +18,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, ResourceExt};
 use tokio::sync::watch;
 use tokio_util::task::AbortOnDropHandle;
+use tracing::Instrument;
 
 use super::client::ClientFactory;
 use super::{ClusterRegistry, RemoteCluster, kubeconfig};
@@ -162,13 +163,16 @@ impl RemoteSecrets {
             tracing::info!(secret = %name, cluster = %id, "remote cluster kubeconfig {}", if previous.is_some() { "changed" } else { "added" });
             let generation = GENERATION.fetch_add(1, Ordering::Relaxed);
             let status = self.registry.remote_status(id);
-            let task = tokio::spawn(self.run_cluster(
-                id.clone(),
-                generation,
-                status,
-                kubeconfig.0.clone(),
-                previous,
-            ));
+            let task = tokio::spawn(
+                self.run_cluster(
+                    id.clone(),
+                    generation,
+                    status,
+                    kubeconfig.0.clone(),
+                    previous,
+                )
+                .instrument(super::cluster_span(id)),
+            );
             clusters.insert(
                 id.clone(),
                 Running {
@@ -249,7 +253,7 @@ impl RemoteSecrets {
             let (client, review_client) = match built.await {
                 Ok(clients) => clients,
                 Err(error) => {
-                    tracing::error!(cluster = %id, %error, "remote cluster kubeconfig refused");
+                    tracing::error!(%error, "remote cluster kubeconfig refused");
                     status.set_error(format!("kubeconfig {error}"));
                     // Whatever ran before keeps running until a better kubeconfig comes.
                     let _keep = previous;
@@ -268,7 +272,7 @@ impl RemoteSecrets {
                     Err(_) => status.set_error("API server unreachable: timed out"),
                 }
                 let delay = backoff.next_delay();
-                tracing::warn!(cluster = %id, retry_in = ?delay, "remote cluster API server not answering");
+                tracing::warn!(retry_in = ?delay, "remote cluster API server not answering");
                 tokio::time::sleep(delay).await;
             }
             // The new client's bundle work starts beside the old one's. On the leader, it takes
@@ -277,18 +281,19 @@ impl RemoteSecrets {
             let mut syncs = status.bundle.syncs();
             syncs.mark_unchanged();
             let leading = work.leadership.borrow().is_leader;
-            let mut bundle_work = AbortOnDropHandle::new(tokio::spawn(work.run(
-                id.clone(),
-                client.clone(),
-                status.bundle.clone(),
-            )));
+            let mut bundle_work = AbortOnDropHandle::new(tokio::spawn(
+                work.run(id.clone(), client.clone(), status.bundle.clone())
+                    .in_current_span(),
+            ));
             if previous.is_some()
                 && leading
                 && tokio::time::timeout(SYNC_TIMEOUT, syncs.changed())
                     .await
                     .is_err()
             {
-                tracing::warn!(cluster = %id, "the new kubeconfig's watches did not sync in time; switching anyway");
+                tracing::warn!(
+                    "the new kubeconfig's watches did not sync in time; switching anyway"
+                );
             }
             registry.register(Arc::new(RemoteCluster {
                 id: id.clone(),
@@ -306,13 +311,13 @@ impl RemoteSecrets {
             };
             status.set_connected();
             drop(previous);
-            tracing::info!(cluster = %id, "remote cluster connected");
+            tracing::info!("remote cluster connected");
             let ended = match (&mut bundle_work).await {
                 Ok(Ok(())) => "ended".to_owned(),
                 Ok(Err(error)) => format!("{error:#}"),
                 Err(error) => error.to_string(),
             };
-            tracing::error!(cluster = %id, error = %ended, "remote cluster work stopped");
+            tracing::error!(error = %ended, "remote cluster work stopped");
             status.set_error(ended);
         }
     }

@@ -23,6 +23,7 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
 use kube::runtime::{WatchStreamExt, watcher};
 use tokio_util::task::AbortOnDropHandle;
+use tracing::Instrument;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Phase {
@@ -179,7 +180,9 @@ impl PodCache {
     /// Watches every pod of the cluster `client` reaches; `cluster` names it in the logs.
     pub fn start(client: kube::Client, cluster: &str) -> Self {
         let index = Arc::new(RwLock::new(Index::default()));
-        let task = tokio::spawn(watch(client, cluster.to_owned(), index.clone()));
+        let task = tokio::spawn(
+            watch(client, index.clone()).instrument(crate::cluster::cluster_span(cluster)),
+        );
         Self {
             index,
             _watch: Some(Arc::new(AbortOnDropHandle::new(task))),
@@ -235,7 +238,7 @@ impl PodCache {
     }
 }
 
-async fn watch(client: kube::Client, cluster: String, index: Arc<RwLock<Index>>) {
+async fn watch(client: kube::Client, index: Arc<RwLock<Index>>) {
     // Backoff between failed (re-)lists: a missing permission or a dead remote cluster must
     // not become a hot loop.
     let mut events = watcher(Api::<Pod>::all(client), watcher::Config::default())
@@ -247,23 +250,23 @@ async fn watch(client: kube::Client, cluster: String, index: Arc<RwLock<Index>>)
             Ok(event) => {
                 let done = matches!(event, watcher::Event::InitDone);
                 let Ok(mut index) = index.write() else {
-                    tracing::error!(%cluster, "pod cache lock poisoned; the node check reads the API");
+                    tracing::error!("pod cache lock poisoned; the node check reads the API");
                     return;
                 };
                 index.apply(event);
                 if done && !synced {
                     synced = true;
-                    tracing::info!(%cluster, pods = index.pods.len(), "pod cache synced");
+                    tracing::info!(pods = index.pods.len(), "pod cache synced");
                 }
             }
-            Err(error) => tracing::warn!(%cluster, %error, "pod watch interrupted"),
+            Err(error) => tracing::warn!(%error, "pod watch interrupted"),
         }
     }
     // Never by kube-runtime's design; if it did, a frozen cache must not answer.
     if let Ok(mut index) = index.write() {
         index.synced = false;
     }
-    tracing::error!(%cluster, "the pod watch ended; the node check reads the API");
+    tracing::error!("the pod watch ended; the node check reads the API");
 }
 
 #[cfg(test)]
