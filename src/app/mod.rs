@@ -10,9 +10,8 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 use tracing::Instrument;
@@ -26,7 +25,6 @@ use crate::config::{LogFormat, ServeArgs};
 use crate::istiod::{IstiodCertMetrics, IstiodCerts};
 use crate::leader::{self, Elector, LeaderMetrics, Leadership};
 use crate::pki::chain::RootBundle;
-use crate::proto::istio_v1_auth::istio_certificate_service_server::IstioCertificateServiceServer;
 use crate::retry;
 use crate::signer::authn::Authenticator;
 use crate::signer::authn::client_cert::ClientCertAuthenticator;
@@ -39,12 +37,12 @@ use crate::signer::issuer::Issuer;
 use crate::signer::issuer::cert_manager::CertManagerIssuer;
 use crate::signer::issuer::kube_csr::KubeCsrIssuer;
 use crate::signer::issuer::local_ca::LocalCa;
-use crate::signer::listener;
 use crate::signer::metrics::SignerMetrics;
+use crate::signer::server::{self, GrpcOptions, GrpcServer};
 use crate::signer::service::{CaService, Settings};
 use crate::signer::serving::{ServingCerts, ServingNames};
 use crate::signer::tenants::{self, TenantTable};
-use crate::signer::tls::{self, MeshClientVerifier, ServingCertResolver};
+use crate::signer::tls::{MeshClientVerifier, ServingCertResolver};
 use crate::standalone::{self, DataDir, Wants};
 use plan::{Plan, SignerPlan};
 use prometheus_client::registry::Registry;
@@ -521,7 +519,7 @@ impl Starting {
             started = self.until_serving() => started?,
             _ = stop.cancelled() => return Ok(()),
         };
-        let _ = serving.send(started.grpc_address);
+        let _ = serving.send(started.grpc.address);
         if let Some(leader) = &mut self.leader
             && let Some(elector) = leader.elector.take()
         {
@@ -537,8 +535,6 @@ impl Starting {
             self.tasks,
             self.liveness,
             self.readiness,
-            started.health,
-            started.shutdown,
             started.grpc,
             self.args.server.shutdown_grace,
         )
@@ -727,101 +723,51 @@ impl Starting {
             Some(tenants) => service.with_tenants(tenants.clone()),
             None => service,
         };
-        let tls_config = Arc::new(tls::server_config(self.resolver.clone(), client_verifier)?);
-        let listener = TcpListener::bind(self.plan.serving_address)
-            .await
-            .with_context(|| format!("binding the gRPC address {}", self.plan.serving_address))?;
-        let grpc_address = listener.local_addr()?;
-        let shutdown = CancellationToken::new();
-        let (conn_tx, conn_rx) = mpsc::channel(128);
-        let max_connections = listener::connection_cap(args.server.max_connections);
-        self.tasks.push(self.liveness.spawn("accept", {
-            let shutdown = shutdown.clone();
-            async move {
-                listener::accept_loop(listener, tls_config, max_connections, conn_tx, shutdown)
-                    .await;
-                Ok(())
-            }
+        let (grpc, accept) = server::start(
+            GrpcOptions {
+                address: self.plan.serving_address,
+                max_connections: args.server.max_connections,
+                client_verifier,
+            },
+            service,
+            self.resolver.clone(),
+        )
+        .await?;
+        self.tasks.push(self.liveness.spawn("accept", async move {
+            accept.await;
+            Ok(())
         }));
-
-        let (health, health_service) = tonic_health::server::health_reporter();
-        health
-            .set_serving::<IstioCertificateServiceServer<CaService>>()
-            .await;
-        // The edge serves each connection (HTTP/2 settings, idle connections, request-read
-        // deadline, RESOURCE_EXHAUSTED for over-size messages); tonic routes and decodes.
-        // tonic's own size limit stays as a backstop behind the edge's.
-        let edge_limits = crate::signer::edge::EdgeLimits::in_force();
-        let routes = tonic::service::Routes::new(health_service)
-            .add_service(
-                IstioCertificateServiceServer::new(service)
-                    .max_decoding_message_size(edge_limits.max_message_bytes)
-                    .max_encoding_message_size(edge_limits.max_message_bytes),
-            )
-            .prepare();
-        let grpc = crate::signer::edge::serve(
-            ReceiverStream::new(conn_rx),
-            routes,
-            edge_limits,
-            shutdown.clone(),
-        );
-        let grpc = tokio::spawn(grpc);
         self.readiness.grpc_listening.store(true, Ordering::Release);
-        tracing::info!(grpc = %grpc_address, "serving");
-        Ok(Started {
-            grpc_address,
-            health,
-            shutdown,
-            grpc,
-        })
+        tracing::info!(grpc = %grpc.address, "serving");
+        Ok(Started { grpc })
     }
 }
 
 struct Started {
-    grpc_address: SocketAddr,
-    health: tonic_health::server::HealthReporter,
-    /// Cancelled to close the gRPC listener and drain.
-    shutdown: CancellationToken,
-    grpc: JoinHandle<Result<(), tonic::transport::Error>>,
+    grpc: GrpcServer,
 }
 
 /// Serves until asked to stop, then: readiness off, health NOT_SERVING, no new connections,
 /// in-flight requests finish within the grace period. The gRPC server ending by itself is an
 /// error (the process cannot serve any more); other critical tasks only fail `/livez`.
-#[allow(clippy::too_many_arguments)]
 async fn run_until_stopped(
     stop: CancellationToken,
     shutdown_delay: Duration,
     tasks: Vec<AbortOnDropHandle<()>>,
     liveness: Arc<Liveness>,
     readiness: Arc<Readiness>,
-    health: tonic_health::server::HealthReporter,
-    shutdown: CancellationToken,
-    mut grpc: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+    mut grpc: GrpcServer,
     grace: Duration,
 ) -> anyhow::Result<()> {
     let early_end = tokio::select! {
         _ = stop.cancelled() => None,
-        ended = &mut grpc => Some(ended),
+        ended = grpc.ended() => Some(ended),
     };
     liveness.stopping();
     readiness.shutting_down.store(true, Ordering::Release);
-    health
-        .set_not_serving::<IstioCertificateServiceServer<CaService>>()
-        .await;
-    // gRPC health probes ask about the whole server ("") by default.
-    health
-        .set_service_status("", tonic_health::ServingStatus::NotServing)
-        .await;
-    if early_end.is_none() && !shutdown_delay.is_zero() {
-        tracing::info!(
-            ?shutdown_delay,
-            "not ready; serving on while endpoints update"
-        );
-        tokio::time::sleep(shutdown_delay).await;
-    }
-    shutdown.cancel();
+    grpc.not_serving().await;
     if let Some(ended) = early_end {
+        grpc.close();
         drop(tasks);
         return match ended {
             Ok(Ok(())) => Err(anyhow::anyhow!("the gRPC server stopped unexpectedly")),
@@ -829,15 +775,14 @@ async fn run_until_stopped(
             Err(error) => Err(anyhow::Error::new(error).context("the gRPC server task failed")),
         };
     }
-    match tokio::time::timeout(grace, grpc).await {
-        Ok(Ok(Ok(()))) => tracing::info!("in-flight requests finished; exiting"),
-        Ok(Ok(Err(error))) => tracing::error!(%error, "gRPC server failed"),
-        Ok(Err(error)) => tracing::error!(%error, "gRPC server task failed"),
-        Err(_) => tracing::warn!(
-            ?grace,
-            "shutdown grace period over; abandoning in-flight requests"
-        ),
+    if !shutdown_delay.is_zero() {
+        tracing::info!(
+            ?shutdown_delay,
+            "not ready; serving on while endpoints update"
+        );
+        tokio::time::sleep(shutdown_delay).await;
     }
+    grpc.drain(grace).await;
     drop(tasks);
     Ok(())
 }

@@ -9,6 +9,7 @@ pub mod issuer;
 pub mod listener;
 pub mod log_guard;
 pub mod metrics;
+pub mod server;
 pub mod service;
 pub mod serving;
 pub mod tenants;
