@@ -128,9 +128,7 @@ pub fn classify(method: &Method, uri: &Uri) -> (&'static str, &'static str) {
         ["namespaces", _, tail @ ..] if !tail.is_empty() => tail,
         other => other,
     };
-    let watch = uri
-        .query()
-        .is_some_and(|q| q.split('&').any(|p| p == "watch=true" || p == "watch=1"));
+    let watch = is_watch(uri);
     let resource = match rest {
         [resource, _, sub, ..] => format!("{resource}/{sub}"),
         [resource, ..] => (*resource).to_owned(),
@@ -142,6 +140,12 @@ pub fn classify(method: &Method, uri: &Uri) -> (&'static str, &'static str) {
         .copied()
         .unwrap_or("other");
     (verb_of(method, rest.len() >= 2, watch), resource)
+}
+
+/// A watch request (`?watch=true`): a response that streams for minutes.
+pub fn is_watch(uri: &Uri) -> bool {
+    uri.query()
+        .is_some_and(|q| q.split('&').any(|p| p == "watch=true" || p == "watch=1"))
 }
 
 fn verb_of(method: &Method, named: bool, watch: bool) -> &'static str {

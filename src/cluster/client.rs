@@ -10,11 +10,16 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::Registry;
 
 use super::api_metrics::ApiMetricsLayer;
+use super::deadline::DeadlineLayer;
 use super::rate_limit::RateLimitLayer;
 
 /// A hung API server must not hang a CreateCertificate.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-const READ_TIMEOUT: Duration = Duration::from_secs(15);
+/// Every request but a watch is answered within this (`deadline.rs`).
+const REQUEST_DEADLINE: Duration = Duration::from_secs(15);
+/// The socket-level backstop, for a response body that stalls: beyond the 290 s a watch
+/// stays open (kube-runtime asks the API server to end it then), so no watch is cut.
+const READ_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Builds clients for any cluster with the same limits and metrics; each client gets its own
 /// rate-limit bucket, since the limit protects that cluster's API server.
@@ -49,9 +54,12 @@ impl ClientFactory {
     pub fn build(&self, mut config: kube::Config) -> anyhow::Result<kube::Client> {
         config.connect_timeout = Some(CONNECT_TIMEOUT);
         config.read_timeout = Some(READ_TIMEOUT);
-        config.write_timeout = Some(READ_TIMEOUT);
+        config.write_timeout = Some(REQUEST_DEADLINE);
+        // The pool's idle time must not count against the read timeout.
+        config.reset_reader_on_write = true;
         let limit = RateLimitLayer::new(self.qps, self.burst, self.rate_limit_waits.clone());
         Ok(kube::client::ClientBuilder::try_from(config)?
+            .with_layer(&DeadlineLayer::new(REQUEST_DEADLINE))
             .with_layer(&self.metrics)
             .with_layer(&limit)
             .build())

@@ -4,6 +4,7 @@
 
 pub mod api_metrics;
 pub mod client;
+pub mod deadline;
 pub mod kubeconfig;
 pub mod rate_limit;
 pub mod remote;
