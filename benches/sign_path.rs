@@ -41,7 +41,7 @@ fn sign_path(c: &mut Criterion) {
                     let checked = csr::parse_and_check(&pem).unwrap();
                     let chain = ca
                         .sign(
-                            &checked.uris,
+                            &checked.identities,
                             &checked.public_key,
                             Duration::from_secs(3600),
                             OffsetDateTime::now_utc(),

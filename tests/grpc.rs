@@ -191,6 +191,10 @@ async fn refuses_another_identity_as_permission_denied() {
     for csr_identity in [
         "spiffe://cluster.local/ns/other/sa/other",
         "spiffe://other.domain/ns/default/sa/default",
+        // Valid spiffe:// URIs, but no service account's identity: refused all the same.
+        "spiffe://cluster.local/default",
+        "spiffe://cluster.local/ns/default/sa/default/extra",
+        "spiffe://Cluster.Local/ns/default/sa/default",
     ] {
         let (csr, _) = p256_csr(csr_identity);
         let status = create(&server, Some(&server.token()), csr, 3600)

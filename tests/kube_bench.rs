@@ -243,7 +243,7 @@ async fn csr_latency_and_api_cost_on_a_real_apiserver() {
                     let (csr, _) = p256_csr(&identity);
                     let t = Instant::now();
                     let checked = istio_csr_rs::pki::csr::parse_and_check(&csr).unwrap();
-                    let names = LeafNames::identities(&checked.uris);
+                    let names = LeafNames::identities(&checked.identities);
                     issuer
                         .issue(IssueRequest {
                             purpose: Purpose::Workload,

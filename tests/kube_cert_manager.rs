@@ -89,7 +89,6 @@ async fn issue(
     identity: &str,
 ) -> Result<Vec<rustls_pki_types::CertificateDer<'static>>, IssueError> {
     let csr = csr_for(identity);
-    let identities = [identity.to_owned()];
     // The service's own way in: the answer is verified against the pinned root.
     let roots = RootBundle::from_certs(vec![setup.root.cert.clone()]).unwrap();
     let (_keep, roots) = tokio::sync::watch::channel(std::sync::Arc::new(roots));
@@ -98,7 +97,7 @@ async fn issue(
         .issue(IssueRequest {
             purpose: Purpose::Workload,
             csr: &csr,
-            names: &LeafNames::identities(&identities),
+            names: &LeafNames::identities(&csr.identities),
             lifetime: Duration::from_secs(3600),
             route: None,
             annotations: &NO_ANNOTATIONS,
@@ -221,8 +220,7 @@ async fn a_chain_from_a_foreign_ca_is_refused_and_leaves_nothing() {
 async fn a_cancelled_wait_still_deletes_its_request() {
     let setup = setup("cm-cancel", "slow-issuer", Duration::from_secs(30), false).await;
     let csr = csr_for("spiffe://cluster.local/ns/cm-cancel/sa/web");
-    let identities = ["spiffe://cluster.local/ns/cm-cancel/sa/web".to_owned()];
-    let names = LeafNames::identities(&identities);
+    let names = LeafNames::identities(&csr.identities);
     let call = setup.issuer.issue(IssueRequest {
         purpose: Purpose::Workload,
         csr: &csr,

@@ -9,7 +9,7 @@
 //! Whatever is accepted must satisfy what the module promises: one of the allowed signature
 //! algorithms and key types, a subject that is empty or one empty O, only URI SANs, at least one
 //! and none repeated,
-//! returned in order, and the DER returned unchanged.
+//! each a service-account SPIFFE identity, returned in order, and the DER returned unchanged.
 #![no_main]
 
 use fuzz_support::{sign_csr_info, verbose};
@@ -34,7 +34,7 @@ fuzz_target!(|data: &[u8]| {
         0 => {
             let text = String::from_utf8_lossy(rest);
             let verdict = csr::parse_and_check(&text);
-            verbose!("pem: {:?}", verdict.as_ref().map(|c| &c.uris));
+            verbose!("pem: {:?}", verdict.as_ref().map(|c| &c.identities));
             if let Ok(checked) = verdict {
                 assert_invariants(&checked);
                 // The same DER, however it was framed, gets the same verdict.
@@ -43,7 +43,7 @@ fuzz_target!(|data: &[u8]| {
         }
         1 => {
             let verdict = csr::check_der(rest);
-            verbose!("der: {:?}", verdict.as_ref().map(|c| &c.uris));
+            verbose!("der: {:?}", verdict.as_ref().map(|c| &c.identities));
             if let Ok(checked) = verdict {
                 assert_eq!(checked.der, rest);
                 assert_invariants(&checked);
@@ -52,14 +52,14 @@ fuzz_target!(|data: &[u8]| {
                 assert_eq!(csr::parse_and_check(&pem).as_ref(), Ok(&checked));
             }
             if let Ok(own) = csr::own_der(rest) {
-                assert!(own.uris.is_empty());
+                assert!(own.identities.is_empty());
                 assert_eq!(own.der, rest);
             }
         }
         _ => {
             let der = sign_csr_info(rest);
             let verdict = csr::check_der(&der);
-            verbose!("signed info: {:?}", verdict.as_ref().map(|c| &c.uris));
+            verbose!("signed info: {:?}", verdict.as_ref().map(|c| &c.identities));
             if let Ok(checked) = verdict {
                 assert_eq!(checked.der, der);
                 assert_invariants(&checked);
@@ -130,7 +130,8 @@ fn assert_invariants(checked: &CheckedCsr) {
         }
     }
 
-    // Every SAN is a URI, and the URIs returned are exactly those, in order, none repeated.
+    // Every SAN is a URI, and the identities returned spell exactly those, in order, none
+    // repeated.
     let mut in_csr = Vec::new();
     let mut extension_requests = 0;
     for attribute in info.iter_attributes() {
@@ -150,9 +151,13 @@ fn assert_invariants(checked: &CheckedCsr) {
         }
     }
     assert!(extension_requests <= 1);
-    assert!(!checked.uris.is_empty(), "accepted without a URI SAN");
-    assert_eq!(checked.uris, in_csr);
-    for (i, uri) in checked.uris.iter().enumerate() {
-        assert!(!checked.uris[..i].contains(uri), "duplicate URI {uri:?}");
+    assert!(!checked.identities.is_empty(), "accepted without a URI SAN");
+    let spelled: Vec<String> = checked.identities.iter().map(ToString::to_string).collect();
+    assert_eq!(spelled, in_csr);
+    for (i, id) in checked.identities.iter().enumerate() {
+        assert!(
+            !checked.identities[..i].contains(id),
+            "duplicate identity {id}"
+        );
     }
 }

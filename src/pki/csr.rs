@@ -20,6 +20,8 @@ use x509_parser::oid_registry::{
 use x509_parser::prelude::FromDer;
 use x509_parser::public_key::PublicKey;
 
+use super::identity::SpiffeId;
+
 /// DECISION (protocol.md): a CSR PEM larger than this is refused before any parsing.
 /// Real CSRs are 0.5 to 2 KiB; 64 KiB leaves room for RSA-8192 and long identities.
 pub const MAX_CSR_PEM_BYTES: usize = 64 * 1024;
@@ -65,6 +67,10 @@ pub enum CsrError {
     ForbiddenExtendedKeyUsage,
     #[error("CSR carries attribute {0}, which is not allowed")]
     ForbiddenAttribute(String),
+    /// Every other rule passed, but a URI SAN is not `spiffe://<td>/ns/<ns>/sa/<sa>`: no caller
+    /// holds such an identity, so the signer refuses it as one the caller may not request.
+    #[error("CSR requests URI SANs {0:?}, not all of them service-account identities")]
+    NotAnIdentity(Vec<String>),
 }
 
 /// The public key of a checked CSR, ready to be placed into a certificate.
@@ -113,8 +119,8 @@ impl rcgen::PublicKeyData for CsrPublicKey {
 /// A CSR that passed every rule: its requested identities and its key.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CheckedCsr {
-    /// The URI SANs, in the order the CSR lists them (no duplicates).
-    pub uris: Vec<String>,
+    /// The URI SANs, parsed, in the order the CSR lists them (no duplicates).
+    pub identities: Vec<SpiffeId>,
     pub public_key: CsrPublicKey,
     /// The DER CSR, for issuers that forward it (cert-manager, the Kubernetes CSR API).
     pub der: Vec<u8>,
@@ -145,8 +151,13 @@ pub fn check_der(der: &[u8]) -> Result<CheckedCsr, CsrError> {
     csr.verify_signature().map_err(|_| CsrError::BadSignature)?;
     check_subject(&csr)?;
     let uris = check_attributes_and_extensions(&csr)?;
+    // Parsed last, so that a CSR breaking another rule is refused for that rule as before.
+    let parsed: Result<Vec<SpiffeId>, _> = uris.iter().map(|uri| uri.parse()).collect();
+    let Ok(identities) = parsed else {
+        return Err(CsrError::NotAnIdentity(uris));
+    };
     Ok(CheckedCsr {
-        uris,
+        identities,
         public_key,
         der: der.to_vec(),
     })
@@ -160,7 +171,7 @@ pub fn own_der(der: &[u8]) -> Result<CheckedCsr, CsrError> {
         X509CertificationRequest::from_der(der).map_err(|e| CsrError::Malformed(e.to_string()))?;
     let public_key = check_public_key(&csr)?;
     Ok(CheckedCsr {
-        uris: Vec::new(),
+        identities: Vec::new(),
         public_key,
         der: der.to_vec(),
     })
@@ -361,6 +372,10 @@ mod tests {
 
     const ID: &str = "spiffe://cluster.local/ns/default/sa/default";
 
+    fn ids(uris: &[&str]) -> Vec<SpiffeId> {
+        uris.iter().map(|u| u.parse().unwrap()).collect()
+    }
+
     fn check(builder: CsrBuilder) -> Result<CheckedCsr, CsrError> {
         parse_and_check(&builder.build_pem())
     }
@@ -375,7 +390,7 @@ mod tests {
         ] {
             let csr =
                 check(CsrBuilder::new(alg).uri(ID)).unwrap_or_else(|e| panic!("{alg:?}: {e}"));
-            assert_eq!(csr.uris, vec![ID.to_owned()]);
+            assert_eq!(csr.identities, ids(&[ID]));
         }
     }
 
@@ -435,7 +450,29 @@ mod tests {
     fn keeps_several_uri_sans_in_order() {
         let other = "spiffe://cluster.local/ns/a/sa/b";
         let csr = check(CsrBuilder::new(KeyAlg::EcdsaP256).uri(ID).uri(other)).unwrap();
-        assert_eq!(csr.uris, vec![ID.to_owned(), other.to_owned()]);
+        assert_eq!(csr.identities, ids(&[ID, other]));
+    }
+
+    #[test]
+    fn refuses_uris_that_are_not_service_account_identities_after_every_other_rule() {
+        let p256 = || CsrBuilder::new(KeyAlg::EcdsaP256);
+        for other in [
+            "spiffe://cluster.local/foo",
+            "spiffe://cluster.local/ns/a/sa/b/extra",
+            "https://example.com/ns/a/sa/b",
+        ] {
+            assert_eq!(
+                check(p256().uri(ID).uri(other)).unwrap_err(),
+                CsrError::NotAnIdentity(vec![ID.to_owned(), other.to_owned()]),
+                "{other}"
+            );
+            // Any other violation is reported first, as it was before identities were parsed.
+            assert_eq!(
+                check(p256().uri(other).dns("foo.example.com")).unwrap_err(),
+                CsrError::ForbiddenSan("DNS"),
+                "{other}"
+            );
+        }
     }
 
     #[test]
@@ -595,7 +632,7 @@ mod tests {
             &["ecparam", "-name", "prime256v1", "-genkey", "-noout"],
             &[],
         );
-        assert_eq!(parse_and_check(&pem).unwrap().uris, vec![ID.to_owned()]);
+        assert_eq!(parse_and_check(&pem).unwrap().identities, ids(&[ID]));
     }
 
     #[test]
@@ -647,7 +684,7 @@ mod tests {
         let values = der_tlv(0x31, &san_extensions(&der_tlv(0x86, ID.as_bytes())));
         let csr =
             CsrBuilder::new(KeyAlg::EcdsaP256).attribute(&[1, 2, 840, 113549, 1, 9, 14], values);
-        assert_eq!(check(csr).unwrap().uris, vec![ID.to_owned()]);
+        assert_eq!(check(csr).unwrap().identities, ids(&[ID]));
     }
 
     #[test]

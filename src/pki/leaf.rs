@@ -10,6 +10,8 @@ use rcgen::{
 use rustls_pki_types::CertificateDer;
 use time::OffsetDateTime;
 
+use crate::pki::identity::SpiffeId;
+
 /// Backdating notBefore absorbs clock skew between this replica and the workloads: a leaf must
 /// not be "not yet valid" on a node whose clock is a little behind.
 pub const NOT_BEFORE_SKEW: Duration = Duration::from_secs(60);
@@ -67,10 +69,10 @@ pub struct LeafNames {
 }
 
 impl LeafNames {
-    /// A workload's: its SPIFFE identities only.
-    pub fn identities(uris: &[String]) -> Self {
+    /// A workload's: its SPIFFE identities only, as URI SANs.
+    pub fn identities(identities: &[SpiffeId]) -> Self {
         Self {
-            uris: uris.to_vec(),
+            uris: identities.iter().map(SpiffeId::to_string).collect(),
             ..Self::default()
         }
     }
@@ -109,7 +111,11 @@ pub fn sign_workload(
     window: (OffsetDateTime, OffsetDateTime),
     issuer: &rcgen::Issuer<'_, impl SigningKey>,
 ) -> Result<CertificateDer<'static>, LeafError> {
-    sign_leaf(&LeafNames::identities(uris), public_key, window, issuer)
+    let names = LeafNames {
+        uris: uris.to_vec(),
+        ..LeafNames::default()
+    };
+    sign_leaf(&names, public_key, window, issuer)
 }
 
 /// Issues a TLS leaf for `names`: the same profile as workloads, with a CN when one is given.

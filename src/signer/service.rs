@@ -121,13 +121,7 @@ impl CaService {
             None => caller.identities.clone(),
         };
 
-        let csr = csr::parse_and_check(&body.csr)?;
-        if !same_identities(&csr.uris, &allowed) {
-            return Err(SignError::IdentityMismatch {
-                requested: csr.uris.clone(),
-                allowed,
-            });
-        }
+        let csr = check_csr(&body.csr, &allowed)?;
 
         // Decided before any request reaches an issuer (tenants/mod.rs).
         let table = self.tenants.borrow().clone();
@@ -140,7 +134,7 @@ impl CaService {
         tenant_out.clone_from(&tenant);
 
         let lifetime = clamp_lifetime(body.validity_duration, self.settings.max_lifetime);
-        let names = LeafNames::identities(&csr.uris);
+        let names = LeafNames::identities(&csr.identities);
         let Certified {
             chain: verified,
             roots,
@@ -174,7 +168,7 @@ impl CaService {
         cluster: &ClusterTarget,
         caller: &Caller,
         identity: &str,
-    ) -> Result<String, SignError> {
+    ) -> Result<SpiffeId, SignError> {
         let account = caller
             .service_account
             .as_ref()
@@ -200,7 +194,7 @@ impl CaService {
             )));
         };
         match nodes.authorize(cluster, caller, &identity).await {
-            Ok(()) => Ok(identity.to_string()),
+            Ok(()) => Ok(identity),
             Err(NodeCheckError::Refused(why)) => Err(SignError::Impersonation(why)),
             Err(NodeCheckError::Unavailable(why)) => Err(SignError::NodeCheckUnavailable(why)),
         }
@@ -265,8 +259,28 @@ impl<'a> RequestOptions<'a> {
     }
 }
 
+/// Checks the CSR, which must ask for exactly the `allowed` identities: no more, no fewer.
+/// A URI SAN that is no service-account identity is one the caller may not request either,
+/// refused (and logged) like another caller's identity.
+fn check_csr(pem: &str, allowed: &[SpiffeId]) -> Result<csr::CheckedCsr, SignError> {
+    let mismatch = |requested: Vec<String>| SignError::IdentityMismatch {
+        requested,
+        allowed: allowed.iter().map(SpiffeId::to_string).collect(),
+    };
+    let csr = csr::parse_and_check(pem).map_err(|e| match e {
+        csr::CsrError::NotAnIdentity(uris) => mismatch(uris),
+        other => SignError::Csr(other),
+    })?;
+    if !same_identities(&csr.identities, allowed) {
+        return Err(mismatch(
+            csr.identities.iter().map(SpiffeId::to_string).collect(),
+        ));
+    }
+    Ok(csr)
+}
+
 /// The CSR must ask for exactly the allowed identities: no more, no fewer.
-fn same_identities(requested: &[String], allowed: &[String]) -> bool {
+fn same_identities(requested: &[SpiffeId], allowed: &[SpiffeId]) -> bool {
     requested.len() == allowed.len() && requested.iter().all(|r| allowed.contains(r))
 }
 
@@ -373,17 +387,12 @@ pub const DEFAULT_SIGNER_LABEL: &str = "default";
 /// one) may use a tenant only if every namespace may.
 fn select_tenant(
     table: &TenantTable,
-    allowed: &[String],
+    allowed: &[SpiffeId],
     cert_signer: Option<&str>,
 ) -> Result<Option<Arc<Tenant>>, SignError> {
     let mut selected: Option<Option<Arc<Tenant>>> = None;
     for identity in allowed {
-        let namespace = identity
-            .parse::<SpiffeId>()
-            .map_err(|e| SignError::InvalidRequest(format!("identity {identity:?}: {e}")))?
-            .namespace()
-            .to_owned();
-        let tenant = table.select(&namespace, cert_signer)?;
+        let tenant = table.select(identity.namespace(), cert_signer)?;
         match &selected {
             None => selected = Some(tenant),
             Some(first) if first.as_ref().map(|t| &t.name) == tenant.as_ref().map(|t| &t.name) => {}
@@ -413,7 +422,7 @@ impl<'a> LogFields<'a> {
     fn of(request: &'a Request<IstioCertificateRequest>, caller: Option<&'a Caller>) -> Self {
         let identity = caller
             .and_then(|c| c.identities.first())
-            .map_or("-", String::as_str);
+            .map_or(Cow::Borrowed("-"), |id| Cow::Owned(id.to_string()));
         let cluster = request
             .metadata()
             .get("clusterid")
@@ -426,14 +435,19 @@ impl<'a> LogFields<'a> {
             )
         });
         Self {
-            identity: sanitize(identity, MAX_VALUE_BYTES),
+            identity: sanitize_value(identity),
             impersonating: sanitize(impersonating, MAX_VALUE_BYTES),
             cert_signer: sanitize(cert_signer, MAX_VALUE_BYTES),
-            cluster: match cluster {
-                Cow::Borrowed(value) => sanitize(value, MAX_VALUE_BYTES),
-                Cow::Owned(value) => Cow::Owned(sanitize(&value, MAX_VALUE_BYTES).into_owned()),
-            },
+            cluster: sanitize_value(cluster),
         }
+    }
+}
+
+/// `sanitize` for a value that may be borrowed from the request or made for the log line.
+fn sanitize_value(value: Cow<'_, str>) -> Cow<'_, str> {
+    match value {
+        Cow::Borrowed(value) => sanitize(value, MAX_VALUE_BYTES),
+        Cow::Owned(value) => Cow::Owned(sanitize(&value, MAX_VALUE_BYTES).into_owned()),
     }
 }
 
@@ -463,8 +477,8 @@ mod tests {
             tenant("a", &["ns-a", "shared"], true),
             tenant("b", &["ns-b", "shared"], false),
         ]);
-        let id = |ns: &str| format!("spiffe://cluster.local/ns/{ns}/sa/web");
-        let chosen = |allowed: &[String], signer: Option<&str>| {
+        let id = |ns: &str| SpiffeId::new("cluster.local", ns, "web").unwrap();
+        let chosen = |allowed: &[SpiffeId], signer: Option<&str>| {
             select_tenant(&table, allowed, signer).map(|t| t.map(|t| t.name.clone()))
         };
         // ztunnel: `allowed` is the impersonated identity, so its namespace decides.
@@ -507,9 +521,35 @@ mod tests {
     }
 
     #[test]
+    fn a_csr_uri_that_is_no_service_account_identity_is_refused_as_another_callers() {
+        use crate::pki::testing::{CsrBuilder, KeyAlg};
+        let allowed = ["spiffe://td/ns/a/sa/a".parse().unwrap()];
+        for uri in [
+            "spiffe://td/foo",
+            "spiffe://td/ns/a/sa/a/extra",
+            "spiffe://TD/ns/a/sa/a",
+            "spiffe://td/ns/b/sa/b",
+        ] {
+            let pem = CsrBuilder::new(KeyAlg::EcdsaP256).uri(uri).build_pem();
+            let error = check_csr(&pem, &allowed).unwrap_err();
+            assert_eq!(error.code(), Code::PermissionDenied, "{uri}");
+            assert_eq!(
+                error.to_string(),
+                format!(
+                    "CSR identities [{uri:?}] are not the caller's [\"spiffe://td/ns/a/sa/a\"]"
+                )
+            );
+        }
+        let pem = CsrBuilder::new(KeyAlg::EcdsaP256)
+            .uri("spiffe://td/ns/a/sa/a")
+            .build_pem();
+        assert_eq!(check_csr(&pem, &allowed).unwrap().identities, allowed);
+    }
+
+    #[test]
     fn identities_must_match_exactly() {
-        let a = "spiffe://td/ns/a/sa/a".to_owned();
-        let b = "spiffe://td/ns/b/sa/b".to_owned();
+        let a: SpiffeId = "spiffe://td/ns/a/sa/a".parse().unwrap();
+        let b: SpiffeId = "spiffe://td/ns/b/sa/b".parse().unwrap();
         assert!(same_identities(
             std::slice::from_ref(&a),
             std::slice::from_ref(&a)

@@ -71,7 +71,7 @@ impl Authenticator for ClientCertAuthenticator {
                 namespace: first.namespace().to_owned(),
                 name: first.service_account().to_owned(),
             }),
-            identities: identities.iter().map(ToString::to_string).collect(),
+            identities,
             pod: None,
             method: AuthMethod::ClientCertificate,
         }))
@@ -105,7 +105,7 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
-        assert_eq!(caller.identities, vec![ID.to_owned()]);
+        assert_eq!(caller.identities, vec![ID.parse().unwrap()]);
         assert_eq!(caller.method, AuthMethod::ClientCertificate);
     }
 

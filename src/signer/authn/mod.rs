@@ -12,6 +12,7 @@ use async_trait::async_trait;
 use rustls_pki_types::CertificateDer;
 
 use crate::cluster::ClusterTarget;
+use crate::pki::identity::SpiffeId;
 
 /// The credentials one request carries.
 pub struct Credentials<'a> {
@@ -26,8 +27,8 @@ pub struct Credentials<'a> {
 /// An authenticated caller.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Caller {
-    /// SPIFFE identities the caller may request, as exact strings.
-    pub identities: Vec<String>,
+    /// SPIFFE identities the caller may request, parsed where the credential was read.
+    pub identities: Vec<SpiffeId>,
     /// The Kubernetes service account, for token callers.
     pub service_account: Option<ServiceAccount>,
     /// The pod the token was bound to, when the review says so.

@@ -276,7 +276,7 @@ mod tests {
 
     fn ztunnel() -> Caller {
         Caller {
-            identities: vec!["spiffe://cluster.local/ns/sys/sa/ztunnel".into()],
+            identities: vec!["spiffe://cluster.local/ns/sys/sa/ztunnel".parse().unwrap()],
             service_account: Some(ServiceAccount {
                 namespace: "sys".into(),
                 name: "ztunnel".into(),

@@ -66,7 +66,7 @@ impl TokenTable {
             let identity = SpiffeId::new(trust_domain, namespace, service_account)
                 .map_err(|e| err(&e.to_string()))?;
             let caller = Caller {
-                identities: vec![identity.to_string()],
+                identities: vec![identity],
                 service_account: Some(ServiceAccount {
                     namespace: namespace.to_owned(),
                     name: service_account.to_owned(),
@@ -192,7 +192,7 @@ mod tests {
         let caller = table.lookup("def").unwrap();
         assert_eq!(
             caller.identities,
-            vec!["spiffe://cluster.local/ns/ns1/sa/sa.one".to_owned()]
+            vec!["spiffe://cluster.local/ns/ns1/sa/sa.one".parse().unwrap()]
         );
         assert!(table.lookup("nope").is_none());
     }

@@ -318,7 +318,7 @@ pub fn caller_from_review(
         _ => None,
     };
     Ok(Caller {
-        identities: vec![identity.to_string()],
+        identities: vec![identity],
         service_account: Some(ServiceAccount {
             namespace: namespace.to_owned(),
             name: name.to_owned(),
@@ -439,7 +439,7 @@ mod tests {
         .unwrap();
         assert_eq!(
             caller.identities,
-            vec!["spiffe://cluster.local/ns/app/sa/web".to_owned()]
+            vec!["spiffe://cluster.local/ns/app/sa/web".parse().unwrap()]
         );
         assert_eq!(
             caller.pod,

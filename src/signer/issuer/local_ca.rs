@@ -24,6 +24,7 @@ use x509_parser::prelude::{FromDer, X509Certificate};
 use super::{IssueError, IssueRequest, Issued, Issuer, LeafNames};
 use crate::fswatch::{self, Follower};
 use crate::pki::chain::{self, RootBundle, VerifiedChain};
+use crate::pki::identity::SpiffeId;
 use crate::pki::{keys, leaf, pem};
 
 #[derive(Debug, thiserror::Error)]
@@ -200,7 +201,7 @@ impl LoadedCa {
     /// Signs a workload leaf; no I/O.
     pub fn sign(
         &self,
-        identities: &[String],
+        identities: &[SpiffeId],
         public_key: &impl rcgen::PublicKeyData,
         lifetime: Duration,
         now: OffsetDateTime,
@@ -466,7 +467,7 @@ mod tests {
     fn sign(ca: &LoadedCa) -> VerifiedChain {
         let key = KeyAlg::EcdsaP256.generate();
         ca.sign(
-            &[ID.to_owned()],
+            &[ID.parse().unwrap()],
             &key,
             Duration::from_secs(3600),
             OffsetDateTime::now_utc(),
@@ -665,7 +666,7 @@ mod tests {
         let key = KeyAlg::EcdsaP256.generate();
         let chain = ca
             .sign(
-                &[ID.to_owned()],
+                &[ID.parse().unwrap()],
                 &key,
                 Duration::from_secs(100 * 365 * 86_400),
                 OffsetDateTime::now_utc(),
