@@ -294,11 +294,26 @@ pub fn clamp_lifetime(requested_secs: i64, max: Duration) -> Duration {
 
 #[tonic::async_trait]
 impl IstioCertificateService for CaService {
+    // Everything logged while serving the call (authentication, the node check, the issuer)
+    // carries the peer and the cluster the caller named, escaped like every logged value.
+    #[tracing::instrument(
+        name = "CreateCertificate",
+        skip_all,
+        fields(peer = tracing::field::Empty, cluster = tracing::field::Empty)
+    )]
     async fn create_certificate(
         &self,
         request: Request<IstioCertificateRequest>,
     ) -> Result<Response<IstioCertificateResponse>, Status> {
         let started = Instant::now();
+        let span = tracing::Span::current();
+        if let Some(info) = request.extensions().get::<ConnInfo>() {
+            span.record("peer", tracing::field::display(info.remote));
+        }
+        if let Some(cluster) = request.metadata().get("clusterid") {
+            let cluster = sanitize_value(String::from_utf8_lossy(cluster.as_bytes()));
+            span.record("cluster", &*cluster);
+        }
         let mut caller = None;
         let mut tenant = None;
         let source = request
