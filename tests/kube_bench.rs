@@ -583,16 +583,10 @@ const AMBIENT_CONNECTIONS: usize = 8;
 
 /// Requests with `verb` on `resource`, whatever the answer.
 fn all_codes(metrics: &openmetrics::Exposition, verb: &str, resource: &str) -> f64 {
-    metrics
-        .samples
-        .iter()
-        .filter(|s| {
-            s.name == "istio_csr_kube_api_requests_total"
-                && s.labels.get("verb").is_some_and(|v| v == verb)
-                && s.labels.get("resource").is_some_and(|r| r == resource)
-        })
-        .map(|s| s.value)
-        .sum()
+    metrics.sum(
+        "istio_csr_kube_api_requests_total",
+        &[("verb", verb), ("resource", resource)],
+    )
 }
 
 #[tokio::test(flavor = "multi_thread")]

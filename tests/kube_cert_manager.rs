@@ -287,18 +287,10 @@ async fn fifty_concurrent_requests_share_one_watch_and_all_succeed() {
     prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
     let metrics = openmetrics::parse(&text);
     let requests = |verb: &str| {
-        metrics
-            .samples
-            .iter()
-            .filter(|s| {
-                s.name == "istio_csr_kube_api_requests_total"
-                    && s.labels.get("verb").is_some_and(|v| v == verb)
-                    && s.labels
-                        .get("resource")
-                        .is_some_and(|r| r == "certificaterequests")
-            })
-            .map(|s| s.value)
-            .sum::<f64>()
+        metrics.sum(
+            "istio_csr_kube_api_requests_total",
+            &[("verb", verb), ("resource", "certificaterequests")],
+        )
     };
     // One list and one watch for all fifty (a watch each would make fifty). kube-runtime
     // resumes a watch the API server ends early, which a fresh test server sometimes does

@@ -55,16 +55,10 @@ pub async fn impersonate(
 /// watch), any answer, in all its clusters.
 pub async fn pod_requests(admin: SocketAddr, verb: &str) -> f64 {
     let (_, body) = http_get(&format!("http://{admin}/metrics")).await;
-    openmetrics::parse(&body)
-        .samples
-        .iter()
-        .filter(|s| {
-            s.name == "istio_csr_kube_api_requests_total"
-                && s.labels.get("resource").is_some_and(|r| r == "pods")
-                && s.labels.get("verb").is_some_and(|v| v == verb)
-        })
-        .map(|s| s.value)
-        .sum()
+    openmetrics::parse(&body).sum(
+        "istio_csr_kube_api_requests_total",
+        &[("resource", "pods"), ("verb", verb)],
+    )
 }
 
 /// Pod GETs and LISTs so far: what the cache is there to save.

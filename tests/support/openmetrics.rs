@@ -32,6 +32,21 @@ impl Exposition {
             .find(|s| s.name == name && s.labels == want)
             .map_or(0.0, |s| s.value)
     }
+
+    /// The sum over the samples with this name whose labels include these (whatever their
+    /// other labels), e.g. API requests of one verb and resource, whatever the answer.
+    pub fn sum(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.samples
+            .iter()
+            .filter(|s| {
+                s.name == name
+                    && labels
+                        .iter()
+                        .all(|(k, v)| s.labels.get(*k).is_some_and(|have| have == v))
+            })
+            .map(|s| s.value)
+            .sum()
+    }
 }
 
 /// Parses and validates; panics with the offending line on any deviation.
