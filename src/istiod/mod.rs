@@ -191,6 +191,11 @@ impl IstiodCerts {
         }
     }
 
+    #[tracing::instrument(
+        name = "istiod certificate",
+        skip_all,
+        fields(namespace = %self.spec.namespace, exists = current.is_some())
+    )]
     async fn reconcile(
         &self,
         api: &Api<Secret>,
