@@ -93,7 +93,9 @@ async fn forged_tokens_cost_no_token_review_and_real_ones_still_work() {
 
     // A well-formed token the API server refuses (its signature is broken): reviewed once,
     // then remembered.
-    let other = cluster.token(ns, "web", &["istio-ca"], 3600, None).await;
+    // Another lifetime: two TokenRequests alike within one second give the same token.
+    let other = cluster.token(ns, "web", &["istio-ca"], 3599, None).await;
+    assert_ne!(other, real);
     let (unsigned, _) = other.rsplit_once('.').unwrap();
     let broken = format!("{unsigned}.{}", b64(&[1u8; 256]));
     for _ in 0..5 {
