@@ -11,9 +11,9 @@
 //!
 //! Staleness: the cache is as fresh as the watch (milliseconds behind the API server while it
 //! runs). Until its first list is complete it answers nothing, and `node.rs` reads the API.
-//! While the watch is interrupted it keeps its last state, as kube-runtime's `Store` does,
-//! and the watcher resumes (or re-lists) with backoff; a cache that misses a new pod costs a
-//! LIST, so only a pod deleted during an outage could still be counted until it resumes.
+//! After a watch error it answers nothing either until events flow again (or a re-list is
+//! complete): a watch refused after the list would otherwise leave a frozen snapshot that
+//! still counts pods deleted since. A cache that misses a new pod costs a LIST.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, RwLock};
@@ -88,6 +88,10 @@ type NodeKey = (String, String, String);
 struct Index {
     /// The first full list has been applied.
     synced: bool,
+    /// The watch failed and has delivered nothing since: the cache may be frozen (a watch
+    /// refused after the list, e.g. for want of `watch` rights, is retried for ever without a
+    /// new list), so it answers nothing until events flow again.
+    interrupted: bool,
     pods: HashMap<PodKey, PodFacts>,
     /// Names of the live pods, by where they run and as whom.
     live: HashMap<NodeKey, BTreeSet<String>>,
@@ -109,7 +113,16 @@ fn key_of(pod: &Pod) -> Option<PodKey> {
 }
 
 impl Index {
+    /// The cache answers: listed, and not cut off from its watch.
+    fn answers(&self) -> bool {
+        self.synced && !self.interrupted
+    }
+
     fn apply(&mut self, event: watcher::Event<Pod>) {
+        // Events flow again; a re-list is trusted once it is complete.
+        if !matches!(event, watcher::Event::Init | watcher::Event::InitApply(_)) {
+            self.interrupted = false;
+        }
         match event {
             watcher::Event::Init => self.relisting = Some(HashMap::new()),
             watcher::Event::InitApply(pod) => {
@@ -192,7 +205,7 @@ impl PodCache {
     /// The pod `namespace/name`; `None` when unknown or before the first list is complete.
     pub fn pod(&self, namespace: &str, name: &str) -> Option<PodFacts> {
         let index = self.index.read().ok()?;
-        if !index.synced {
+        if !index.answers() {
             return None;
         }
         index
@@ -211,11 +224,11 @@ impl PodCache {
         );
         self.index
             .read()
-            .is_ok_and(|index| index.synced && index.live.contains_key(&key))
+            .is_ok_and(|index| index.answers() && index.live.contains_key(&key))
     }
 
     pub fn is_synced(&self) -> bool {
-        self.index.read().is_ok_and(|index| index.synced)
+        self.index.read().is_ok_and(|index| index.answers())
     }
 
     /// A cache fed by hand, without a watch.
@@ -230,6 +243,11 @@ impl PodCache {
     }
 
     #[cfg(test)]
+    fn interrupt(&self) {
+        self.index.write().unwrap().interrupted = true;
+    }
+
+    #[cfg(test)]
     fn feed(&self, events: impl IntoIterator<Item = watcher::Event<Pod>>) {
         let mut index = self.index.write().unwrap();
         for event in events {
@@ -241,9 +259,12 @@ impl PodCache {
 async fn watch(client: kube::Client, index: Arc<RwLock<Index>>) {
     // Backoff between failed (re-)lists: a missing permission or a dead remote cluster must
     // not become a hot loop.
-    let mut events = watcher(Api::<Pod>::all(client), watcher::Config::default())
-        .default_backoff()
-        .boxed();
+    let mut events = watcher(
+        Api::<Pod>::all(client),
+        crate::cluster::client::watch_config(),
+    )
+    .default_backoff()
+    .boxed();
     let mut synced = false;
     while let Some(event) = events.next().await {
         match event {
@@ -259,7 +280,12 @@ async fn watch(client: kube::Client, index: Arc<RwLock<Index>>) {
                     tracing::info!(pods = index.pods.len(), "pod cache synced");
                 }
             }
-            Err(error) => tracing::warn!(%error, "pod watch interrupted"),
+            Err(error) => {
+                if let Ok(mut index) = index.write() {
+                    index.interrupted = true;
+                }
+                tracing::warn!(%error, "pod watch interrupted; the node check reads the API until it resumes");
+            }
         }
     }
     // Never by kube-runtime's design; if it did, a frozen cache must not answer.
@@ -303,6 +329,31 @@ mod tests {
         assert!(cache.is_synced());
         assert_eq!(cache.pod("ns", "a").unwrap().uid.as_deref(), Some("uid-a"));
         assert!(cache.has_live_pod("n1", "ns", "web"));
+    }
+
+    #[test]
+    fn answers_nothing_after_a_watch_error_until_events_flow_again() {
+        let cache = PodCache::fed(listed(vec![pod("a", "web", "n1", "Running")]));
+        assert!(cache.has_live_pod("n1", "ns", "web"));
+        // Frozen: a pod deleted meanwhile must not count.
+        cache.interrupt();
+        assert!(!cache.has_live_pod("n1", "ns", "web"));
+        assert_eq!(cache.pod("ns", "a"), None);
+        cache.feed([Event::Apply(pod("b", "db", "n1", "Running"))]);
+        assert!(cache.has_live_pod("n1", "ns", "web"), "resumed");
+        // Interrupted again, then re-listed: only the complete list answers.
+        cache.interrupt();
+        cache.feed([
+            Event::Init,
+            Event::InitApply(pod("b", "db", "n1", "Running")),
+        ]);
+        assert!(!cache.has_live_pod("n1", "ns", "db"), "a half re-list");
+        cache.feed([Event::InitDone]);
+        assert!(cache.has_live_pod("n1", "ns", "db"));
+        assert!(
+            !cache.has_live_pod("n1", "ns", "web"),
+            "gone from the new list"
+        );
     }
 
     #[test]
