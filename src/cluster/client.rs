@@ -17,9 +17,19 @@ use super::rate_limit::RateLimitLayer;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Every request but a watch is answered within this (`deadline.rs`).
 const REQUEST_DEADLINE: Duration = Duration::from_secs(15);
-/// The socket-level backstop, for a response body that stalls: beyond the 290 s a watch
-/// stays open (kube-runtime asks the API server to end it then), so no watch is cut.
-const READ_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long the API server keeps a watch open before ending it (and the watcher resumes).
+/// Short enough that a dead connection (kube's client sets no TCP keepalive) shows within a
+/// minute: kube-runtime's watcher gives up on a watch silent for this plus 5 s.
+pub const WATCH_TIMEOUT_SECS: u32 = 55;
+/// The socket-level backstop, for a response body that stalls after its headers: beyond a
+/// watch's life, so no healthy quiet watch is cut.
+const READ_TIMEOUT: Duration = Duration::from_secs(WATCH_TIMEOUT_SECS as u64 + 10);
+
+/// The watcher configuration of every watch: ended by the API server after
+/// `WATCH_TIMEOUT_SECS`.
+pub fn watch_config() -> kube::runtime::watcher::Config {
+    kube::runtime::watcher::Config::default().timeout(WATCH_TIMEOUT_SECS)
+}
 
 /// Builds clients for any cluster with the same limits and metrics; each client gets its own
 /// rate-limit bucket, since the limit protects that cluster's API server.

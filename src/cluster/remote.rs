@@ -87,7 +87,7 @@ static GENERATION: AtomicU64 = AtomicU64::new(1);
 impl RemoteSecrets {
     pub async fn run(self, local: kube::Client) -> anyhow::Result<()> {
         let api: Api<Secret> = Api::namespaced(local, &self.namespace);
-        let config = watcher::Config::default().labels(SECRET_LABEL);
+        let config = super::client::watch_config().labels(SECRET_LABEL);
         // Backoff between failed re-lists: a missing permission must not become a hot loop.
         let mut events = watcher(api, config).default_backoff().boxed();
         let mut clusters: BTreeMap<String, Running> = BTreeMap::new();

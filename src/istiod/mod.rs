@@ -97,7 +97,8 @@ impl IstiodCerts {
     /// its renewal time; reissues when it is not right.
     async fn run(self) -> anyhow::Result<()> {
         let api: Api<Secret> = Api::namespaced(self.client.clone(), &self.spec.namespace);
-        let config = watcher::Config::default().fields(&format!("metadata.name={SECRET_NAME}"));
+        let config =
+            crate::cluster::client::watch_config().fields(&format!("metadata.name={SECRET_NAME}"));
         let mut events = watcher(api.clone(), config).default_backoff().boxed();
         let mut roots = self.issuance.roots().clone();
         let mut signed_by = self.issuance.issuer().signed_by();

@@ -242,7 +242,8 @@ impl CertManagerIssuer {
     ) -> impl Future<Output = anyhow::Result<()>> + Send + 'static {
         use k8s_openapi::api::core::v1::ConfigMap;
         let api: Api<ConfigMap> = Api::namespaced(client, namespace);
-        let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
+        let config =
+            crate::cluster::client::watch_config().fields(&format!("metadata.name={name}"));
         let defaults = self.settings.issuer.clone();
         let fallback = self.settings.static_issuer.then(|| defaults.clone());
         self.set_issuer(None);
@@ -329,7 +330,7 @@ async fn run_watch(
 ) -> anyhow::Result<()> {
     requests::dispatch_outcomes(
         api,
-        watcher::Config::default(),
+        crate::cluster::client::watch_config(),
         waiters,
         |cr: &CertificateRequest| outcome_of(cr.status.as_ref()),
         || {

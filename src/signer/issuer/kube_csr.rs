@@ -14,7 +14,6 @@ use k8s_openapi::api::certificates::v1::{
     CertificateSigningRequest, CertificateSigningRequestCondition, CertificateSigningRequestSpec,
 };
 use kube::api::{Api, ObjectMeta, PostParams};
-use kube::runtime::watcher;
 use tokio::sync::watch;
 
 use super::requests::{self, InFlight, Waiters};
@@ -251,7 +250,7 @@ async fn run_watch(
 ) -> anyhow::Result<()> {
     requests::dispatch_outcomes(
         api,
-        watcher::Config::default().labels(&format!("{REQUEST_LABEL_KEY}=true")),
+        crate::cluster::client::watch_config().labels(&format!("{REQUEST_LABEL_KEY}=true")),
         waiters,
         outcome_of,
         || {
