@@ -174,7 +174,7 @@ pub async fn run(
     };
     let cluster = settings.cluster.clone();
 
-    let mut ns_config = watcher::Config::default();
+    let mut ns_config = crate::cluster::client::watch_config();
     let selector = settings.selector.to_string();
     if !selector.is_empty() {
         ns_config = ns_config.labels(&selector);
@@ -190,7 +190,7 @@ pub async fn run(
         .applied_objects();
     let cm_events = watcher(
         Api::<ConfigMap>::all(client.clone()),
-        watcher::Config::default().fields(&format!("metadata.name={CONFIG_MAP_NAME}")),
+        crate::cluster::client::watch_config().fields(&format!("metadata.name={CONFIG_MAP_NAME}")),
     )
     .default_backoff()
     // Compared and replaced whole, but nobody needs their field managers.
@@ -218,6 +218,7 @@ pub async fn run(
         failures,
     });
     let concurrency = u16::try_from(settings.workers.max(1)).unwrap_or(u16::MAX);
+    let forgotten = context.failures.clone();
     let reconciles = Controller::for_stream(ns_events, namespaces.clone())
         .watches_stream(cm_events, |cm: ConfigMap| {
             cm.namespace()
@@ -225,15 +226,22 @@ pub async fn run(
         })
         .reconcile_all_on(futures_util::stream::select(roots_changed, resync))
         .with_config(controller::Config::default().concurrency(concurrency))
+        // The watches back off by themselves; the controller's own backoff on a watch error
+        // would also hold up root changes and the resync, for every namespace.
+        .trigger_backoff(NoDelay)
         .run(reconcile, error_policy, context)
         .for_each(|result| {
             match result {
                 Err(controller::Error::QueueError(error)) => {
                     tracing::warn!(%error, "trust bundle watch interrupted");
                 }
-                // Gone from the cache before its turn came (deleted, or no longer selected).
-                Err(controller::Error::ObjectNotFound(_)) => {
+                // Gone from the cache before its turn came (deleted, or no longer selected):
+                // its failures are history.
+                Err(controller::Error::ObjectNotFound(gone)) => {
                     settings.metrics.reconciled(&cluster, "skipped");
+                    if let Ok(mut failures) = forgotten.lock() {
+                        failures.remove(&gone.name);
+                    }
                 }
                 Err(controller::Error::RunnerError(error)) => {
                     tracing::error!(%error, "trust bundle controller failed");
@@ -265,6 +273,21 @@ pub async fn run(
         () = reconciles => anyhow::bail!("the trust bundle controller of cluster {} ended", settings.cluster),
         () = announce_sync => unreachable!("pending never completes"),
     }
+}
+
+/// Never waits (and never gives up).
+struct NoDelay;
+
+impl Iterator for NoDelay {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        Some(Duration::ZERO)
+    }
+}
+
+impl kube::runtime::utils::Backoff for NoDelay {
+    fn reset(&mut self) {}
 }
 
 /// A watch's first list is complete (the reflector has applied it: the store is ready).
