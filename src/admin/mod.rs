@@ -98,6 +98,10 @@ impl Collector for StateGauges {
             .as_ref()
             .map(ClusterRegistry::reports)
             .unwrap_or_default();
+        // A family with nothing to report is left out, as the registry leaves out an empty one.
+        if reports.is_empty() {
+            return Ok(());
+        }
         let mut states = encoder.encode_descriptor(
             "cluster_state",
             "1 for each cluster's current state (connecting, connected, syncing, synced, error), 0 for the others.",
@@ -113,6 +117,9 @@ impl Collector for StateGauges {
                 ConstGauge::new(i64::from(state == report.state))
                     .encode(states.encode_family(&labels)?)?;
             }
+        }
+        if reports.iter().all(|r| r.bundle.is_none()) {
+            return Ok(());
         }
         let mut namespaces = encoder.encode_descriptor(
             "bundle_namespaces",
