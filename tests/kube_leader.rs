@@ -258,7 +258,21 @@ async fn of_three_competing_replicas_never_two_lead_at_once() {
     let second = leader_now(&replicas).unwrap();
     assert_ne!(second, first);
 
-    // A crash: the next leader vanishes; it stops acting at that instant.
+    // A crash: the next leader vanishes; it stops acting at that instant. Its recorder must
+    // have logged it leading first, or that entry would come after the stop.
+    let recorded = |log: &std::sync::Mutex<Vec<(tokio::time::Instant, usize, bool)>>| {
+        log.lock()
+            .unwrap()
+            .iter()
+            .any(|(_, index, leading)| *index == second && *leading)
+    };
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while !recorded(&log) {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the recorder never saw the second leader");
     drop(replicas[second].take());
     log.lock()
         .unwrap()
