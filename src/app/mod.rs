@@ -260,30 +260,14 @@ pub async fn launch(args: ServeArgs, hooks: Hooks) -> anyhow::Result<Launched> {
         issuer = wrap(issuer);
     }
 
-    let mut authenticators: Vec<Arc<dyn Authenticator>> = Vec::new();
-    if let Some(path) = &plan.token_auth_file {
-        let tokens = StaticTokens::load(path, &args.server.trust_domain)?;
-        tasks.push(liveness.spawn("token-reload", tokens.clone().watch()?));
-        authenticators.push(tokens);
-    }
-    match &review_client {
-        Some(client) => authenticators.push(Arc::new(TokenReviewer::new(
-            client.clone(),
-            args.server.token_audiences.clone(),
-            &args.server.trust_domain,
-            args.server.token_review_cache_ttl,
-            TokenReviewMetrics::register(&mut registry),
-        ))),
-        None if plan.standalone.is_none() => tracing::info!("TokenReview is off"),
-        None => {}
-    }
-    if authenticators.is_empty() && !args.server.enable_client_cert_authenticator {
-        bail!(
-            "no way to authenticate callers: give a Kubernetes configuration (--kubeconfig, \
-             KUBECONFIG or in-cluster) for TokenReview, --token-auth-file, or \
-             --enable-client-cert-authenticator"
-        );
-    }
+    let authenticators = build_authenticators(
+        &plan,
+        &args,
+        review_client.as_ref(),
+        &mut registry,
+        &liveness,
+        &mut tasks,
+    )?;
 
     let resolver = Arc::new(ServingCertResolver::default());
     let readiness = Arc::new(Readiness::new(resolver.clone(), issuer.clone()));
@@ -333,23 +317,29 @@ pub async fn launch(args: ServeArgs, hooks: Hooks) -> anyhow::Result<Launched> {
     let starting = Starting {
         args,
         plan,
-        signer,
-        issuer,
-        authenticators,
-        signer_metrics,
-        resolver,
-        readiness,
-        liveness,
-        admin_state,
-        tasks,
-        kube,
-        clients,
-        clusters,
-        leader,
-        bundle_metrics,
-        issuance_metrics,
-        istiod_metrics,
-        tenants: tenants.map(|(table, _)| table),
+        signer: SignerSide {
+            parts: signer,
+            issuer,
+            authenticators,
+            metrics: signer_metrics,
+            issuance_metrics,
+            resolver,
+            tenants: tenants.map(|(table, _)| table),
+        },
+        cluster: ClusterSide {
+            kube,
+            clients,
+            clusters,
+            leader,
+            bundle_metrics,
+            istiod_metrics,
+        },
+        sup: Supervision {
+            liveness,
+            readiness,
+            admin_state,
+            tasks,
+        },
     };
     let stop_requested = stop.clone();
     let done = tokio::spawn(async move {
@@ -438,6 +428,43 @@ fn build_signer(
     }
 }
 
+/// Who may ask: the static token file (followed), TokenReview in the local cluster when
+/// there is one. Client certificates join once the roots are known.
+fn build_authenticators(
+    plan: &Plan,
+    args: &ServeArgs,
+    review_client: Option<&kube::Client>,
+    registry: &mut Registry,
+    liveness: &Arc<Liveness>,
+    tasks: &mut Vec<AbortOnDropHandle<()>>,
+) -> anyhow::Result<Vec<Arc<dyn Authenticator>>> {
+    let mut authenticators: Vec<Arc<dyn Authenticator>> = Vec::new();
+    if let Some(path) = &plan.token_auth_file {
+        let tokens = StaticTokens::load(path, &args.server.trust_domain)?;
+        tasks.push(liveness.spawn("token-reload", tokens.clone().watch()?));
+        authenticators.push(tokens);
+    }
+    match review_client {
+        Some(client) => authenticators.push(Arc::new(TokenReviewer::new(
+            client.clone(),
+            args.server.token_audiences.clone(),
+            &args.server.trust_domain,
+            args.server.token_review_cache_ttl,
+            TokenReviewMetrics::register(registry),
+        ))),
+        None if plan.standalone.is_none() => tracing::info!("TokenReview is off"),
+        None => {}
+    }
+    if authenticators.is_empty() && !args.server.enable_client_cert_authenticator {
+        bail!(
+            "no way to authenticate callers: give a Kubernetes configuration (--kubeconfig, \
+             KUBECONFIG or in-cluster) for TokenReview, --token-auth-file, or \
+             --enable-client-cert-authenticator"
+        );
+    }
+    Ok(authenticators)
+}
+
 type TenantParts = (
     watch::Receiver<Arc<TenantTable>>,
     Arc<tenants::load::ReloadStatus>,
@@ -485,26 +512,45 @@ struct LeaderTask {
     task: Option<AbortOnDropHandle<()>>,
 }
 
-struct Starting {
-    args: ServeArgs,
-    plan: Plan,
-    signer: SignerParts,
+/// What signs: the issuer and its parts, who may ask, and the signer's metrics.
+struct SignerSide {
+    parts: SignerParts,
+    /// `parts.issuer`, as the hooks may have wrapped it.
     issuer: Arc<dyn Issuer>,
     authenticators: Vec<Arc<dyn Authenticator>>,
-    signer_metrics: SignerMetrics,
+    metrics: SignerMetrics,
+    issuance_metrics: IssuanceMetrics,
     resolver: Arc<ServingCertResolver>,
-    readiness: Arc<Readiness>,
-    liveness: Arc<Liveness>,
-    admin_state: Arc<AdminState>,
-    tasks: Vec<AbortOnDropHandle<()>>,
+    tenants: Option<watch::Receiver<Arc<TenantTable>>>,
+}
+
+/// What talks to Kubernetes: the clients, the clusters, the election and the leader's work's
+/// metrics.
+struct ClusterSide {
     kube: Option<kube::Client>,
     clients: ClientFactory,
     clusters: ClusterRegistry,
     leader: Option<LeaderTask>,
     bundle_metrics: BundleMetrics,
-    issuance_metrics: IssuanceMetrics,
     istiod_metrics: Option<IstiodCertMetrics>,
-    tenants: Option<watch::Receiver<Arc<TenantTable>>>,
+}
+
+/// What watches over the process: the tasks kept alive, their liveness, the readiness and the
+/// admin API's state.
+struct Supervision {
+    liveness: Arc<Liveness>,
+    readiness: Arc<Readiness>,
+    admin_state: Arc<AdminState>,
+    tasks: Vec<AbortOnDropHandle<()>>,
+}
+
+/// Start-up after `launch`: the built parts, waiting for what takes time.
+struct Starting {
+    args: ServeArgs,
+    plan: Plan,
+    signer: SignerSide,
+    cluster: ClusterSide,
+    sup: Supervision,
 }
 
 impl Starting {
@@ -520,27 +566,28 @@ impl Starting {
             _ = stop.cancelled() => return Ok(()),
         };
         let _ = serving.send(started.grpc.address);
-        if let Some(leader) = &mut self.leader
+        if let Some(leader) = &mut self.cluster.leader
             && let Some(elector) = leader.elector.take()
         {
             tracing::info!(identity = %leader.leadership.borrow().identity, namespace = %self.args.bundle.leader_election_namespace, "competing for the leader Lease");
             leader.task = Some(
-                self.liveness
+                self.sup
+                    .liveness
                     .spawn("leader-election", elector.run(stop.clone())),
             );
         }
         let result = run_until_stopped(
             stop,
             self.args.server.shutdown_delay,
-            self.tasks,
-            self.liveness,
-            self.readiness,
+            self.sup.tasks,
+            self.sup.liveness,
+            self.sup.readiness,
             started.grpc,
             self.args.server.shutdown_grace,
         )
         .await;
         // The election saw the same stop and releases the Lease; let it finish.
-        if let Some(task) = self.leader.and_then(|l| l.task) {
+        if let Some(task) = self.cluster.leader.and_then(|l| l.task) {
             let bound = self.args.bundle.leader_election_renew_deadline;
             let _ = tokio::time::timeout(bound, task).await;
         }
@@ -549,7 +596,7 @@ impl Starting {
 
     /// The local cluster's trust bundle and the remote clusters, once the roots are known.
     fn cluster_work(&self, roots: &watch::Receiver<Arc<RootBundle>>) -> Vec<AbortOnDropHandle<()>> {
-        let (Some(client), Some(leader)) = (&self.kube, &self.leader) else {
+        let (Some(client), Some(leader)) = (&self.cluster.kube, &self.cluster.leader) else {
             return Vec::new();
         };
         let work = ClusterWork {
@@ -559,19 +606,21 @@ impl Starting {
                 cluster: String::new(),
                 selector: self.plan.namespace_selector.clone(),
                 workers: self.args.bundle.max_concurrent_reconciles,
-                metrics: self.bundle_metrics.clone(),
+                metrics: self.cluster.bundle_metrics.clone(),
             },
         };
-        let local = self.clusters.local_status();
-        let local_work = self.liveness.spawn(
+        let local = self.cluster.clusters.local_status();
+        let local_work = self.sup.liveness.spawn(
             "bundle-local",
             work.clone()
                 .run(
-                    self.clusters.local_id().to_owned(),
+                    self.cluster.clusters.local_id().to_owned(),
                     client.clone(),
                     local.bundle.clone(),
                 )
-                .instrument(crate::cluster::cluster_span(self.clusters.local_id())),
+                .instrument(crate::cluster::cluster_span(
+                    self.cluster.clusters.local_id(),
+                )),
         );
         if !self.args.bundle.multicluster_enabled {
             tracing::info!("remote clusters are off (--multicluster-enabled=false)");
@@ -585,20 +634,61 @@ impl Starting {
                 .clone()
                 .unwrap_or_else(|| self.args.bundle.leader_election_namespace.clone()),
             allow_insecure: self.args.bundle.allow_insecure_kubeconfig,
-            registry: self.clusters.clone(),
-            clients: self.clients.clone(),
+            registry: self.cluster.clusters.clone(),
+            clients: self.cluster.clients.clone(),
             work,
             watch_pods: !self.args.server.ca_trusted_node_accounts.is_empty(),
         };
         let remote_work = self
+            .sup
             .liveness
             .spawn("remote-clusters", remotes.run(client.clone()));
         vec![local_work, remote_work]
     }
 
+    /// The CreateCertificate service: its bounds, who may ask, the node check of ztunnel's
+    /// calls (a pod cache when trusted node accounts are set) and the tenant signers.
+    fn ca_service(
+        &self,
+        issuance: Issuance,
+        authenticators: Vec<Arc<dyn Authenticator>>,
+    ) -> CaService {
+        let service = CaService::new(
+            Settings {
+                max_lifetime: self.args.server.max_client_certificate_duration,
+                trusted_node_accounts: self.args.server.ca_trusted_node_accounts.clone(),
+                max_inflight: self.args.server.max_inflight,
+                max_inflight_per_source: self.args.server.max_inflight_per_source,
+                trust_domain: self.args.server.trust_domain.clone(),
+            },
+            self.signer.metrics.clone(),
+            self.cluster.clusters.clone(),
+            authenticators,
+            issuance,
+        );
+        let service = match &self.cluster.kube {
+            Some(client) => {
+                let mut nodes = KubeNodeAuthorizer::new(client.clone());
+                // Only ztunnel's calls read pods: without trusted node accounts, no watch.
+                if !self.args.server.ca_trusted_node_accounts.is_empty() {
+                    nodes = nodes.with_pod_cache(PodCache::start(
+                        client.clone(),
+                        self.cluster.clusters.local_id(),
+                    ));
+                }
+                service.with_node_authorizer(Arc::new(nodes))
+            }
+            None => service,
+        };
+        match &self.signer.tenants {
+            Some(tenants) => service.with_tenants(tenants.clone()),
+            None => service,
+        }
+    }
+
     async fn until_serving(&mut self) -> anyhow::Result<Started> {
         let args = &self.args;
-        if let Some(issuer) = &self.signer.cert_manager {
+        if let Some(issuer) = &self.signer.parts.cert_manager {
             // The serving certificate needs the watch and an issuer (the runtime ConfigMap's,
             // when configured). Until then: not ready, and say so now and then.
             let warn_every = args.issuance.issuance_timeout;
@@ -612,7 +702,10 @@ impl Starting {
                 );
             }
         }
-        let (roots, source) = match (self.signer.roots.take(), &self.signer.cert_manager) {
+        let (roots, source) = match (
+            self.signer.parts.roots.take(),
+            &self.signer.parts.cert_manager,
+        ) {
             (Some(known), _) => known,
             (None, Some(issuer)) => {
                 let bundle = retry::retry_forever("trusting the issuer's CA on first use", || {
@@ -621,8 +714,9 @@ impl Starting {
                 .await;
                 let (tx, rx) = watch::channel(Arc::new(bundle));
                 // Nothing ever changes these roots; the sender lives as long as the process.
-                self.tasks
-                    .push(self.liveness.spawn("tofu-roots", async move {
+                self.sup
+                    .tasks
+                    .push(self.sup.liveness.spawn("tofu-roots", async move {
                         tx.closed().await;
                         Ok(())
                     }));
@@ -630,23 +724,23 @@ impl Starting {
             }
             (None, None) => bail!("no trust roots: give --root-ca-file"),
         };
-        let _ = self.admin_state.trust.set(Trust {
+        let _ = self.sup.admin_state.trust.set(Trust {
             roots: roots.clone(),
             source,
         });
         if let Some(data) = &self.plan.standalone {
             // Written before the port opens, so the printed command works at once.
             standalone::write_root_bundle(&data.root_cert(), roots.borrow().pem())?;
-            self.tasks.push(self.liveness.spawn(
+            self.sup.tasks.push(self.sup.liveness.spawn(
                 "root-bundle-file",
                 roots::follow_root_bundle_file(data.root_cert(), roots.clone()),
             ));
         }
 
         let cluster_work = self.cluster_work(&roots);
-        self.tasks.extend(cluster_work);
+        self.sup.tasks.extend(cluster_work);
 
-        let mut authenticators = std::mem::take(&mut self.authenticators);
+        let mut authenticators = std::mem::take(&mut self.signer.authenticators);
         let client_verifier = if args.server.enable_client_cert_authenticator {
             authenticators.push(Arc::new(ClientCertAuthenticator::new(
                 roots.clone(),
@@ -654,8 +748,9 @@ impl Starting {
             )));
             let verifier = MeshClientVerifier::new(&roots.borrow())?;
             let follow = verifier.clone().follow(roots.clone());
-            self.tasks
-                .push(self.liveness.spawn("client-roots", async move {
+            self.sup
+                .tasks
+                .push(self.sup.liveness.spawn("client-roots", async move {
                     follow.await;
                     Ok(())
                 }));
@@ -665,22 +760,23 @@ impl Starting {
         };
 
         // The one way into the issuers, for every certificate from here on.
-        let issuance = Issuance::new(self.issuer.clone(), roots.clone())
-            .with_metrics(self.issuance_metrics.clone());
+        let issuance = Issuance::new(self.signer.issuer.clone(), roots.clone())
+            .with_metrics(self.signer.issuance_metrics.clone());
         let serving_certs = Arc::new(ServingCerts::new(
             issuance.clone(),
             &ServingNames::from_names(&self.plan.serving_names),
             args.serving_tls.serving_certificate_duration,
-            self.resolver.clone(),
+            self.signer.resolver.clone(),
         ));
         let renewals = serving_certs.start().await;
-        self.tasks
-            .push(self.liveness.spawn("serving-cert", renewals));
+        self.sup
+            .tasks
+            .push(self.sup.liveness.spawn("serving-cert", renewals));
         if let (Some(spec), Some(metrics), Some(client), Some(leader)) = (
             &self.plan.istiod_cert,
-            &self.istiod_metrics,
-            &self.kube,
-            &self.leader,
+            &self.cluster.istiod_metrics,
+            &self.cluster.kube,
+            &self.cluster.leader,
         ) {
             let istiod = IstiodCerts {
                 client: client.clone(),
@@ -688,41 +784,13 @@ impl Starting {
                 issuance: issuance.clone(),
                 metrics: metrics.clone(),
             };
-            self.tasks.push(self.liveness.spawn(
+            self.sup.tasks.push(self.sup.liveness.spawn(
                 "istiod-cert",
                 istiod.run_while_leader(leader.leadership.clone()),
             ));
         }
 
-        let service = CaService::new(
-            Settings {
-                max_lifetime: args.server.max_client_certificate_duration,
-                trusted_node_accounts: args.server.ca_trusted_node_accounts.clone(),
-                max_inflight: args.server.max_inflight,
-                max_inflight_per_source: args.server.max_inflight_per_source,
-                trust_domain: args.server.trust_domain.clone(),
-            },
-            self.signer_metrics.clone(),
-            self.clusters.clone(),
-            authenticators,
-            issuance.clone(),
-        );
-        let service = match &self.kube {
-            Some(client) => {
-                let mut nodes = KubeNodeAuthorizer::new(client.clone());
-                // Only ztunnel's calls read pods: without trusted node accounts, no watch.
-                if !args.server.ca_trusted_node_accounts.is_empty() {
-                    nodes = nodes
-                        .with_pod_cache(PodCache::start(client.clone(), self.clusters.local_id()));
-                }
-                service.with_node_authorizer(Arc::new(nodes))
-            }
-            None => service,
-        };
-        let service = match &self.tenants {
-            Some(tenants) => service.with_tenants(tenants.clone()),
-            None => service,
-        };
+        let service = self.ca_service(issuance, authenticators);
         let (grpc, accept) = server::start(
             GrpcOptions {
                 address: self.plan.serving_address,
@@ -730,14 +798,19 @@ impl Starting {
                 client_verifier,
             },
             service,
-            self.resolver.clone(),
+            self.signer.resolver.clone(),
         )
         .await?;
-        self.tasks.push(self.liveness.spawn("accept", async move {
-            accept.await;
-            Ok(())
-        }));
-        self.readiness.grpc_listening.store(true, Ordering::Release);
+        self.sup
+            .tasks
+            .push(self.sup.liveness.spawn("accept", async move {
+                accept.await;
+                Ok(())
+            }));
+        self.sup
+            .readiness
+            .grpc_listening
+            .store(true, Ordering::Release);
         tracing::info!(grpc = %grpc.address, "serving");
         Ok(Started { grpc })
     }
