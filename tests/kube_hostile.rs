@@ -12,6 +12,7 @@ use ::kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use k8s_openapi::api::core::v1::Pod;
 use support::ambient::{CACHE_WAIT as WAIT, Signer, signer, ztunnel_on};
 use support::kube::{TestCluster, shared};
+use support::kube_signer::signer_as;
 use support::*;
 use tonic::Code;
 
@@ -321,4 +322,92 @@ async fn a_deleted_pods_identity_is_refused_once_the_cache_has_seen_the_deletion
     // And it stays refused: the cache does not bring it back.
     let status = signer.impersonate(ztunnel, &gone).await.unwrap_err();
     assert_eq!(status.code(), Code::PermissionDenied);
+}
+
+#[tokio::test]
+async fn a_pod_cache_whose_watch_is_refused_does_not_vouch_for_a_deleted_pod() {
+    let cluster = shared().await;
+    let (system, app, node) = ("kh-frozen-system", "kh-frozen-app", "kh-node-frozen");
+    cluster.namespace(system).await;
+    cluster.namespace(app).await;
+    // The agent runs as a service account that may list pods but not watch them: its pod
+    // cache lists once, then every watch is refused.
+    cluster.service_account(system, "agent").await;
+    let admin = cluster.client().await;
+    let role: k8s_openapi::api::rbac::v1::ClusterRole = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "kh-frozen-agent"},
+        "rules": [
+            {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"],
+             "verbs": ["create"]},
+            {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list"]}
+        ]
+    }))
+    .unwrap();
+    let binding: k8s_openapi::api::rbac::v1::ClusterRoleBinding =
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "kh-frozen-agent"},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                        "name": "kh-frozen-agent"},
+            "subjects": [{"kind": "ServiceAccount", "name": "agent", "namespace": system}]
+        }))
+        .unwrap();
+    Api::<k8s_openapi::api::rbac::v1::ClusterRole>::all(admin.clone())
+        .create(&PostParams::default(), &role)
+        .await
+        .unwrap();
+    Api::<k8s_openapi::api::rbac::v1::ClusterRoleBinding>::all(admin)
+        .create(&PostParams::default(), &binding)
+        .await
+        .unwrap();
+    let agent_token = cluster.token(system, "agent", &[], 3600, None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("agent.kubeconfig");
+    cluster.kubeconfig_with_token(&kubeconfig, &agent_token);
+
+    cluster.service_account(app, "web").await;
+    cluster.pod(app, "web-1", "web", node).await;
+    cluster.service_account(system, "ztunnel").await;
+    let ztunnel_pod = cluster.pod(system, "ztunnel-1", "ztunnel", node).await;
+    let ztunnel = cluster
+        .token(system, "ztunnel", &["istio-ca"], 3600, Some(&ztunnel_pod))
+        .await;
+    let trusted = format!("{system}/ztunnel");
+    let signer = signer_as(
+        &kubeconfig,
+        &[
+            "--ca-trusted-node-accounts",
+            &trusted,
+            "--multicluster-enabled=false",
+        ],
+    )
+    .await;
+    let web = format!("spiffe://cluster.local/ns/{app}/sa/web");
+    signer.impersonate(&ztunnel, &web).await.unwrap();
+    // The cache has listed and its watch has been refused at least once.
+    let refused_watch = eventually(WAIT, || async {
+        let (_, body) = http_get(&format!("http://{}/metrics", signer.running.admin_address)).await;
+        openmetrics::parse(&body).sum(
+            "istio_csr_kube_api_requests_total",
+            &[("verb", "watch"), ("resource", "pods"), ("code", "403")],
+        ) >= 1.0
+    })
+    .await;
+    assert!(refused_watch, "the pod watch was never refused");
+
+    pods(cluster, app)
+        .await
+        .delete("web-1", &DeleteParams::default().grace_period(0))
+        .await
+        .unwrap();
+    assert!(
+        pods(cluster, app)
+            .await
+            .get_opt("web-1")
+            .await
+            .unwrap()
+            .is_none()
+    );
+    // No event can tell the cache: only the API server can say the pod is gone.
+    let status = signer.impersonate(&ztunnel, &web).await.unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
 }

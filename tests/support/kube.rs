@@ -264,6 +264,13 @@ impl TestCluster {
         kube::Client::try_from(config).unwrap()
     }
 
+    /// A kubeconfig of this cluster that authenticates with `token`, written to `path`.
+    pub fn kubeconfig_with_token(&self, path: &Path, token: &str) {
+        let admin = std::fs::read_to_string(&self.kubeconfig).unwrap();
+        assert!(admin.contains(&self.admin_token));
+        std::fs::write(path, admin.replace(&self.admin_token, token)).unwrap();
+    }
+
     pub async fn namespace(&self, name: &str) {
         let ns: Namespace = serde_json::from_value(serde_json::json!({
             "metadata": {"name": name}

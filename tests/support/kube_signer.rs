@@ -18,6 +18,12 @@ pub struct Signer {
 /// A signer with the built-in CA that reviews tokens and checks nodes in `cluster`, with the
 /// `extra` flags.
 pub async fn signer(cluster: &TestCluster, extra: &[&str]) -> Signer {
+    signer_as(&cluster.kubeconfig, extra).await
+}
+
+/// The same, reaching the cluster through `kubeconfig` (e.g. a service account's, to run
+/// under its RBAC).
+pub async fn signer_as(kubeconfig: &std::path::Path, extra: &[&str]) -> Signer {
     install_crypto_provider();
     let dir = tempfile::tempdir().unwrap();
     let root = TestCa::root("kube test root", KeyAlg::EcdsaP256);
@@ -28,7 +34,7 @@ pub async fn signer(cluster: &TestCluster, extra: &[&str]) -> Signer {
     }
     std::fs::write(ca.join("ca-key.pem"), root.key_pem()).unwrap();
     let ca = ca.to_str().unwrap().to_owned();
-    let kubeconfig = cluster.kubeconfig.to_str().unwrap().to_owned();
+    let kubeconfig = kubeconfig.to_str().unwrap().to_owned();
     let mut argv = vec![
         "istio-csr-rs",
         "serve",
