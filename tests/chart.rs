@@ -193,12 +193,15 @@ async fn labelled_namespace(client: &::kube::Client, name: &str, labels: Value) 
         .unwrap();
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// Two free ports, distinct: both are held until both are known (one at a time, the kernel
+/// may hand out the same one twice).
+fn free_ports() -> (u16, u16) {
+    let bind = || std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let (a, b) = (bind(), bind());
+    (
+        a.local_addr().unwrap().port(),
+        b.local_addr().unwrap().port(),
+    )
 }
 
 /// Deep merge: `overrides` wins, objects merge key by key (like Helm's values coalescing).
@@ -246,10 +249,11 @@ struct Install {
 impl Install {
     /// The values every entry shares (see the module comment), with `overrides` merged in.
     fn values(name: &str, dir: &Path, overrides: Value) -> Value {
+        let (grpc_port, admin_port) = free_ports();
         let mut values = json!({
             "app": {
-                "server": {"serving": {"address": "127.0.0.1", "port": free_port()}},
-                "metrics": {"address": "127.0.0.1", "port": free_port()},
+                "server": {"serving": {"address": "127.0.0.1", "port": grpc_port}},
+                "metrics": {"address": "127.0.0.1", "port": admin_port},
                 "tls": {"rootCA": {
                     "secretName": "istio-root-ca",
                     "key": "ca.crt",

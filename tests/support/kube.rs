@@ -74,6 +74,17 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// Two free ports, distinct: both are held until both are known (one at a time, the kernel
+/// may hand out the same one twice).
+fn free_ports() -> (u16, u16) {
+    let bind = || TcpListener::bind("127.0.0.1:0").unwrap();
+    let (a, b) = (bind(), bind());
+    (
+        a.local_addr().unwrap().port(),
+        b.local_addr().unwrap().port(),
+    )
+}
+
 /// Where provision-kube.sh put the binaries: $ISTIO_CSR_KUBE_BIN, else the newest cache entry.
 fn binaries() -> PathBuf {
     let hint =
@@ -115,7 +126,7 @@ impl Etcd {
         let bin = binaries();
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
-        let (etcd_port, peer_port) = (free_port(), free_port());
+        let (etcd_port, peer_port) = free_ports();
         let process = guarded(
             &bin.join("etcd"),
             &[
