@@ -5,31 +5,12 @@ mod support;
 
 use std::path::{Path, PathBuf};
 
-use clap::Parser;
 use istio_csr_rs::app::{self, Hooks};
 use istio_csr_rs::client::Target;
-use istio_csr_rs::config::{Cli, Command, ServeArgs};
+use istio_csr_rs::config::{Cli, ServeArgs};
 use istio_csr_rs::pki::pem;
 use istio_csr_rs::pki::testing::{KeyAlg, TestCa};
 use support::*;
-
-fn serve_args(extra: &[&str]) -> Result<ServeArgs, clap::Error> {
-    let mut argv = vec![
-        "istio-csr-rs",
-        "serve",
-        "--serving-address",
-        "127.0.0.1:0",
-        "--admin-address",
-        "127.0.0.1:0",
-        "--serving-certificate-dns-names",
-        "localhost",
-    ];
-    argv.extend_from_slice(extra);
-    Cli::try_parse_from(argv).map(|cli| match cli.command {
-        Command::Serve(args) => *args,
-        _ => unreachable!(),
-    })
-}
 
 fn write_ca(dir: &Path, ca: &TestCa) {
     std::fs::create_dir_all(dir).unwrap();
@@ -48,7 +29,7 @@ fn pinned_local_ca(tmp: &Path, ca: &TestCa, pinned_pem: &str) -> (ServeArgs, Pat
     let tokens = tmp.join("tokens.csv");
     std::fs::write(&tokens, "t0ken,default,default\n").unwrap();
     let path = |p: &Path| p.to_str().unwrap().to_owned();
-    let args = serve_args(&[
+    let args = try_serve_args(&[
         "--signer",
         "local-ca",
         "--local-ca-dir",
@@ -64,7 +45,7 @@ fn pinned_local_ca(tmp: &Path, ca: &TestCa, pinned_pem: &str) -> (ServeArgs, Pat
 
 async fn start_error(extra: &[&str]) -> String {
     install_crypto_provider();
-    match app::start(serve_args(extra).unwrap(), Hooks::default()).await {
+    match app::start(try_serve_args(extra).unwrap(), Hooks::default()).await {
         Ok(_) => panic!("{extra:?} started"),
         Err(e) => format!("{e:#}"),
     }
@@ -244,7 +225,7 @@ fn refuses_malformed_flag_values_before_starting() {
         &["--signer", "vault"][..],
         &["--log-format", "xml"][..],
     ] {
-        assert!(serve_args(extra).is_err(), "{extra:?} accepted");
+        assert!(try_serve_args(extra).is_err(), "{extra:?} accepted");
     }
 }
 

@@ -382,7 +382,6 @@ async fn bundle_server(
     dir: &std::path::Path,
     root: &istio_csr_rs::pki::testing::TestCa,
 ) -> istio_csr_rs::app::Running {
-    use clap::Parser;
     let cluster = shared().await;
     let ca = dir.join("ca");
     std::fs::create_dir_all(&ca).unwrap();
@@ -394,27 +393,15 @@ async fn bundle_server(
     if !pinned.exists() {
         std::fs::write(&pinned, root.cert_pem()).unwrap();
     }
-    let argv = [
-        "istio-csr-rs".to_owned(),
-        "serve".into(),
-        "--signer=local-ca".into(),
+    let flags = [
+        "--signer=local-ca".to_owned(),
         format!("--local-ca-dir={}", ca.display()),
         format!("--root-ca-file={}", pinned.display()),
         format!("--kubeconfig={}", cluster.kubeconfig.display()),
-        "--serving-address=127.0.0.1:0".into(),
-        "--admin-address=127.0.0.1:0".into(),
-        "--serving-certificate-dns-names=localhost".into(),
         "--leader-election-namespace=bundle-bench".into(),
         "--configmap-namespace-selector=bundle-bench=yes".into(),
     ];
-    let istio_csr_rs::config::Command::Serve(args) =
-        istio_csr_rs::config::Cli::try_parse_from(argv)
-            .unwrap()
-            .command
-    else {
-        unreachable!()
-    };
-    istio_csr_rs::app::start(*args, Default::default())
+    istio_csr_rs::app::start(serve_args(&flags), Default::default())
         .await
         .unwrap()
 }

@@ -48,32 +48,23 @@ async fn csr_server(namespace: &str, extra: &[&str]) -> CsrServer {
         pinned.to_str().unwrap().to_owned(),
         cluster.kubeconfig.to_str().unwrap().to_owned(),
     );
-    let mut argv = vec![
-        "istio-csr-rs",
-        "serve",
+    let mut flags = vec![
         "--signer",
         "kube-csr",
         "--root-ca-file",
         &pinned,
         "--kubeconfig",
         &kubeconfig,
-        "--serving-address",
-        "127.0.0.1:0",
-        "--admin-address",
-        "127.0.0.1:0",
-        "--serving-certificate-dns-names",
-        "localhost",
         "--leader-election-namespace",
         namespace,
     ];
     if !extra.contains(&"--kube-csr-signer-name") {
-        argv.extend(["--kube-csr-signer-name", "example.com/ca"]);
+        flags.extend(["--kube-csr-signer-name", "example.com/ca"]);
     }
-    argv.extend_from_slice(extra);
-    let Command::Serve(args) = Cli::try_parse_from(argv).unwrap().command else {
-        unreachable!()
-    };
-    let running = app::start(*args, Hooks::default()).await.unwrap();
+    flags.extend_from_slice(extra);
+    let running = app::start(serve_args(&flags), Hooks::default())
+        .await
+        .unwrap();
     CsrServer {
         running,
         dir,

@@ -377,7 +377,6 @@ async fn with_two_replicas_only_the_leader_writes_istiod_tls() {
 
 #[tokio::test]
 async fn the_built_in_ca_signs_istiod_tls_and_a_new_ca_reissues_it() {
-    use clap::Parser;
     let ns = "istiod-local-ca";
     let cluster = shared().await;
     cluster.namespace(ns).await;
@@ -395,9 +394,7 @@ async fn the_built_in_ca_signs_istiod_tls_and_a_new_ca_reissues_it() {
     let tokens = dir.path().join("tokens.csv");
     std::fs::write(&tokens, "t0ken,default,default\n").unwrap();
     let kubeconfig = cluster.kubeconfig.to_str().unwrap().to_owned();
-    let argv = [
-        "istio-csr-rs",
-        "serve",
+    let flags = [
         "--signer",
         "local-ca",
         "--local-ca-dir",
@@ -406,12 +403,6 @@ async fn the_built_in_ca_signs_istiod_tls_and_a_new_ca_reissues_it() {
         tokens.to_str().unwrap(),
         "--kubeconfig",
         &kubeconfig,
-        "--serving-address",
-        "127.0.0.1:0",
-        "--admin-address",
-        "127.0.0.1:0",
-        "--serving-certificate-dns-names",
-        "localhost",
         "--istiod-cert-enabled",
         "--istiod-cert-namespace",
         ns,
@@ -420,14 +411,7 @@ async fn the_built_in_ca_signs_istiod_tls_and_a_new_ca_reissues_it() {
         "--multicluster-secret-namespace",
         ns,
     ];
-    let istio_csr_rs::config::Command::Serve(args) =
-        istio_csr_rs::config::Cli::try_parse_from(argv)
-            .unwrap()
-            .command
-    else {
-        unreachable!()
-    };
-    let running = istio_csr_rs::app::start(*args, istio_csr_rs::app::Hooks::default())
+    let running = istio_csr_rs::app::start(serve_args(&flags), Default::default())
         .await
         .unwrap();
     let roots = RootBundle::from_certs(vec![root.cert.clone()]).unwrap();

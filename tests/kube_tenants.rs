@@ -9,10 +9,8 @@ use std::path::Path;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use clap::Parser;
 use istio_csr_rs::app::{self, Hooks, Running};
 use istio_csr_rs::client::Target;
-use istio_csr_rs::config::{Cli, Command};
 use istio_csr_rs::pki::pem;
 use istio_csr_rs::pki::testing::{KeyAlg, TestCa};
 use support::kube::shared;
@@ -130,7 +128,7 @@ fn write_roots(dir: &Path) {
     std::fs::write(dir.join("bar.pem"), cas.bar.cert_pem()).unwrap();
 }
 
-/// `serve --signer kube-csr` with mesh signer `tenants.example.com/mesh`, the mesh root
+/// The flags of `serve --signer kube-csr` with mesh signer `tenants.example.com/mesh`, the mesh root
 /// `dir/mesh.pem`, the signers file `dir/signers.yaml` and `kubeconfig`, then `extra`.
 fn csr_api_args(
     dir: &Path,
@@ -140,8 +138,6 @@ fn csr_api_args(
 ) -> Vec<String> {
     let path = |name: &str| dir.join(name).to_str().unwrap().to_owned();
     let mut argv: Vec<String> = [
-        "istio-csr-rs",
-        "serve",
         "--signer",
         "kube-csr",
         "--kube-csr-signer-name",
@@ -154,12 +150,6 @@ fn csr_api_args(
         &path("signers.yaml"),
         "--kubeconfig",
         kubeconfig.to_str().unwrap(),
-        "--serving-address",
-        "127.0.0.1:0",
-        "--admin-address",
-        "127.0.0.1:0",
-        "--serving-certificate-dns-names",
-        "localhost",
         "--leader-election-namespace",
         leader_namespace,
     ]
@@ -169,11 +159,10 @@ fn csr_api_args(
     argv
 }
 
-async fn start(argv: Vec<String>) -> Running {
-    let Command::Serve(args) = Cli::try_parse_from(argv).unwrap().command else {
-        unreachable!()
-    };
-    app::start(*args, Hooks::default()).await.unwrap()
+async fn start(flags: Vec<String>) -> Running {
+    app::start(serve_args(&flags), Hooks::default())
+        .await
+        .unwrap()
 }
 
 /// `--signer kube-csr`: mesh signer `tenants.example.com/mesh`, tenants `.../foo` and
@@ -576,11 +565,8 @@ async fn a_broken_signers_file_stops_the_start() {
         ),
     ] {
         std::fs::write(dir.path().join("signers.yaml"), signers).unwrap();
-        let argv = csr_api_args(dir.path(), &cluster.kubeconfig, "tn-broken", &[]);
-        let Command::Serve(args) = Cli::try_parse_from(argv).unwrap().command else {
-            unreachable!()
-        };
-        let error = match app::start(*args, Hooks::default()).await {
+        let flags = csr_api_args(dir.path(), &cluster.kubeconfig, "tn-broken", &[]);
+        let error = match app::start(serve_args(&flags), Hooks::default()).await {
             Ok(_) => panic!("started with {signers}"),
             Err(error) => format!("{error:#}"),
         };

@@ -247,13 +247,10 @@ pub async fn launch_replica(
     extra: &[&str],
     hooks: Hooks,
 ) -> istio_csr_rs::app::Launched {
-    use clap::Parser;
     let cluster = shared().await;
     let pinned = pinned.map(|p| p.to_str().unwrap().to_owned());
     let kubeconfig = cluster.kubeconfig.to_str().unwrap().to_owned();
-    let mut argv = vec![
-        "istio-csr-rs",
-        "serve",
+    let mut flags = vec![
         "--signer",
         "cert-manager",
         "--kubeconfig",
@@ -262,25 +259,14 @@ pub async fn launch_replica(
         namespace,
         "--issuer-name",
         "ca-issuer",
-        "--serving-address",
-        "127.0.0.1:0",
-        "--admin-address",
-        "127.0.0.1:0",
-        "--serving-certificate-dns-names",
-        "localhost",
     ];
     if let Some(pinned) = &pinned {
-        argv.extend(["--root-ca-file", pinned.as_str()]);
+        flags.extend(["--root-ca-file", pinned.as_str()]);
     }
-    argv.extend_from_slice(extra);
-    let istio_csr_rs::config::Command::Serve(args) =
-        istio_csr_rs::config::Cli::try_parse_from(argv)
-            .unwrap()
-            .command
-    else {
-        unreachable!()
-    };
-    istio_csr_rs::app::launch(*args, hooks).await.unwrap()
+    flags.extend_from_slice(extra);
+    istio_csr_rs::app::launch(super::serve_args(&flags), hooks)
+        .await
+        .unwrap()
 }
 
 /// A client target for a server from `cert_manager_server`, trusting the fixture's root.

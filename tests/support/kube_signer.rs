@@ -1,14 +1,13 @@
 //! A signer with the built-in CA that reviews tokens (and checks nodes) in a test cluster.
 #![allow(dead_code)]
 
-use clap::Parser;
 use istio_csr_rs::app::{self, Hooks, Running};
 use istio_csr_rs::client::Target;
-use istio_csr_rs::config::{Cli, Command};
+
 use istio_csr_rs::pki::testing::{KeyAlg, TestCa};
 
 use super::kube::TestCluster;
-use super::{install_crypto_provider, localhost_target, request_certificate};
+use super::{install_crypto_provider, localhost_target, request_certificate, serve_args};
 
 pub struct Signer {
     pub running: Running,
@@ -35,27 +34,18 @@ pub async fn signer_as(kubeconfig: &std::path::Path, extra: &[&str]) -> Signer {
     std::fs::write(ca.join("ca-key.pem"), root.key_pem()).unwrap();
     let ca = ca.to_str().unwrap().to_owned();
     let kubeconfig = kubeconfig.to_str().unwrap().to_owned();
-    let mut argv = vec![
-        "istio-csr-rs",
-        "serve",
+    let mut flags = vec![
         "--signer",
         "local-ca",
         "--local-ca-dir",
         &ca,
         "--kubeconfig",
         &kubeconfig,
-        "--serving-address",
-        "127.0.0.1:0",
-        "--admin-address",
-        "127.0.0.1:0",
-        "--serving-certificate-dns-names",
-        "localhost",
     ];
-    argv.extend_from_slice(extra);
-    let Command::Serve(args) = Cli::try_parse_from(argv).unwrap().command else {
-        unreachable!()
-    };
-    let running = app::start(*args, Hooks::default()).await.unwrap();
+    flags.extend_from_slice(extra);
+    let running = app::start(serve_args(&flags), Hooks::default())
+        .await
+        .unwrap();
     Signer { running, dir }
 }
 

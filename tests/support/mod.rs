@@ -59,6 +59,33 @@ pub fn standalone_args(data_dir: &Path, extra: &[&str]) -> ServeArgs {
     }
 }
 
+/// `serve` with `flags`, as every in-process test server runs: ephemeral loopback ports and a
+/// serving certificate for localhost.
+pub fn try_serve_args<S: AsRef<str>>(flags: &[S]) -> Result<ServeArgs, clap::Error> {
+    let mut argv: Vec<String> = [
+        "istio-csr-rs",
+        "serve",
+        "--serving-address",
+        "127.0.0.1:0",
+        "--admin-address",
+        "127.0.0.1:0",
+        "--serving-certificate-dns-names",
+        "localhost",
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    argv.extend(flags.iter().map(|flag| flag.as_ref().to_owned()));
+    Cli::try_parse_from(argv).map(|cli| match cli.command {
+        Command::Serve(args) => *args,
+        _ => unreachable!(),
+    })
+}
+
+/// `try_serve_args`, for flags that must parse.
+pub fn serve_args<S: AsRef<str>>(flags: &[S]) -> ServeArgs {
+    try_serve_args(flags).unwrap()
+}
+
 /// A standalone server in a fresh data directory.
 pub struct Server {
     pub running: Running,
