@@ -257,20 +257,47 @@ pub struct ServerArgs {
     #[arg(long, env = "ISTIO_CSR_KUBE_API_BURST", default_value_t = 2000)]
     pub kube_api_burst: u32,
 
-    /// CreateCertificate calls handled at once; beyond it callers get ResourceExhausted and retry.
+    /// CreateCertificate calls handled at once, in each stage (authentication, then
+    /// issuance); beyond it callers wait their turn (--max-queued-per-source).
     #[arg(long, env = "ISTIO_CSR_MAX_INFLIGHT", default_value_t = 1024)]
     pub max_inflight: usize,
 
-    /// CreateCertificate calls one source address may have in progress, so one peer cannot
-    /// hold every --max-inflight slot (0 = no bound). Generous: a NAT or an east-west gateway
-    /// brings many callers from one address.
+    /// CreateCertificate calls one source address may have in progress in each stage, so one
+    /// peer cannot hold every --max-inflight seat (0 = no bound). Its further calls wait.
     #[arg(long, env = "ISTIO_CSR_MAX_INFLIGHT_PER_SOURCE", default_value_t = 256)]
     pub max_inflight_per_source: usize,
 
+    /// CreateCertificate calls of one source address that may wait for a seat, per stage;
+    /// beyond it they get ResourceExhausted at once. Room for a node's ztunnel asking for
+    /// every pod of its node after a restart, or a remote cluster behind one gateway.
+    #[arg(long, env = "ISTIO_CSR_MAX_QUEUED_PER_SOURCE", default_value_t = 1024)]
+    pub max_queued_per_source: usize,
+
+    /// How long a call may wait for a seat before it gets ResourceExhausted.
+    #[arg(long, env = "ISTIO_CSR_MAX_QUEUE_WAIT", default_value = "30s",
+          value_parser = humantime::parse_duration)]
+    pub max_queue_wait: Duration,
+
     /// Open gRPC connections (including ones still in their TLS handshake) at most; more are
-    /// closed at once. Also bounded by the open-files limit.
-    #[arg(long, env = "ISTIO_CSR_MAX_CONNECTIONS", default_value_t = 16384)]
-    pub max_connections: usize,
+    /// closed at once [default: what half of --memory-limit holds at 48 KiB a connection, at
+    /// most 16384]. Also bounded by the open-files limit.
+    #[arg(long, env = "ISTIO_CSR_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+
+    /// Open gRPC connections one source address may hold (0 = no bound). A node's pods and
+    /// its ztunnel hold far fewer; raise it for a NAT or a gateway in front of many pods.
+    #[arg(
+        long,
+        env = "ISTIO_CSR_MAX_CONNECTIONS_PER_SOURCE",
+        default_value_t = 256
+    )]
+    pub max_connections_per_source: usize,
+
+    /// The memory this process may use, in bytes or with a Ki/Mi/Gi suffix, from which
+    /// --max-connections is derived [default: the container's cgroup limit, if any]. The
+    /// chart sets it from the container's memory limit.
+    #[arg(long, env = "ISTIO_CSR_MEMORY_LIMIT", value_parser = crate::signer::capacity::parse_bytes)]
+    pub memory_limit: Option<u64>,
 
     /// After SIGTERM, how long to keep serving while reporting not-ready, so load balancers
     /// and Kubernetes endpoints stop sending new connections before the listener closes.
@@ -421,6 +448,11 @@ pub struct AdminArgs {
     /// --standalone].
     #[arg(long, env = "ISTIO_CSR_ADMIN_ADDRESS")]
     pub admin_address: Option<SocketAddr>,
+
+    /// Serve /debug/* to callers other than loopback too. Off, they answer only on loopback
+    /// (`kubectl port-forward`, `kubectl exec`): they name tenants, clusters and errors.
+    #[arg(long, env = "ISTIO_CSR_ADMIN_REMOTE_DEBUG")]
+    pub admin_remote_debug: bool,
 }
 
 #[derive(Debug, Args)]

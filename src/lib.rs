@@ -10,6 +10,7 @@ pub mod config;
 pub mod fswatch;
 pub mod istiod;
 pub mod leader;
+pub mod per_source;
 pub mod pki;
 pub mod retry;
 pub mod signer;

@@ -233,48 +233,99 @@ async fn a_slowloris_connection_is_closed_at_the_header_read_timeout() {
     assert!(!answer.contains(" 200 "), "{answer}");
 }
 
-#[tokio::test]
-async fn connections_beyond_the_admin_cap_are_closed_while_admitted_ones_are_served() {
-    let server = Server::start(&[]).await;
-    let cap = ServeLimits::DEFAULT.max_connections;
-    let address = server.running.admin_address;
-    // The listener accepts in connection order: these take every slot.
-    let mut admitted = Vec::new();
-    for _ in 0..cap {
-        admitted.push(TcpStream::connect(address).await.unwrap());
+/// A TCP connection to `address` from `source` (any 127.0.0.0/8 address is this machine's).
+async fn connect_from(
+    source: [u8; 4],
+    address: std::net::SocketAddr,
+) -> std::io::Result<TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind((source, 0).into())?;
+    socket.connect(address).await
+}
+
+/// GET `path` on a new connection from `source`: the status line, or why there was none.
+async fn get_from(source: [u8; 4], address: std::net::SocketAddr, path: &str) -> String {
+    let mut tcp = match connect_from(source, address).await {
+        Ok(tcp) => tcp,
+        Err(error) => return format!("connect: {error}"),
+    };
+    let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    if let Err(error) = tcp.write_all(request.as_bytes()).await {
+        return format!("write: {error}");
     }
-    let mut extra = TcpStream::connect(address).await.unwrap();
-    let mut buf = [0u8; 1];
-    let read = tokio::time::timeout(SLACK, extra.read(&mut buf))
-        .await
-        .expect("a connection over the cap was kept");
-    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
-    // An admitted connection is served (well within its header-read timeout).
-    let probe = admitted.last_mut().unwrap();
-    probe
-        .write_all(b"GET /livez HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let answer = tokio::time::timeout(SLACK, until_closed(probe))
-        .await
-        .expect("no answer on an admitted connection");
-    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
-    assert!(answer.ends_with("ok\n"), "{answer}");
-    // Slots come back when connections close.
-    drop(admitted);
-    let freed = eventually(SLACK, || async {
-        let Ok(mut tcp) = TcpStream::connect(address).await else {
-            return false;
-        };
-        if tcp
-            .write_all(b"GET /livez HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            .await
-            .is_err()
-        {
-            return false;
+    let answer = until_closed(&mut tcp).await;
+    answer
+        .lines()
+        .next()
+        .unwrap_or("closed with no answer")
+        .to_owned()
+}
+
+const ATTACKER: [u8; 4] = [127, 0, 0, 1];
+const KUBELET: [u8; 4] = [127, 0, 0, 2];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_idle_connections_from_one_source_fail_no_probe_from_another() {
+    let server = Server::start(&[]).await;
+    let address = server.running.admin_address;
+    let per_source = ServeLimits::DEFAULT.max_connections_per_source;
+    // 1,000 idle connections from one address: all but its share are closed at once.
+    let mut idle = Vec::new();
+    for _ in 0..1000 {
+        idle.push(connect_from(ATTACKER, address).await.unwrap());
+    }
+    // Read all at once: the refused ones are closed as soon as the server accepts them, the
+    // admitted ones stay open (their header-read timeout is 5 s).
+    let reads = idle.iter_mut().map(|tcp| async move {
+        let mut buf = [0u8; 1];
+        match tokio::time::timeout(Duration::from_secs(2), tcp.read(&mut buf)).await {
+            Err(_) => true,
+            Ok(read) => {
+                assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+                false
+            }
         }
-        until_closed(&mut tcp).await.starts_with("HTTP/1.1 200")
-    })
-    .await;
-    assert!(freed);
+    });
+    let kept = futures_util::future::join_all(reads)
+        .await
+        .into_iter()
+        .filter(|open| *open)
+        .count();
+    assert_eq!(kept, per_source, "connections kept open from one address");
+    // The attacker re-opens what is closed, while the kubelet probes from its own address.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let attacker = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut reopened = 0u32;
+            while !stop.is_cancelled() {
+                for tcp in &mut idle {
+                    let mut buf = [0u8; 1];
+                    let closed = match tcp.try_read(&mut buf) {
+                        Ok(n) => n == 0,
+                        Err(error) => error.kind() != std::io::ErrorKind::WouldBlock,
+                    };
+                    if closed && let Ok(new) = connect_from(ATTACKER, address).await {
+                        *tcp = new;
+                        reopened += 1;
+                    }
+                }
+                tokio::task::yield_now().await;
+            }
+            reopened
+        })
+    };
+    let mut failed = Vec::new();
+    for i in 0..60 {
+        let path = if i % 2 == 0 { "/livez" } else { "/readyz" };
+        let status = get_from(KUBELET, address, path).await;
+        if status != "HTTP/1.1 200 OK" {
+            failed.push(format!("{path}: {status}"));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.cancel();
+    let reopened = attacker.await.unwrap();
+    assert!(reopened > 0, "the attacker never re-opened a connection");
+    assert!(failed.is_empty(), "probes failed: {failed:?}");
 }

@@ -65,6 +65,7 @@ async fn answers_every_pinned_root_for_a_rotation() {
     let running = app::start(args, Hooks::default()).await.unwrap();
     let target = Target {
         timeout: std::time::Duration::from_secs(10),
+        source_address: None,
         ..localhost_target(running.grpc_address, pinned.clone())
     };
     let (csr, _) = p256_csr(DEFAULT_ID);
@@ -96,6 +97,7 @@ async fn stops_signing_when_the_pinned_roots_no_longer_cover_the_ca_and_recovers
     let running = app::start(args, Hooks::default()).await.unwrap();
     let target = Target {
         timeout: std::time::Duration::from_secs(10),
+        source_address: None,
         ..localhost_target(running.grpc_address, client_roots)
     };
     let call = || request_certificate(&target, Some("t0ken"), DEFAULT_ID);

@@ -441,9 +441,49 @@ async fn picks_up_a_new_ca_without_restart() {
 }
 
 #[tokio::test]
-async fn answers_resource_exhausted_beyond_max_inflight() {
+async fn a_call_beyond_max_inflight_waits_for_a_seat_and_is_answered() {
     let (hooks, gate) = GatedIssuer::hooks();
     let server = Server::start_with(&["--max-inflight", "2"], hooks, |_| {}).await;
+    let gate = gate.get().unwrap().clone();
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let (csr, _) = p256_csr(DEFAULT_ID);
+        let mut client = server.client().await;
+        let request = pilot_agent_request(&server.target(), Some(&server.token()), csr, 3600);
+        held.push(tokio::spawn(async move {
+            client.create_certificate(request).await
+        }));
+    }
+    // Two calls reach the issuer; the third waits for a seat instead of being refused.
+    gate.wait_entered(2).await;
+    assert!(!held[2].is_finished());
+    assert_eq!(
+        server.refusals("queue-wait").await + server.refusals("queue-full").await,
+        0.0
+    );
+    gate.release.add_permits(3);
+    // The third reaches the issuer once a seat is free.
+    gate.wait_entered(1).await;
+    for call in held {
+        call.await.unwrap().unwrap();
+    }
+}
+
+/// `istio_csr_certificate_requests_in_flight` of `server` now.
+async fn in_flight(server: &Server) -> f64 {
+    let (_, body) = http_get(&server.admin_url("/metrics")).await;
+    openmetrics::parse(&body).value("istio_csr_certificate_requests_in_flight", &[])
+}
+
+#[tokio::test]
+async fn answers_resource_exhausted_when_the_source_queue_is_full() {
+    let (hooks, gate) = GatedIssuer::hooks();
+    let server = Server::start_with(
+        &["--max-inflight", "2", "--max-queued-per-source", "0"],
+        hooks,
+        |_| {},
+    )
+    .await;
     let gate = gate.get().unwrap().clone();
     let mut held = Vec::new();
     for _ in 0..2 {
@@ -460,6 +500,7 @@ async fn answers_resource_exhausted_beyond_max_inflight() {
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::ResourceExhausted);
+    assert_eq!(server.refusals("queue-full").await, 1.0);
     gate.release.add_permits(2);
     for call in held {
         call.await.unwrap().unwrap();
@@ -470,6 +511,31 @@ async fn answers_resource_exhausted_beyond_max_inflight() {
     create(&server, Some(&server.token()), csr, 3600)
         .await
         .unwrap();
+}
+
+#[tokio::test]
+async fn a_call_that_waited_too_long_for_a_seat_gets_resource_exhausted() {
+    let (hooks, gate) = GatedIssuer::hooks();
+    let server = Server::start_with(
+        &["--max-inflight", "1", "--max-queue-wait", "300ms"],
+        hooks,
+        |_| {},
+    )
+    .await;
+    let gate = gate.get().unwrap().clone();
+    let (csr, _) = p256_csr(DEFAULT_ID);
+    let mut client = server.client().await;
+    let request = pilot_agent_request(&server.target(), Some(&server.token()), csr, 3600);
+    let held = tokio::spawn(async move { client.create_certificate(request).await });
+    gate.wait_entered(1).await;
+    let (csr, _) = p256_csr(DEFAULT_ID);
+    let status = create(&server, Some(&server.token()), csr, 3600)
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    assert_eq!(server.refusals("queue-wait").await, 1.0);
+    gate.release.add_permits(1);
+    held.await.unwrap().unwrap();
 }
 
 #[tokio::test]
@@ -552,7 +618,7 @@ async fn serves_a_certificate_for_localhost_and_127_0_0_1() {
 }
 
 #[tokio::test]
-async fn one_source_address_cannot_hold_every_inflight_slot() {
+async fn one_source_address_waits_its_turn_while_another_source_is_served_at_once() {
     let (hooks, gate) = GatedIssuer::hooks();
     let server = Server::start_with(
         &["--max-inflight", "100", "--max-inflight-per-source", "2"],
@@ -571,12 +637,11 @@ async fn one_source_address_cannot_hold_every_inflight_slot() {
         }));
     }
     gate.wait_entered(2).await;
-    // 127.0.0.1 holds its share although 98 slots are free.
+    // 127.0.0.1 holds its share although 98 seats are free: its third call waits.
     let (csr, _) = p256_csr(DEFAULT_ID);
-    let status = create(&server, Some(&server.token()), csr, 3600)
-        .await
-        .unwrap_err();
-    assert_eq!(status.code(), Code::ResourceExhausted);
+    let mut client = server.client().await;
+    let request = pilot_agent_request(&server.target(), Some(&server.token()), csr, 3600);
+    let waiting = tokio::spawn(async move { client.create_certificate(request).await });
 
     // Another source address still gets in.
     let target = server.target();
@@ -597,10 +662,16 @@ async fn one_source_address_cannot_hold_every_inflight_slot() {
     let (csr, _) = p256_csr(DEFAULT_ID);
     let request = pilot_agent_request(&target, Some(&server.token()), csr, 3600);
     let from_elsewhere = tokio::spawn(async move { other.create_certificate(request).await });
+    // The other source's call reaches the issuer while 127.0.0.1's third still waits: three
+    // calls in flight, not four.
     gate.wait_entered(1).await;
-    gate.release.add_permits(3);
+    assert_eq!(in_flight(&server).await, 3.0);
+    assert!(!waiting.is_finished());
+    gate.release.add_permits(4);
     from_elsewhere.await.unwrap().unwrap();
     for call in held {
         call.await.unwrap().unwrap();
     }
+    waiting.await.unwrap().unwrap();
+    assert_eq!(server.refusals("queue-full").await, 0.0);
 }

@@ -32,11 +32,13 @@ const SLACK: Duration = Duration::from_secs(3);
 /// reads the clock, though.
 const EARLY: Duration = Duration::from_millis(200);
 const PROMPT: Duration = Duration::from_secs(5);
+const HEALTH_WATCH: Duration = Duration::from_secs(2);
 
 async fn start() -> Server {
     EdgeLimits::set_for_tests(EdgeLimits {
         request_read_deadline: READ_DEADLINE,
         idle_connection_timeout: IDLE,
+        max_health_watch: HEALTH_WATCH,
         ..EdgeLimits::DEFAULT
     });
     Server::start(&[]).await
@@ -313,6 +315,7 @@ async fn a_slow_signing_wait_is_cut_by_neither_the_read_deadline_nor_the_idle_bo
     EdgeLimits::set_for_tests(EdgeLimits {
         request_read_deadline: READ_DEADLINE,
         idle_connection_timeout: IDLE,
+        max_health_watch: HEALTH_WATCH,
         ..EdgeLimits::DEFAULT
     });
     let (hooks, gate) = GatedIssuer::hooks();
@@ -332,6 +335,113 @@ async fn a_slow_signing_wait_is_cut_by_neither_the_read_deadline_nor_the_idle_bo
         .unwrap()
         .expect("the slow call failed");
     assert_eq!(chain.len(), 2);
+}
+
+fn health_request() -> tonic_health::pb::HealthCheckRequest {
+    tonic_health::pb::HealthCheckRequest {
+        service: String::new(),
+    }
+}
+
+#[tokio::test]
+async fn a_health_watch_ends_at_its_bound() {
+    let server = start().await;
+    let mut health =
+        tonic_health::pb::health_client::HealthClient::new(server.channel_from("127.0.0.1").await);
+    let mut updates = health.watch(health_request()).await.unwrap().into_inner();
+    let started = Instant::now();
+    let first = updates.message().await.unwrap().expect("no first status");
+    assert_eq!(
+        first.status(),
+        tonic_health::pb::health_check_response::ServingStatus::Serving
+    );
+    // The stream ends, with OK, at the bound: the watcher re-watches if it wants.
+    let end = timeout(HEALTH_WATCH + SLACK, updates.message())
+        .await
+        .expect("the watch outlived its bound")
+        .expect("the watch ended with an error");
+    assert!(end.is_none());
+    assert!(started.elapsed() >= HEALTH_WATCH - EARLY);
+    // The connection serves on.
+    health.check(health_request()).await.unwrap();
+}
+
+#[tokio::test]
+async fn every_stream_counts_against_its_source_and_other_sources_are_served() {
+    // Per source: 1 seated + 1 queued call per stage, plus 64 other streams.
+    EdgeLimits::set_for_tests(EdgeLimits {
+        request_read_deadline: READ_DEADLINE,
+        idle_connection_timeout: IDLE,
+        max_health_watch: HEALTH_WATCH,
+        ..EdgeLimits::DEFAULT
+    });
+    let server = Server::start(&[
+        "--max-inflight-per-source",
+        "1",
+        "--max-queued-per-source",
+        "1",
+    ])
+    .await;
+    let per_source = 1 + 1 + 64;
+    // Health Watches from one address, on two connections.
+    let mut watches = Vec::new();
+    for i in 0..per_source {
+        if i % 64 == 0 {
+            watches.push((
+                tonic_health::pb::health_client::HealthClient::new(
+                    server.channel_from("127.0.0.1").await,
+                ),
+                Vec::new(),
+            ));
+        }
+        let (client, streams) = watches.last_mut().unwrap();
+        streams.push(client.watch(health_request()).await.unwrap().into_inner());
+    }
+    // One more stream from that address is refused at once, whatever the method ...
+    let (client, _) = watches.last_mut().unwrap();
+    let refused = client.check(health_request()).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+    let mut ca = istio_csr_rs::proto::istio_v1_auth::istio_certificate_service_client::IstioCertificateServiceClient::new(server.channel_from("127.0.0.1").await);
+    let (csr, _) = p256_csr(DEFAULT_ID);
+    let refused = ca
+        .create_certificate(pilot_agent_request(
+            &server.target(),
+            Some(&server.token()),
+            csr,
+            3600,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+    assert_eq!(server.refusals("source-streams").await, 2.0);
+    // ... while another address is served.
+    let mut other = istio_csr_rs::proto::istio_v1_auth::istio_certificate_service_client::IstioCertificateServiceClient::new(server.channel_from("127.0.0.2").await);
+    let (csr, _) = p256_csr(DEFAULT_ID);
+    other
+        .create_certificate(pilot_agent_request(
+            &server.target(),
+            Some(&server.token()),
+            csr,
+            3600,
+        ))
+        .await
+        .unwrap();
+    // Streams given back are free again.
+    watches.clear();
+    let freed = eventually(PROMPT, || async {
+        let (csr, _) = p256_csr(DEFAULT_ID);
+        ca.clone()
+            .create_certificate(pilot_agent_request(
+                &server.target(),
+                Some(&server.token()),
+                csr,
+                3600,
+            ))
+            .await
+            .is_ok()
+    })
+    .await;
+    assert!(freed);
 }
 
 // ---------------------------------------------------------------------------------------

@@ -76,6 +76,7 @@ impl CsrServer {
     fn target(&self) -> Target {
         Target {
             timeout: Duration::from_secs(30),
+            source_address: None,
             ..localhost_target(self.running.grpc_address, self.dir.path().join("roots.pem"))
         }
     }

@@ -44,8 +44,8 @@ async fn request_ok(server: &Server) {
 }
 
 #[tokio::test]
-async fn idle_sockets_do_not_delay_real_clients() {
-    let server = Server::start(&[]).await;
+async fn idle_sockets_from_one_source_do_not_delay_real_clients() {
+    let server = Server::start(&["--max-connections-per-source", "700"]).await;
     let mut idle = Vec::new();
     for _ in 0..600 {
         idle.push(
@@ -54,8 +54,52 @@ async fn idle_sockets_do_not_delay_real_clients() {
                 .unwrap(),
         );
     }
+    // From the same address (under its share) and from another one.
     request_ok(&server).await;
+    let mut elsewhere = server.target();
+    elsewhere.source_address = Some("127.0.0.2".parse().unwrap());
+    tokio::time::timeout(
+        PROMPT,
+        request_certificate(&elsewhere, Some(&server.token()), DEFAULT_ID),
+    )
+    .await
+    .expect("a real client was held up")
+    .unwrap();
     drop(idle);
+}
+
+#[tokio::test]
+async fn connections_beyond_the_per_source_cap_are_closed_and_counted_while_other_sources_connect()
+{
+    let server = Server::start(&["--max-connections-per-source", "4"]).await;
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.push(tls_client(&server).await);
+    }
+    // The fifth from the same address is closed before TLS.
+    let mut extra = TcpStream::connect(server.running.grpc_address)
+        .await
+        .unwrap();
+    let mut buf = [0u8; 1];
+    let read = tokio::time::timeout(PROMPT, extra.read(&mut buf))
+        .await
+        .expect("a connection over the per-source cap was kept");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    let mut elsewhere = server.target();
+    elsewhere.source_address = Some("127.0.0.2".parse().unwrap());
+    request_certificate(&elsewhere, Some(&server.token()), DEFAULT_ID)
+        .await
+        .unwrap();
+    assert_eq!(server.refusals("source-connections").await, 1.0);
+    // A slot comes back when a connection closes.
+    drop(held.pop());
+    let freed = eventually(PROMPT, || async {
+        request_certificate(&server.target(), Some(&server.token()), DEFAULT_ID)
+            .await
+            .is_ok()
+    })
+    .await;
+    assert!(freed);
 }
 
 #[tokio::test]

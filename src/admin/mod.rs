@@ -5,12 +5,14 @@ pub mod bundle;
 pub mod health;
 mod server;
 
+use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 
 use axum::Json;
 use axum::Router;
-use axum::extract::{Query, State};
+use axum::extract::{ConnectInfo, Query, State};
 use axum::http::{StatusCode, header};
+use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use prometheus_client::collector::Collector;
@@ -19,7 +21,7 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::{Registry, Unit};
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, watch};
 
 pub use health::{Liveness, Readiness};
 pub use server::{ServeLimits, serve};
@@ -188,13 +190,71 @@ pub struct Trust {
     pub source: String,
 }
 
-pub fn router(state: Arc<AdminState>) -> Router {
+/// Scrapes encoded at once; one more gets 503 at once. Prometheus scrapes one at a time.
+const MAX_CONCURRENT_SCRAPES: usize = 2;
+/// `/debug/*` answers at once, for a person or the `status` command.
+const MAX_CONCURRENT_DEBUG: usize = 1;
+
+/// Who may read `/debug/*`: they name tenants, clusters, errors and the leader's pod.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DebugAccess {
+    /// Loopback callers only (`kubectl port-forward` and `kubectl exec` arrive there).
+    Loopback,
+    /// Any caller (`--admin-remote-debug`).
+    Anyone,
+}
+
+/// The admin routes. The probes answer from memory with no bound of their own: what could
+/// slow them (scrapes, debug dumps) is bounded separately and answers 503 when busy.
+pub fn router(state: Arc<AdminState>, debug_access: DebugAccess) -> Router {
+    let scrapes = Arc::new(Semaphore::new(MAX_CONCURRENT_SCRAPES));
+    let dumps = Arc::new(Semaphore::new(MAX_CONCURRENT_DEBUG));
+    let metrics_routes = Router::new()
+        .route("/metrics", get(metrics))
+        .route_layer(middleware::from_fn_with_state(scrapes, at_most));
+    let debug_routes = Router::new()
+        .route("/debug/bundle", get(debug_bundle))
+        .route_layer(middleware::from_fn_with_state(dumps, at_most))
+        .route_layer(middleware::from_fn_with_state(debug_access, debug_gate));
     Router::new()
         .route("/livez", get(livez))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .route("/debug/bundle", get(debug_bundle))
+        .merge(metrics_routes)
+        .merge(debug_routes)
         .with_state(state)
+}
+
+/// 503 unless one of the route's seats is free.
+async fn at_most(
+    State(seats): State<Arc<Semaphore>>,
+    request: axum::extract::Request,
+    next: middleware::Next,
+) -> Response {
+    match seats.try_acquire() {
+        Ok(_seat) => next.run(request).await,
+        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "busy; retry\n").into_response(),
+    }
+}
+
+/// 403 for `/debug/*` from a non-loopback peer unless [`DebugAccess::Anyone`]. A request
+/// with no peer address (none was recorded) counts as remote.
+async fn debug_gate(
+    State(access): State<DebugAccess>,
+    request: axum::extract::Request,
+    next: middleware::Next,
+) -> Response {
+    let loopback = request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .is_some_and(|ConnectInfo(peer)| crate::per_source::canonical(peer.ip()).is_loopback());
+    if loopback || access == DebugAccess::Anyone {
+        return next.run(request).await;
+    }
+    (
+        StatusCode::FORBIDDEN,
+        "/debug/* answers on loopback only (kubectl port-forward), unless --admin-remote-debug\n",
+    )
+        .into_response()
 }
 
 async fn livez(State(state): State<Arc<AdminState>>) -> (StatusCode, String) {
@@ -364,8 +424,22 @@ mod tests {
         }
 
         async fn get(&self, uri: &str) -> (StatusCode, String, Option<String>) {
-            let response = router(self.state.clone())
-                .oneshot(Request::get(uri).body(Body::empty()).unwrap())
+            self.get_from(uri, [127, 0, 0, 1], DebugAccess::Loopback)
+                .await
+        }
+
+        async fn get_from(
+            &self,
+            uri: &str,
+            peer: [u8; 4],
+            access: DebugAccess,
+        ) -> (StatusCode, String, Option<String>) {
+            let mut request = Request::get(uri).body(Body::empty()).unwrap();
+            request
+                .extensions_mut()
+                .insert(ConnectInfo(SocketAddr::from((peer, 40000))));
+            let response = router(self.state.clone(), access)
+                .oneshot(request)
                 .await
                 .unwrap();
             let status = response.status();
@@ -381,6 +455,28 @@ mod tests {
                 String::from_utf8(body.to_vec()).unwrap(),
                 content_type,
             )
+        }
+    }
+
+    #[tokio::test]
+    async fn debug_answers_loopback_only_unless_opened_and_probes_answer_anyone() {
+        let fixture = fixture(true);
+        fixture.make_ready();
+        let remote = [10, 1, 2, 3];
+        let (status, body, _) = fixture
+            .get_from("/debug/bundle", remote, DebugAccess::Loopback)
+            .await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+        assert!(body.contains("--admin-remote-debug"), "{body}");
+        let (status, _, _) = fixture
+            .get_from("/debug/bundle", remote, DebugAccess::Anyone)
+            .await;
+        assert_eq!(status, StatusCode::OK);
+        let (status, _, _) = fixture.get("/debug/bundle").await;
+        assert_eq!(status, StatusCode::OK);
+        for probe in ["/livez", "/readyz", "/metrics"] {
+            let (status, _, _) = fixture.get_from(probe, remote, DebugAccess::Loopback).await;
+            assert_eq!(status, StatusCode::OK, "{probe}");
         }
     }
 

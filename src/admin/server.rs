@@ -3,8 +3,11 @@
 //!
 //! `axum::serve` has no knob for any of this (no header-read timeout, no connection cap), so
 //! connections are served here with hyper directly:
-//! - at most `max_connections` at once; connections beyond that are closed at once. The cap
-//!   sits inside the file descriptors that the gRPC listener leaves free
+//! - at most `max_connections_per_source` from one address and `max_connections` in all;
+//!   connections beyond either are closed at once. The kubelet probes from one address and
+//!   holds a connection or two, so no number of connections from other addresses keeps a
+//!   probe out until `max_connections` are held by many addresses. The cap sits inside the
+//!   file descriptors that the gRPC listener leaves free
 //!   (`signer::listener::connection_cap`);
 //! - the request head (line and headers) must arrive within `header_read_timeout`. The clock
 //!   also runs while a kept-alive connection waits for its next request, so an idle
@@ -17,11 +20,13 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
+use std::net::SocketAddr;
 use std::pin::pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
+use axum::extract::ConnectInfo;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use hyper::body::Incoming;
@@ -33,6 +38,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::per_source::{PerSourceLimit, SourceSlot};
+
 /// Probes and scrapes send a few hundred bytes of headers.
 const MAX_BUFFER_BYTES: usize = 16 * 1024;
 /// At most one warning per this long about refused connections, with the count.
@@ -41,8 +48,11 @@ const REFUSAL_WARNING_EVERY: Duration = Duration::from_secs(10);
 /// The admin listener's bounds. [`ServeLimits::DEFAULT`] is what the server uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ServeLimits {
-    /// The kubelet's probes and a Prometheus scraper need a handful.
+    /// The kubelet's probes and a Prometheus scraper need a handful; the rest is room for
+    /// many addresses at the per-source bound.
     pub max_connections: usize,
+    /// One address: the kubelet's probes, a scraper, a person with `status`.
+    pub max_connections_per_source: usize,
     /// A real client sends its request head in one packet.
     pub header_read_timeout: Duration,
     /// Every handler answers from memory in microseconds.
@@ -52,7 +62,8 @@ pub struct ServeLimits {
 
 impl ServeLimits {
     pub const DEFAULT: Self = Self {
-        max_connections: 32,
+        max_connections: 256,
+        max_connections_per_source: 8,
         header_read_timeout: Duration::from_secs(5),
         request_timeout: Duration::from_secs(10),
         max_connection_age: Duration::from_secs(60),
@@ -75,6 +86,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send,
 ) -> io::Result<()> {
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let per_source = PerSourceLimit::new(limits.max_connections_per_source);
     let stop = CancellationToken::new();
     let connections = TaskTracker::new();
     let mut shutdown = pin!(shutdown);
@@ -94,11 +106,15 @@ pub async fn serve(
                 continue;
             }
         };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
+        let slot = per_source
+            .try_acquire(Some(remote.ip()))
+            .ok()
+            .zip(slots.clone().try_acquire_owned().ok());
+        let Some(slot) = slot else {
             drop(tcp);
             refused += 1;
             if warned.is_none_or(|at| at.elapsed() >= REFUSAL_WARNING_EVERY) {
-                tracing::warn!(%remote, refused, max_connections = limits.max_connections, "admin connection limit reached; closing new connections");
+                tracing::warn!(%remote, refused, max_connections = limits.max_connections, max_connections_per_source = limits.max_connections_per_source, "admin connection limit reached; closing new connections");
                 warned = Some(Instant::now());
                 refused = 0;
             }
@@ -106,6 +122,7 @@ pub async fn serve(
         };
         connections.spawn(serve_connection(
             tcp,
+            remote,
             router.clone(),
             limits,
             stop.clone(),
@@ -121,17 +138,20 @@ pub async fn serve(
 
 async fn serve_connection(
     tcp: TcpStream,
+    remote: SocketAddr,
     router: Router,
     limits: ServeLimits,
     stop: CancellationToken,
-    _slot: OwnedSemaphorePermit,
+    _slots: (Option<SourceSlot>, OwnedSemaphorePermit),
 ) {
     let mut http1 = http1::Builder::new();
     http1
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
         .max_buf_size(MAX_BUFFER_BYTES);
-    let service = hyper::service::service_fn(move |request: http::Request<Incoming>| {
+    let service = hyper::service::service_fn(move |mut request: http::Request<Incoming>| {
+        // Handlers that care who asks (/debug/*) read the peer here.
+        request.extensions_mut().insert(ConnectInfo(remote));
         let router = router.clone();
         async move {
             let answer = tower::ServiceExt::oneshot(router, request);

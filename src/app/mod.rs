@@ -26,6 +26,7 @@ use crate::istiod::{IstiodCertMetrics, IstiodCerts};
 use crate::leader::{self, Elector, LeaderMetrics, Leadership};
 use crate::pki::chain::RootBundle;
 use crate::retry;
+use crate::signer::admission::SeatLimits;
 use crate::signer::authn::Authenticator;
 use crate::signer::authn::client_cert::ClientCertAuthenticator;
 use crate::signer::authn::node::KubeNodeAuthorizer;
@@ -297,7 +298,12 @@ pub async fn launch(args: ServeArgs, hooks: Hooks) -> anyhow::Result<Launched> {
             status: status.clone(),
         }),
     });
-    let admin_router = admin::router(admin_state.clone());
+    let debug_access = if args.admin.admin_remote_debug {
+        admin::DebugAccess::Anyone
+    } else {
+        admin::DebugAccess::Loopback
+    };
+    let admin_router = admin::router(admin_state.clone(), debug_access);
     // The admin API outlives the gRPC drain: probes must see "not ready", not a closed port.
     let admin_shutdown = CancellationToken::new();
     let admin_stop = admin_shutdown.clone();
@@ -657,8 +663,12 @@ impl Starting {
             Settings {
                 max_lifetime: self.args.server.max_client_certificate_duration,
                 trusted_node_accounts: self.args.server.ca_trusted_node_accounts.clone(),
-                max_inflight: self.args.server.max_inflight,
-                max_inflight_per_source: self.args.server.max_inflight_per_source,
+                admission: SeatLimits {
+                    total: self.args.server.max_inflight,
+                    per_source: self.args.server.max_inflight_per_source,
+                    queue_per_source: self.args.server.max_queued_per_source,
+                    max_wait: self.args.server.max_queue_wait,
+                },
                 trust_domain: self.args.server.trust_domain.clone(),
             },
             self.signer.metrics.clone(),
@@ -794,8 +804,11 @@ impl Starting {
         let (grpc, accept) = server::start(
             GrpcOptions {
                 address: self.plan.serving_address,
-                max_connections: args.server.max_connections,
+                max_connections: self.plan.max_connections,
+                max_connections_per_source: args.server.max_connections_per_source,
+                max_streams_per_source: max_streams_per_source(&args.server),
                 client_verifier,
+                metrics: self.signer.metrics.clone(),
             },
             service,
             self.signer.resolver.clone(),
@@ -819,6 +832,18 @@ impl Starting {
 struct Started {
     grpc: GrpcServer,
 }
+
+/// Streams one source may open: its calls in both stages, seated or waiting, and room for
+/// health checks and calls still being read. 0 when calls per source are not bounded.
+fn max_streams_per_source(server: &crate::config::ServerArgs) -> usize {
+    if server.max_inflight_per_source == 0 {
+        return 0;
+    }
+    server.max_inflight_per_source + server.max_queued_per_source + STREAMS_BEYOND_CALLS
+}
+
+/// Health checks and calls still arriving, on top of a source's seated and waiting calls.
+const STREAMS_BEYOND_CALLS: usize = 64;
 
 /// Serves until asked to stop, then: readiness off, health NOT_SERVING, no new connections,
 /// in-flight requests finish within the grace period. The gRPC server ending by itself is an

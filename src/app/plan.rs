@@ -12,8 +12,8 @@ use crate::config::{IssuanceArgs, ServeArgs};
 use crate::istiod::IstiodCertSpec;
 use crate::leader::Timing;
 use crate::pki::identity;
-use crate::signer::Signer;
 use crate::signer::issuer::{cert_manager, kube_csr};
+use crate::signer::{Signer, capacity};
 use crate::standalone::DataDir;
 
 /// Certificate lifetimes accepted in flags: below a minute renewals would never rest; beyond
@@ -45,6 +45,8 @@ pub(super) struct Plan {
     pub leader_timing: Timing,
     /// istiod's certificate, when `--istiod-cert-enabled`.
     pub istiod_cert: Option<IstiodCertSpec>,
+    /// `--max-connections`, or what the memory limit holds.
+    pub max_connections: usize,
 }
 
 impl Plan {
@@ -83,6 +85,16 @@ impl Plan {
         if args.server.max_inflight == 0 {
             bail!("--max-inflight must be at least 1");
         }
+        if args.server.max_connections == Some(0) {
+            bail!("--max-connections must be at least 1");
+        }
+        let max_connections = args.server.max_connections.unwrap_or_else(|| {
+            capacity::default_max_connections(
+                args.server
+                    .memory_limit
+                    .or_else(capacity::cgroup_memory_limit),
+            )
+        });
         for (flag, value) in [
             (
                 "--max-client-certificate-duration",
@@ -158,6 +170,7 @@ impl Plan {
                 namespace_selector,
                 leader_timing,
                 istiod_cert,
+                max_connections,
             });
         }
         let signer = match args.issuance.signer {
@@ -205,6 +218,7 @@ impl Plan {
             namespace_selector,
             leader_timing,
             istiod_cert,
+            max_connections,
         })
     }
 }
@@ -307,6 +321,7 @@ impl Plan {
             admin_address = %self.admin_address,
             serving_names = ?self.serving_names,
             max_inflight = args.server.max_inflight,
+            max_connections = self.max_connections,
             "effective configuration"
         );
     }

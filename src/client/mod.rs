@@ -60,6 +60,9 @@ pub struct Target {
     /// Give up on a call after this long.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     pub timeout: Duration,
+    /// Local address to connect from [default: chosen by the system].
+    #[arg(long)]
+    pub source_address: Option<std::net::IpAddr>,
 }
 
 impl Target {
@@ -84,6 +87,7 @@ impl Target {
             .tls_config(tls)?
             .timeout(self.timeout)
             .connect_timeout(self.timeout)
+            .local_address(self.source_address)
             .connect()
             .await
             .with_context(|| format!("connecting to {address}"))?;

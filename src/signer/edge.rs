@@ -61,6 +61,8 @@ use tonic::service::Routes;
 use tonic::transport::server::Connected;
 
 use super::listener::{Conn, ConnInfo};
+use super::metrics::SignerMetrics;
+use crate::per_source::{PerSourceLimit, SourceSlot};
 
 /// The gRPC message prefix: a compression flag and a 4-byte big-endian length.
 const GRPC_PREFIX_BYTES: usize = 5;
@@ -105,6 +107,8 @@ pub struct EdgeLimits {
     pub idle_connection_timeout: Duration,
     /// Bytes that partly received requests may hold, all connections together.
     pub request_buffer_budget: usize,
+    /// How long a gRPC health Watch may last before its stream ends (server.rs).
+    pub max_health_watch: Duration,
 }
 
 impl EdgeLimits {
@@ -117,6 +121,7 @@ impl EdgeLimits {
         request_read_deadline: Duration::from_secs(10),
         idle_connection_timeout: Duration::from_secs(300),
         request_buffer_budget: 64 * 1024 * 1024,
+        max_health_watch: Duration::from_secs(300),
     };
 
     /// The limits a server starting now uses. This is [`EdgeLimits::DEFAULT`], unless a test
@@ -161,9 +166,14 @@ mod test_limits {
 pub async fn serve(
     incoming: impl Stream<Item = Result<Conn, io::Error>> + Send,
     routes: Routes,
-    limits: EdgeLimits,
+    options: EdgeOptions,
     shutdown: CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
+    let EdgeOptions {
+        limits,
+        max_streams_per_source,
+        metrics,
+    } = options;
     let mut http2 = http2::Builder::new(TokioExecutor::new());
     http2
         .timer(TokioTimer::new())
@@ -179,6 +189,8 @@ pub async fn serve(
         routes,
         budget: Budget::new(limits.request_buffer_budget),
         limits,
+        streams_per_source: PerSourceLimit::new(max_streams_per_source),
+        metrics,
     });
     let stop = shutdown.child_token();
     let connections = TaskTracker::new();
@@ -209,10 +221,28 @@ pub async fn serve(
     Ok(())
 }
 
+/// What [`serve`] is given besides the connections and routes.
+pub struct EdgeOptions {
+    pub limits: EdgeLimits,
+    /// Open streams one source address may have, all its connections together (0: no
+    /// bound): every call counts, health Watches included.
+    pub max_streams_per_source: usize,
+    /// Where refusals are counted (`istio_csr_refusals_total`).
+    pub metrics: SignerMetrics,
+}
+
+/// `istio_csr_refusals_total` reasons of the edge.
+pub const REFUSED_SOURCE_STREAMS: &str = "source-streams";
+pub const REFUSED_TOO_LARGE: &str = "message-size";
+pub const REFUSED_READ_DEADLINE: &str = "read-deadline";
+pub const REFUSED_BUDGET: &str = "buffer-budget";
+
 struct Shared {
     routes: Routes,
     budget: Budget,
     limits: EdgeLimits,
+    streams_per_source: Arc<PerSourceLimit>,
+    metrics: SignerMetrics,
 }
 
 /// The bytes that partly received requests may hold, all connections together.
@@ -233,7 +263,7 @@ impl Budget {
 
     /// `n` bytes of the budget. When they are not free, this evicts the reads older than
     /// [`PRESSURE_AGE`] and waits briefly for their bytes.
-    async fn charge(&self, n: u32) -> Result<OwnedSemaphorePermit, Status> {
+    async fn charge(&self, n: u32) -> Result<OwnedSemaphorePermit, Refused> {
         if let Ok(permit) = self.bytes.clone().try_acquire_many_owned(n) {
             return Ok(permit);
         }
@@ -382,34 +412,49 @@ impl hyper::service::Service<Request<Incoming>> for EdgeService {
         let shared = self.shared.clone();
         let info = self.info.clone();
         Box::pin(async move {
-            let response = handle(&shared, info, request).await;
+            let (response, source_slot) = handle(&shared, info, request).await;
             Ok(response.map(|inner| GuardedBody {
                 inner,
-                _stream: guard,
+                _stream: (guard, source_slot),
             }))
         })
     }
 }
 
+/// Serves one call; the source slot it returns is held until hyper is done with the answer.
 async fn handle(
     shared: &Shared,
     info: ConnInfo,
     request: Request<Incoming>,
-) -> Response<tonic::body::Body> {
+) -> (Response<tonic::body::Body>, Option<SourceSlot>) {
     let received = Instant::now();
     let client_deadline = grpc_timeout(request.headers()).map(|t| received + t);
     let read_deadline = received + shared.limits.request_read_deadline;
     let remote = info.remote;
+    // Held until the answer is done: the stream counts against its source from its HEADERS.
+    let Ok(source_slot) = shared.streams_per_source.try_acquire(Some(remote.ip())) else {
+        shared.metrics.observe_refusal(REFUSED_SOURCE_STREAMS);
+        tracing::debug!(%remote, "too many open streams from this source; refusing a call");
+        return (
+            Status::resource_exhausted("too many calls from this address at once; retry")
+                .into_http(),
+            None,
+        );
+    };
     let (mut parts, body) = request.into_parts();
     let call = async {
         let read = read_request(body, shared.limits.max_message_bytes, &shared.budget);
         let body = match tokio::time::timeout_at(read_deadline, read).await {
             Ok(Ok(body)) => body,
             Ok(Err(refusal)) => {
-                tracing::debug!(%remote, path = %parts.uri.path(), message = refusal.message(), "request refused at the edge");
-                return refusal.into_http();
+                if let Some(reason) = refusal.reason {
+                    shared.metrics.observe_refusal(reason);
+                }
+                tracing::debug!(%remote, path = %parts.uri.path(), message = refusal.status.message(), "request refused at the edge");
+                return refusal.status.into_http();
             }
             Err(_) => {
+                shared.metrics.observe_refusal(REFUSED_READ_DEADLINE);
                 tracing::debug!(%remote, path = %parts.uri.path(), "request message not received in time; resetting the stream");
                 return Status::deadline_exceeded("request message not received in time")
                     .into_http();
@@ -422,23 +467,45 @@ async fn handle(
             Err(never) => match never {},
         }
     };
-    match client_deadline {
+    let response = match client_deadline {
         None => call.await,
         // As tonic's server answers when the client's deadline passes.
         Some(deadline) => tokio::time::timeout_at(deadline, call)
             .await
             .unwrap_or_else(|_| Status::cancelled("Timeout expired").into_http()),
+    };
+    (response, source_slot)
+}
+
+/// A request the edge will not pass on: the answer, and the `istio_csr_refusals_total`
+/// reason when the refusal is one of the edge's bounds (not a failed stream).
+#[derive(Debug)]
+struct Refused {
+    status: Status,
+    reason: Option<&'static str>,
+}
+
+impl Refused {
+    #[cfg(test)]
+    fn code(&self) -> tonic::Code {
+        self.status.code()
     }
 }
 
-fn too_large(max_message_bytes: usize) -> Status {
-    Status::resource_exhausted(format!(
-        "request message larger than the limit of {max_message_bytes} bytes"
-    ))
+fn too_large(max_message_bytes: usize) -> Refused {
+    Refused {
+        status: Status::resource_exhausted(format!(
+            "request message larger than the limit of {max_message_bytes} bytes"
+        )),
+        reason: Some(REFUSED_TOO_LARGE),
+    }
 }
 
-fn busy() -> Status {
-    Status::resource_exhausted("too many requests being received at once; retry")
+fn busy() -> Refused {
+    Refused {
+        status: Status::resource_exhausted("too many requests being received at once; retry"),
+        reason: Some(REFUSED_BUDGET),
+    }
 }
 
 /// Reads a request body to its end: one length-prefixed message (and trailers, if any).
@@ -448,16 +515,19 @@ async fn read_request<B>(
     body: B,
     max_message_bytes: usize,
     budget: &Budget,
-) -> Result<Buffered, Status>
+) -> Result<Buffered, Refused>
 where
     B: Body<Data = Bytes> + Unpin,
 {
     let started = Instant::now();
     tokio::select! {
         read = read_body(body, max_message_bytes, budget) => read,
-        () = budget.evicted(started) => Err(Status::resource_exhausted(
-            "server busy and the request message is slow to arrive; retry",
-        )),
+        () = budget.evicted(started) => Err(Refused {
+            status: Status::resource_exhausted(
+                "server busy and the request message is slow to arrive; retry",
+            ),
+            reason: Some(REFUSED_BUDGET),
+        }),
     }
 }
 
@@ -465,7 +535,7 @@ async fn read_body<B>(
     mut body: B,
     max_message_bytes: usize,
     budget: &Budget,
-) -> Result<Buffered, Status>
+) -> Result<Buffered, Refused>
 where
     B: Body<Data = Bytes> + Unpin,
 {
@@ -474,7 +544,10 @@ where
     let mut buffer: Vec<u8> = Vec::new();
     let mut trailers = None;
     while let Some(frame) = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await {
-        let frame = frame.map_err(|_| Status::cancelled("request stream failed"))?;
+        let frame = frame.map_err(|_| Refused {
+            status: Status::cancelled("request stream failed"),
+            reason: None,
+        })?;
         let data = match frame.into_data() {
             Ok(data) => data,
             Err(frame) => {
@@ -543,7 +616,7 @@ impl Body for Buffered {
 /// An answer that keeps its stream counted as open until hyper is done with it.
 struct GuardedBody {
     inner: tonic::body::Body,
-    _stream: StreamGuard,
+    _stream: (StreamGuard, Option<SourceSlot>),
 }
 
 impl Body for GuardedBody {

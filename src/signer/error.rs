@@ -6,6 +6,7 @@
 
 use tonic::{Code, Status};
 
+use super::admission::Refusal;
 use super::authn::AuthnError;
 use super::issuance::IssuanceError;
 use super::issuer::IssueError;
@@ -36,8 +37,10 @@ pub enum SignError {
     Chain(#[from] ChainError),
     #[error("tenant signer: {0}")]
     Tenant(#[from] TenantError),
-    #[error("too many requests in flight")]
-    Overloaded,
+    /// No seat in a pipeline stage (admission.rs): the source's queue was full or the wait
+    /// too long.
+    #[error("overloaded: {0}")]
+    Overloaded(#[from] Refusal),
 }
 
 impl From<IssuanceError> for SignError {
@@ -70,7 +73,7 @@ impl SignError {
             SignError::Tenant(TenantError::Unknown(_)) => Code::InvalidArgument,
             SignError::Tenant(TenantError::NotAllowed { .. }) => Code::PermissionDenied,
             SignError::Chain(_) => Code::Internal,
-            SignError::Overloaded => Code::ResourceExhausted,
+            SignError::Overloaded(_) => Code::ResourceExhausted,
         }
     }
 }
@@ -149,7 +152,8 @@ mod tests {
                 .into(),
                 Code::PermissionDenied,
             ),
-            (SignError::Overloaded, Code::ResourceExhausted),
+            (Refusal::QueueFull.into(), Code::ResourceExhausted),
+            (Refusal::WaitedTooLong.into(), Code::ResourceExhausted),
         ];
         for (error, code) in cases {
             assert_eq!(to_status(&error).code(), code, "{error}");

@@ -24,12 +24,20 @@ use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::server::Connected;
 
+use super::log_guard::{Admission, RateLimiter};
+use super::metrics::SignerMetrics;
+use crate::per_source::{PerSourceLimit, SourceSlot};
+
 /// TLS handshake and HTTP/2 preface together: a real client needs milliseconds.
 pub const CONNECT_DEADLINE: Duration = Duration::from_secs(10);
 /// RFC 9113 3.4: every HTTP/2 connection starts with these 24 octets.
 const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// File descriptors kept free for files, the admin listener and outgoing connections.
-const RESERVED_FDS: u64 = 128;
+const RESERVED_FDS: u64 = 128 + crate::admin::ServeLimits::DEFAULT.max_connections as u64;
+/// `istio_csr_refusals_total` reasons of the accept loop.
+pub const REFUSED_CONNECTIONS: &str = "connections";
+pub const REFUSED_SOURCE_CONNECTIONS: &str = "source-connections";
+pub const REFUSED_CONNECT_DEADLINE: &str = "connect-deadline";
 
 /// What the gRPC handlers learn about a connection.
 #[derive(Clone, Debug)]
@@ -44,8 +52,8 @@ pub struct Conn {
     tls: TlsStream<TcpStream>,
     preface_sent: usize,
     info: ConnInfo,
-    /// Held for the connection's life: counts against the connection cap.
-    _slot: OwnedSemaphorePermit,
+    /// Held for the connection's life: counts against the connection caps.
+    _slots: (OwnedSemaphorePermit, Option<SourceSlot>),
 }
 
 impl Connected for Conn {
@@ -111,17 +119,37 @@ pub fn connection_cap(wanted: usize) -> usize {
     wanted.min(fit).max(1)
 }
 
-/// Accepts until `shutdown` fires. Connections beyond `max_connections` are closed at once:
+/// How many connections the accept loop lets in.
+#[derive(Clone, Copy, Debug)]
+pub struct ConnectionLimits {
+    /// All sources together (after [`connection_cap`]).
+    pub total: usize,
+    /// One source address (0: no per-source bound).
+    pub per_source: usize,
+}
+
+/// Accepts until `shutdown` fires. Connections beyond either limit are closed at once:
 /// better a fast refusal (clients retry elsewhere) than a queue that grows without bound.
+/// Each refusal is counted (`istio_csr_refusals_total`) and logged a few times a second at
+/// most.
 pub async fn accept_loop(
     listener: TcpListener,
     config: Arc<ServerConfig>,
-    max_connections: usize,
+    limits: ConnectionLimits,
+    metrics: SignerMetrics,
     connections: mpsc::Sender<Result<Conn, io::Error>>,
     shutdown: CancellationToken,
 ) {
     let acceptor = TlsAcceptor::from(config);
-    let slots = Arc::new(Semaphore::new(max_connections));
+    let slots = Arc::new(Semaphore::new(limits.total));
+    let per_source = PerSourceLimit::new(limits.per_source);
+    let refusal_log = RateLimiter::new(1);
+    let refuse = |remote: SocketAddr, reason: &'static str| {
+        metrics.observe_refusal(reason);
+        if let Admission::Log { suppressed } = refusal_log.admit(reason) {
+            tracing::warn!(%remote, reason, suppressed, max_connections = limits.total, max_connections_per_source = limits.per_source, "closing a new connection: limit reached");
+        }
+    };
     loop {
         let accepted = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -136,13 +164,18 @@ pub async fn accept_loop(
                 continue;
             }
         };
+        let Ok(source_slot) = per_source.try_acquire(Some(remote.ip())) else {
+            refuse(remote, REFUSED_SOURCE_CONNECTIONS);
+            continue;
+        };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
-            tracing::warn!(%remote, max_connections, "connection limit reached; closing a new connection");
+            refuse(remote, REFUSED_CONNECTIONS);
             continue;
         };
         let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
         let connections = connections.clone();
+        let metrics = metrics.clone();
         tokio::spawn(async move {
             match tokio::time::timeout(CONNECT_DEADLINE, establish(&acceptor, tcp)).await {
                 Ok(Ok(tls)) => {
@@ -155,12 +188,13 @@ pub async fn accept_loop(
                         tls,
                         preface_sent: 0,
                         info: ConnInfo { remote, peer_certs },
-                        _slot: slot,
+                        _slots: (slot, source_slot),
                     };
                     let _ = connections.send(Ok(conn)).await;
                 }
                 Ok(Err(error)) => tracing::debug!(%remote, %error, "connection refused"),
                 Err(_) => {
+                    metrics.observe_refusal(REFUSED_CONNECT_DEADLINE);
                     tracing::debug!(%remote, "connection dropped: no TLS and HTTP/2 preface in time")
                 }
             }

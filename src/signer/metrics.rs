@@ -42,6 +42,7 @@ pub struct SignerMetrics {
     authentications: Family<AuthLabels, Counter>,
     lifetime: Histogram,
     log_lines_suppressed: Family<ReasonLabels, Counter>,
+    refusals: Family<ReasonLabels, Counter>,
 }
 
 impl SignerMetrics {
@@ -87,6 +88,12 @@ impl SignerMetrics {
             "Refusal log lines not written because too many came at once, by reason (the gRPC code).",
             log_lines_suppressed.clone(),
         );
+        let refusals = Family::default();
+        registry.register(
+            "refusals",
+            "Connections and calls refused by a bound before reaching a signer, by reason (see docs/admin-api.md).",
+            refusals.clone(),
+        );
         Self {
             requests,
             duration,
@@ -94,6 +101,7 @@ impl SignerMetrics {
             authentications,
             lifetime,
             log_lines_suppressed,
+            refusals,
         }
     }
 
@@ -127,6 +135,12 @@ impl SignerMetrics {
         self.log_lines_suppressed
             .get_or_create(&ReasonLabels { reason })
             .inc();
+    }
+
+    /// A connection or call was refused by one of the edge's or the pipeline's bounds;
+    /// `reason` is one of a fixed set of labels.
+    pub fn observe_refusal(&self, reason: &'static str) {
+        self.refusals.get_or_create(&ReasonLabels { reason }).inc();
     }
 
     /// Counts a call in flight until the guard is dropped.

@@ -1,9 +1,10 @@
 //! The gRPC signer: authentication, authorisation, issuer selection and the issuers.
 
+pub mod admission;
 pub mod authn;
+pub mod capacity;
 pub mod edge;
 pub mod error;
-pub mod inflight;
 pub mod issuance;
 pub mod issuer;
 pub mod listener;

@@ -13,18 +13,28 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
 use super::edge::{self, EdgeLimits};
-use super::listener;
+use super::listener::{self, ConnectionLimits};
+use super::metrics::SignerMetrics;
 use super::service::CaService;
 use super::tls::{self, MeshClientVerifier, ServingCertResolver};
 use crate::proto::istio_v1_auth::istio_certificate_service_server::IstioCertificateServiceServer;
+use tonic_health::pb::health_server::{Health, HealthServer};
+use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
+use tonic_health::server::HealthService;
 
 /// What the gRPC listener is given.
 pub struct GrpcOptions {
     pub address: SocketAddr,
-    /// `--max-connections` (0: the default cap).
+    /// `--max-connections`, resolved.
     pub max_connections: usize,
+    /// `--max-connections-per-source` (0: no bound).
+    pub max_connections_per_source: usize,
+    /// Open streams one source may have, all its connections together (0: no bound).
+    pub max_streams_per_source: usize,
     /// Client certificates are asked for (and verified) when set.
     pub client_verifier: Option<Arc<MeshClientVerifier>>,
+    /// Where the edge's refusals are counted.
+    pub metrics: SignerMetrics,
 }
 
 /// A bound, serving gRPC server.
@@ -50,13 +60,17 @@ pub async fn start(
     let address = listener.local_addr()?;
     let shutdown = CancellationToken::new();
     let (conn_tx, conn_rx) = mpsc::channel(128);
-    let max_connections = listener::connection_cap(options.max_connections);
+    let limits = ConnectionLimits {
+        total: listener::connection_cap(options.max_connections),
+        per_source: options.max_connections_per_source,
+    };
     let accept = {
         let shutdown = shutdown.clone();
-        listener::accept_loop(listener, tls_config, max_connections, conn_tx, shutdown)
+        let metrics = options.metrics.clone();
+        listener::accept_loop(listener, tls_config, limits, metrics, conn_tx, shutdown)
     };
 
-    let (health, health_service) = tonic_health::server::health_reporter();
+    let health = tonic_health::server::HealthReporter::new();
     health
         .set_serving::<IstioCertificateServiceServer<CaService>>()
         .await;
@@ -64,6 +78,10 @@ pub async fn start(
     // deadline, RESOURCE_EXHAUSTED for over-size messages); tonic routes and decodes.
     // tonic's own size limit stays as a backstop behind the edge's.
     let limits = EdgeLimits::in_force();
+    let health_service = HealthServer::new(BoundedHealth {
+        inner: HealthService::from_health_reporter(health.clone()),
+        max_watch: limits.max_health_watch,
+    });
     let routes = tonic::service::Routes::new(health_service)
         .add_service(
             IstioCertificateServiceServer::new(service)
@@ -74,7 +92,11 @@ pub async fn start(
     let serving = tokio::spawn(edge::serve(
         ReceiverStream::new(conn_rx),
         routes,
-        limits,
+        edge::EdgeOptions {
+            limits,
+            max_streams_per_source: options.max_streams_per_source,
+            metrics: options.metrics,
+        },
         shutdown.clone(),
     ));
     Ok((
@@ -125,5 +147,40 @@ impl GrpcServer {
     /// Closes the listener without waiting (the server has ended already).
     pub fn close(&self) {
         self.shutdown.cancel();
+    }
+}
+
+/// gRPC health as tonic-health serves it, except that a Watch ends after `max_watch`: an
+/// unauthenticated call that never ends would pin its connection (it is never idle) for as
+/// long as the peer likes. Watchers re-watch when their stream ends, as gRPC's health
+/// checking clients do.
+struct BoundedHealth {
+    inner: HealthService,
+    max_watch: Duration,
+}
+
+type WatchStream = std::pin::Pin<
+    Box<dyn tokio_stream::Stream<Item = Result<HealthCheckResponse, tonic::Status>> + Send>,
+>;
+
+#[tonic::async_trait]
+impl Health for BoundedHealth {
+    async fn check(
+        &self,
+        request: tonic::Request<HealthCheckRequest>,
+    ) -> Result<tonic::Response<HealthCheckResponse>, tonic::Status> {
+        self.inner.check(request).await
+    }
+
+    type WatchStream = WatchStream;
+
+    async fn watch(
+        &self,
+        request: tonic::Request<HealthCheckRequest>,
+    ) -> Result<tonic::Response<Self::WatchStream>, tonic::Status> {
+        let updates = self.inner.watch(request).await?.into_inner();
+        let bounded =
+            futures_util::StreamExt::take_until(updates, tokio::time::sleep(self.max_watch));
+        Ok(tonic::Response::new(Box::pin(bounded)))
     }
 }

@@ -1,17 +1,18 @@
 //! `istio.v1.auth.IstioCertificateService/CreateCertificate`: the pipeline of reference.md.
 
 use std::borrow::Cow;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use prost_types::value::Kind;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::watch;
 use tonic::{Code, Request, Response, Status};
 
+use super::admission::{SeatLimits, Seats};
 use super::authn::node::{NodeAuthorizer, NodeCheckError};
 use super::authn::{self, Authenticator, Caller, Credentials};
 use super::error::{SignError, to_status};
-use super::inflight::PerSourceLimit;
 use super::issuance::{Certified, Issuance};
 use super::issuer::{IssueRequest, LeafNames, NO_ANNOTATIONS, Purpose};
 use super::listener::ConnInfo;
@@ -30,14 +31,20 @@ use crate::proto::istio_v1_auth::{IstioCertificateRequest, IstioCertificateRespo
 const META_CERT_SIGNER: &str = "CertSigner";
 /// ztunnel's metadata key naming the workload it requests a certificate for.
 const META_IMPERSONATED_IDENTITY: &str = "ImpersonatedIdentity";
+/// Values in a request's metadata Struct, nested ones included. pilot-agent sends one
+/// (CertSigner) and ztunnel one (ImpersonatedIdentity); a few more leave room for clients
+/// to come, while a message of tiny entries cannot make a large decoded request wait.
+pub const MAX_METADATA_VALUES: usize = 16;
+/// Nesting of Structs and lists in the metadata: every key read here is at the top.
+pub const MAX_METADATA_DEPTH: usize = 2;
 
 pub struct Settings {
     pub max_lifetime: Duration,
     /// `namespace/name` of service accounts allowed to impersonate (ztunnel).
     pub trusted_node_accounts: Vec<String>,
-    pub max_inflight: usize,
-    /// Calls one source address may have in progress (0 = no bound).
-    pub max_inflight_per_source: usize,
+    /// Seats of each pipeline stage (authentication, then issuance): every stage admits
+    /// calls by these bounds, fairly across source addresses (admission.rs).
+    pub admission: SeatLimits,
     /// Impersonated identities must be of this trust domain.
     pub trust_domain: String,
 }
@@ -50,8 +57,11 @@ pub struct CaService {
     issuance: Issuance,
     /// Tenant signers (`--signers-file`, `--mesh-config`); empty without them.
     tenants: watch::Receiver<Arc<TenantTable>>,
-    inflight: Arc<Semaphore>,
-    per_source: Arc<PerSourceLimit>,
+    /// Authenticating callers (a TokenReview at most): bounded on its own, so a flood of
+    /// tokens to review cannot take the seats of callers already authenticated.
+    authentication: Seats,
+    /// The node check, the CSR check and the issuer's signing.
+    issuance_seats: Seats,
     node_authorizer: Option<Arc<dyn NodeAuthorizer>>,
     /// Bounds the refusal lines per gRPC code (log_guard.rs).
     refusal_log: RateLimiter,
@@ -65,8 +75,8 @@ impl CaService {
         authenticators: Vec<Arc<dyn Authenticator>>,
         issuance: Issuance,
     ) -> Self {
-        let inflight = Arc::new(Semaphore::new(settings.max_inflight));
-        let per_source = PerSourceLimit::new(settings.max_inflight_per_source);
+        let authentication = Seats::new(settings.admission);
+        let issuance_seats = Seats::new(settings.admission);
         Self {
             settings,
             metrics,
@@ -74,8 +84,8 @@ impl CaService {
             authenticators,
             issuance,
             tenants: watch::channel(Arc::new(TenantTable::default())).1,
-            inflight,
-            per_source,
+            authentication,
+            issuance_seats,
             node_authorizer: None,
             refusal_log: RateLimiter::new(REFUSAL_LINES_PER_SECOND),
         }
@@ -84,9 +94,14 @@ impl CaService {
     async fn sign(
         &self,
         request: &Request<IstioCertificateRequest>,
+        source: Option<IpAddr>,
         caller_out: &mut Option<Caller>,
         tenant_out: &mut Option<Arc<Tenant>>,
     ) -> Result<Signed, SignError> {
+        // Checked before the call waits anywhere: a request it refuses is held no longer.
+        let body = request.get_ref();
+        check_metadata_bounds(body.metadata.as_ref())?;
+        let options = RequestOptions::from_metadata(body.metadata.as_ref())?;
         let metadata = request.metadata();
         let cluster_id = match metadata.get("clusterid") {
             Some(v) => v
@@ -109,13 +124,17 @@ impl CaService {
             cluster: &cluster,
         };
         let presented = credential_kind(&credentials);
-        let caller = authn::authenticate(&self.authenticators, &credentials).await;
+        let caller = {
+            let _seat = self.authentication.admit(source).await?;
+            authn::authenticate(&self.authenticators, &credentials).await
+        };
         self.metrics
             .observe_authentication(presented, caller.is_ok());
         let caller = caller_out.insert(caller?);
 
-        let body = request.get_ref();
-        let options = RequestOptions::from_metadata(body.metadata.as_ref())?;
+        // Only authenticated callers reach the issuance stage.
+        let _seat = self.issuance_seats.admit(source).await?;
+        let _in_flight = self.metrics.in_flight();
         let allowed = match options.impersonated_identity {
             Some(identity) => vec![self.check_impersonation(&cluster, caller, identity).await?],
             None => caller.identities.clone(),
@@ -229,6 +248,41 @@ fn credential_kind(credentials: &Credentials<'_>) -> &'static str {
     }
 }
 
+/// Refuses metadata with more than [`MAX_METADATA_VALUES`] values or deeper than
+/// [`MAX_METADATA_DEPTH`].
+pub fn check_metadata_bounds(metadata: Option<&prost_types::Struct>) -> Result<(), SignError> {
+    fn walk<'a>(
+        values: impl Iterator<Item = &'a prost_types::Value>,
+        depth: usize,
+        count: &mut usize,
+    ) -> Result<(), SignError> {
+        for value in values {
+            *count += 1;
+            if *count > MAX_METADATA_VALUES {
+                return Err(SignError::InvalidRequest(format!(
+                    "metadata has more than {MAX_METADATA_VALUES} values"
+                )));
+            }
+            let nested: Box<dyn Iterator<Item = &prost_types::Value>> = match &value.kind {
+                Some(Kind::StructValue(s)) => Box::new(s.fields.values()),
+                Some(Kind::ListValue(l)) => Box::new(l.values.iter()),
+                _ => continue,
+            };
+            if depth + 1 >= MAX_METADATA_DEPTH {
+                return Err(SignError::InvalidRequest(format!(
+                    "metadata nested deeper than {MAX_METADATA_DEPTH}"
+                )));
+            }
+            walk(nested, depth + 1, count)?;
+        }
+        Ok(())
+    }
+    let Some(metadata) = metadata else {
+        return Ok(());
+    };
+    walk(metadata.fields.values(), 0, &mut 0)
+}
+
 /// The request's metadata Struct, read strictly: known keys must be strings.
 #[derive(Debug, PartialEq, Eq)]
 pub struct RequestOptions<'a> {
@@ -320,16 +374,10 @@ impl IstioCertificateService for CaService {
             .extensions()
             .get::<ConnInfo>()
             .map(|info| info.remote.ip());
-        let result = match (
-            self.per_source.try_acquire(source),
-            self.inflight.try_acquire(),
-        ) {
-            (Ok(_source_slot), Ok(_permit)) => {
-                let _in_flight = self.metrics.in_flight();
-                self.sign(&request, &mut caller, &mut tenant).await
-            }
-            _ => Err(SignError::Overloaded),
-        };
+        let result = self.sign(&request, source, &mut caller, &mut tenant).await;
+        if let Err(SignError::Overloaded(refusal)) = &result {
+            self.metrics.observe_refusal(refusal.label());
+        }
         let elapsed = started.elapsed().as_secs_f64();
         let elapsed_ms = (elapsed * 1e5).round() / 100.0;
         let backend = self.issuance.issuer().label();
@@ -623,6 +671,43 @@ mod tests {
                 .cert_signer
                 .is_none()
         );
+    }
+
+    #[test]
+    fn bounds_the_metadata_values_and_their_nesting() {
+        let string = || Kind::StringValue("x".into());
+        let list = |values: Vec<Kind>| {
+            Kind::ListValue(prost_types::ListValue {
+                values: values
+                    .into_iter()
+                    .map(|kind| prost_types::Value { kind: Some(kind) })
+                    .collect(),
+            })
+        };
+        let keys: Vec<String> = (0..MAX_METADATA_VALUES + 1)
+            .map(|i| format!("k{i}"))
+            .collect();
+        let flat = |n: usize| {
+            let pairs: Vec<(&str, Kind)> =
+                keys[..n].iter().map(|k| (k.as_str(), string())).collect();
+            metadata(&pairs)
+        };
+        assert!(check_metadata_bounds(None).is_ok());
+        assert!(check_metadata_bounds(Some(&flat(MAX_METADATA_VALUES))).is_ok());
+        assert!(matches!(
+            check_metadata_bounds(Some(&flat(MAX_METADATA_VALUES + 1))),
+            Err(SignError::InvalidRequest(_))
+        ));
+        // Nested values count too: one key holding a long list is as many values.
+        let long = metadata(&[("k", list(vec![string(); MAX_METADATA_VALUES]))]);
+        assert!(check_metadata_bounds(Some(&long)).is_err());
+        let nested = metadata(&[("k", list(vec![string(); 3]))]);
+        assert!(check_metadata_bounds(Some(&nested)).is_ok());
+        let deeper = metadata(&[("k", list(vec![list(vec![string()])]))]);
+        assert!(matches!(
+            check_metadata_bounds(Some(&deeper)),
+            Err(SignError::InvalidRequest(_))
+        ));
     }
 
     #[test]

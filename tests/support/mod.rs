@@ -122,6 +122,7 @@ impl Server {
             token_file: Some(self.data_dir.join("token")),
             cluster_id: "Kubernetes".into(),
             timeout: Duration::from_secs(20),
+            source_address: None,
         }
     }
 
@@ -143,6 +144,29 @@ impl Server {
 
     pub fn admin_url(&self, path: &str) -> String {
         format!("http://{}{path}", self.running.admin_address)
+    }
+
+    /// A new HTTP/2 connection to the gRPC port from `source` (a 127.0.0.0/8 address).
+    pub async fn channel_from(&self, source: &str) -> Channel {
+        let roots = std::fs::read(self.data_dir.join("root-cert.pem")).unwrap();
+        Channel::from_shared(format!("https://{}", self.running.grpc_address))
+            .unwrap()
+            .local_address(Some(source.parse().unwrap()))
+            .tls_config(
+                tonic::transport::ClientTlsConfig::new()
+                    .ca_certificate(tonic::transport::Certificate::from_pem(roots))
+                    .domain_name("localhost"),
+            )
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
+    }
+
+    /// `istio_csr_refusals_total{reason}` now.
+    pub async fn refusals(&self, reason: &str) -> f64 {
+        let (_, body) = http_get(&self.admin_url("/metrics")).await;
+        openmetrics::parse(&body).value("istio_csr_refusals_total", &[("reason", reason)])
     }
 }
 
@@ -404,6 +428,7 @@ pub fn localhost_target(address: impl std::fmt::Display, root_cert: PathBuf) -> 
         token_file: None,
         cluster_id: "Kubernetes".into(),
         timeout: Duration::from_secs(20),
+        source_address: None,
     }
 }
 

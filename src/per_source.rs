@@ -1,13 +1,12 @@
-//! How many CreateCertificate calls one source address may have in progress: a single peer
-//! (or a few) must not hold every `--max-inflight` slot and lock everyone else out. A NAT or an
-//! east-west gateway funnels many callers through one address, so the share is generous, and
-//! settable (`--max-inflight-per-source`, 0 = no per-source bound).
+//! How much of something (connections, open streams) one source address may hold at once, so
+//! that a single peer cannot take what every other peer needs: the gRPC and admin listeners
+//! count connections with it, the gRPC edge counts streams.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 
-/// Counts calls in progress per source address.
+/// Counts what each source address holds.
 #[derive(Debug)]
 pub struct PerSourceLimit {
     max: usize,
@@ -18,7 +17,7 @@ pub struct PerSourceLimit {
 #[derive(Debug, PartialEq, Eq)]
 pub struct SourceBusy;
 
-/// One call's place; released when dropped.
+/// One held unit; released when dropped.
 #[derive(Debug)]
 pub struct SourceSlot {
     limit: Arc<PerSourceLimit>,
@@ -26,7 +25,7 @@ pub struct SourceSlot {
 }
 
 impl PerSourceLimit {
-    /// `max` calls at once per address; 0 means no bound.
+    /// `max` at once per address; 0 means no bound.
     pub fn new(max: usize) -> Arc<Self> {
         Arc::new(Self {
             max,
@@ -43,12 +42,9 @@ impl PerSourceLimit {
         let Some(source) = source.filter(|_| self.max > 0) else {
             return Ok(None);
         };
-        // IPv4-mapped IPv6 addresses are the same peer as their IPv4 form.
-        let source = match source {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(source, IpAddr::V4),
-            v4 => v4,
-        };
-        let mut counts = self.counts.lock().map_err(|_| SourceBusy)?;
+        let source = canonical(source);
+        // A poisoned lock only means a holder panicked between single-step updates.
+        let mut counts = self.counts.lock().unwrap_or_else(PoisonError::into_inner);
         let count = counts.entry(source).or_insert(0);
         if *count >= self.max {
             return Err(SourceBusy);
@@ -66,11 +62,22 @@ impl PerSourceLimit {
     }
 }
 
+/// IPv4-mapped IPv6 addresses are the same peer as their IPv4 form.
+pub fn canonical(source: IpAddr) -> IpAddr {
+    match source {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(source, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
 impl Drop for SourceSlot {
     fn drop(&mut self) {
-        if let Ok(mut counts) = self.limit.counts.lock()
-            && let Some(count) = counts.get_mut(&self.source)
-        {
+        let mut counts = self
+            .limit
+            .counts
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(count) = counts.get_mut(&self.source) {
             *count -= 1;
             // Addresses with nothing in progress are forgotten: the map stays as small as
             // the set of callers being served.
