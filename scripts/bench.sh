@@ -5,7 +5,8 @@
 #   scripts/bench.sh kube > /tmp/kube.txt    cert-manager on a real kube-apiserver, with the
 #                                            API server's own floor measured in the same run
 #   scripts/bench.sh hostile > /tmp/hostile.txt   the server's memory and a real client's
-#                                            latency under 1,000 hostile peers
+#                                            latency under 1,000 hostile peers, and under
+#                                            8,000 health Watches from one address
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,6 +18,9 @@ if [ "${1:-}" = "hostile" ]; then
   echo
   cargo test --release --locked --quiet --test hostile_peers -- --ignored --nocapture \
     hostile_peers_benchmark 2>&1 | grep -vE '^(running|test |$)'
+  # 8,000 connections with health Watches from one address, a real client from another.
+  cargo test --release --locked --quiet --test hostile_peers -- --nocapture \
+    a_watch_flood_from_one_source 2>&1 | grep -vE '^(running|test |$)'
   exit 0
 fi
 

@@ -22,6 +22,7 @@ pub struct SourceBusy;
 pub struct SourceSlot {
     limit: Arc<PerSourceLimit>,
     source: IpAddr,
+    n: usize,
 }
 
 impl PerSourceLimit {
@@ -39,6 +40,15 @@ impl PerSourceLimit {
         self: &Arc<Self>,
         source: Option<IpAddr>,
     ) -> Result<Option<SourceSlot>, SourceBusy> {
+        self.try_acquire_many(source, 1)
+    }
+
+    /// `n` units for `source` (e.g. bytes), unless they would take it over its share.
+    pub fn try_acquire_many(
+        self: &Arc<Self>,
+        source: Option<IpAddr>,
+        n: usize,
+    ) -> Result<Option<SourceSlot>, SourceBusy> {
         let Some(source) = source.filter(|_| self.max > 0) else {
             return Ok(None);
         };
@@ -46,13 +56,17 @@ impl PerSourceLimit {
         // A poisoned lock only means a holder panicked between single-step updates.
         let mut counts = self.counts.lock().unwrap_or_else(PoisonError::into_inner);
         let count = counts.entry(source).or_insert(0);
-        if *count >= self.max {
+        if count.saturating_add(n) > self.max {
+            if *count == 0 {
+                counts.remove(&source);
+            }
             return Err(SourceBusy);
         }
-        *count += 1;
+        *count += n;
         Ok(Some(SourceSlot {
             limit: self.clone(),
             source,
+            n,
         }))
     }
 
@@ -78,7 +92,7 @@ impl Drop for SourceSlot {
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         if let Some(count) = counts.get_mut(&self.source) {
-            *count -= 1;
+            *count = count.saturating_sub(self.n);
             // Addresses with nothing in progress are forgotten: the map stays as small as
             // the set of callers being served.
             if *count == 0 {
@@ -112,6 +126,20 @@ mod tests {
         drop(first);
         assert!(limit.try_acquire(Some(a)).unwrap().is_some());
         drop(second);
+    }
+
+    #[test]
+    fn counts_many_units_at_once() {
+        let limit = PerSourceLimit::new(100);
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let sixty = limit.try_acquire_many(Some(a), 60).unwrap();
+        assert!(limit.try_acquire_many(Some(a), 41).is_err());
+        let forty = limit.try_acquire_many(Some(a), 40).unwrap();
+        drop(sixty);
+        assert!(limit.try_acquire_many(Some(a), 60).unwrap().is_some());
+        drop(forty);
+        assert!(limit.try_acquire_many(Some(a), 101).is_err());
+        assert_eq!(limit.tracked(), 0, "a refused source is not kept");
     }
 
     #[test]

@@ -673,48 +673,20 @@ async fn hostile_peers_benchmark() {
         "open-files limit {limit} is too low"
     );
 
-    let tmp = tempfile::tempdir().unwrap();
-    let data = tmp.path().join("data");
-    let address: SocketAddr = {
-        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        probe.local_addr().unwrap()
-    };
-    let log = std::fs::File::create(tmp.path().join("server.log")).unwrap();
-    let child = Child(
-        std::process::Command::new(env!("CARGO_BIN_EXE_istio-csr-rs"))
-            .args(["serve", "--standalone", "--data-dir"])
-            .arg(&data)
-            .args([
-                "--serving-address",
-                &address.to_string(),
-                "--admin-address",
-                "127.0.0.1:0",
-            ])
-            .args(["--log-level", "warn"])
-            .stdout(std::process::Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap(),
-    );
-    let pid = child.0.id();
-    let mut target = localhost_target(address, data.join("root-cert.pem"));
-    target.token_file = Some(data.join("token"));
-    let up = eventually(Duration::from_secs(60), || async {
-        let Ok(Some(token)) = target.token() else {
-            return false;
-        };
-        let Ok(mut client) = target.connect().await else {
-            return false;
-        };
-        let (csr, _) = p256_csr(DEFAULT_ID);
-        let request = pilot_agent_request(&target, Some(&token), csr, 3600);
-        client.create_certificate(request).await.is_ok()
-    })
+    // One address brings every peer here: what one connection costs is measured without the
+    // per-source caps (the watch flood below measures them).
+    let server = ServerProcess::start(&[
+        "--max-connections-per-source",
+        "0",
+        "--max-inflight-per-source",
+        "0",
+    ])
     .await;
-    assert!(
-        up,
-        "the server did not come up: {}",
-        std::fs::read_to_string(tmp.path().join("server.log")).unwrap()
+    let (address, data, pid, target) = (
+        server.address,
+        server.data.clone(),
+        server.pid(),
+        server.target.clone(),
     );
     let config = raw::tls_config(&data.join("root-cert.pem"));
     let csrs: Arc<Vec<String>> = Arc::new((0..64).map(|_| p256_csr(DEFAULT_ID).0).collect());
@@ -802,7 +774,160 @@ async fn hostile_peers_benchmark() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let after = real_client(&target, &csrs, Duration::from_secs(3)).await;
     println!("after: RSS {} KiB; real client {after}", rss_kib(pid));
-    drop(child);
+    drop(server);
+}
+
+/// A real `istio-csr-rs serve --standalone` process, killed when dropped.
+struct ServerProcess {
+    child: Child,
+    address: SocketAddr,
+    data: std::path::PathBuf,
+    target: istio_csr_rs::client::Target,
+    _tmp: tempfile::TempDir,
+}
+
+impl ServerProcess {
+    async fn start(extra: &[&str]) -> Self {
+        install_crypto_provider();
+        let tmp = tempfile::tempdir().unwrap();
+        let data = tmp.path().join("data");
+        let address: SocketAddr = {
+            let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            probe.local_addr().unwrap()
+        };
+        let log = std::fs::File::create(tmp.path().join("server.log")).unwrap();
+        let child = Child(
+            std::process::Command::new(env!("CARGO_BIN_EXE_istio-csr-rs"))
+                .args(["serve", "--standalone", "--data-dir"])
+                .arg(&data)
+                .args([
+                    "--serving-address",
+                    &address.to_string(),
+                    "--admin-address",
+                    "127.0.0.1:0",
+                ])
+                .args(["--log-level", "warn"])
+                .args(extra)
+                .stdout(std::process::Stdio::null())
+                .stderr(log)
+                .spawn()
+                .unwrap(),
+        );
+        let mut target = localhost_target(address, data.join("root-cert.pem"));
+        target.token_file = Some(data.join("token"));
+        let up = eventually(Duration::from_secs(60), || async {
+            let Ok(Some(token)) = target.token() else {
+                return false;
+            };
+            let Ok(mut client) = target.connect().await else {
+                return false;
+            };
+            let (csr, _) = p256_csr(DEFAULT_ID);
+            let request = pilot_agent_request(&target, Some(&token), csr, 3600);
+            client.create_certificate(request).await.is_ok()
+        })
+        .await;
+        assert!(
+            up,
+            "the server did not come up: {}",
+            std::fs::read_to_string(tmp.path().join("server.log")).unwrap()
+        );
+        Self {
+            child,
+            address,
+            data,
+            target,
+            _tmp: tmp,
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.0.id()
+    }
+}
+
+/// One Watch from `source`: whether the server took it (its first status arrived). A taken
+/// Watch is held open, answering PINGs, until the server ends it or the task is dropped.
+async fn watching_peer(
+    source: std::net::IpAddr,
+    address: SocketAddr,
+    config: Arc<rustls::ClientConfig>,
+    settled: Arc<tokio::sync::Semaphore>,
+    taken: Arc<std::sync::atomic::AtomicU64>,
+) {
+    let settle = || settled.add_permits(1);
+    let Ok(mut peer) = H2::connect_from(Some(source), address, config).await else {
+        return settle();
+    };
+    if peer.open_watch(1).await.is_err() {
+        return settle();
+    }
+    loop {
+        match peer.next().await {
+            Ok(Some(frame)) if frame.kind == raw::DATA && frame.stream == 1 => break,
+            Ok(Some(frame)) if frame.kind == raw::RST_STREAM || frame.kind == raw::GOAWAY => {
+                return settle();
+            }
+            Ok(Some(_)) => {}
+            Ok(None) | Err(_) => return settle(),
+        }
+    }
+    taken.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    settle();
+    while let Ok(Some(_)) = peer.next().await {}
+}
+
+/// Done when of issue 15: a pod with no credentials opens 8,000 TLS connections with health
+/// Watches from one address. The agent stays under 128 MiB resident, and a real client from
+/// another address gets its certificates with p99 under 250 ms.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_flood_from_one_source_leaves_memory_bounded_and_another_source_fast() {
+    const FLOOD: u32 = 8000;
+    let limit = rlimit::increase_nofile_limit(u64::MAX).unwrap();
+    assert!(
+        limit > 2 * u64::from(FLOOD),
+        "open-files limit {limit} is too low"
+    );
+    let server = ServerProcess::start(&[]).await;
+    let config = raw::tls_config(&server.data.join("root-cert.pem"));
+    let settled = Arc::new(tokio::sync::Semaphore::new(0));
+    let taken = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut flood = tokio::task::JoinSet::new();
+    for _ in 0..FLOOD {
+        flood.spawn(watching_peer(
+            "127.0.0.1".parse().unwrap(),
+            server.address,
+            config.clone(),
+            settled.clone(),
+            taken.clone(),
+        ));
+    }
+    timeout(Duration::from_secs(120), settled.acquire_many(FLOOD))
+        .await
+        .expect("the flood's connections never settled")
+        .unwrap()
+        .forget();
+    // The address holds its share of connections, each with its Watch.
+    let held = taken.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(held, 256, "Watches held open from one address");
+
+    let stop = tokio_util::sync::CancellationToken::new();
+    let peak = sample_peak_rss(server.pid(), stop.clone());
+    let mut elsewhere = server.target.clone();
+    elsewhere.source_address = Some("127.0.0.2".parse().unwrap());
+    let csrs: Arc<Vec<String>> = Arc::new((0..16).map(|_| p256_csr(DEFAULT_ID).0).collect());
+    let during = real_client(&elsewhere, &csrs, Duration::from_secs(5)).await;
+    stop.cancel();
+    let peak_kib = peak.await.unwrap();
+    eprintln!(
+        "watch flood: {held} held of {FLOOD}; peak RSS {peak_kib} KiB; other source {during}"
+    );
+    assert!(during.failed.is_empty(), "{during}");
+    assert!(during.ok >= 20, "{during}");
+    assert!(peak_kib < 128 * 1024, "peak RSS {peak_kib} KiB");
+    let p99 = during.sorted[(during.sorted.len() * 99).div_ceil(100) - 1];
+    assert!(p99 < Duration::from_millis(250), "{during}");
+    flood.shutdown().await;
 }
 
 /// A minimal HTTP/2 client over TLS: frames written by hand, so that a test can break the
@@ -831,6 +956,7 @@ mod raw {
     pub const REFUSED_STREAM: u32 = 0x7;
     const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
     pub const CREATE_CERTIFICATE: &str = "/istio.v1.auth.IstioCertificateService/CreateCertificate";
+    const HEALTH_WATCH: &str = "/grpc.health.v1.Health/Watch";
 
     #[derive(Debug)]
     pub struct Frame {
@@ -872,7 +998,23 @@ mod raw {
             address: SocketAddr,
             config: Arc<rustls::ClientConfig>,
         ) -> io::Result<Self> {
-            let tcp = TcpStream::connect(address).await?;
+            Self::connect_from(None, address, config).await
+        }
+
+        /// `connect` from a chosen local address (e.g. 127.0.0.2).
+        pub async fn connect_from(
+            source: Option<std::net::IpAddr>,
+            address: SocketAddr,
+            config: Arc<rustls::ClientConfig>,
+        ) -> io::Result<Self> {
+            let tcp = match source {
+                None => TcpStream::connect(address).await?,
+                Some(source) => {
+                    let socket = tokio::net::TcpSocket::new_v4()?;
+                    socket.bind(SocketAddr::new(source, 0))?;
+                    socket.connect(address).await?
+                }
+            };
             let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
             let tls = tokio_rustls::TlsConnector::from(config)
                 .connect(name, tcp)
@@ -906,11 +1048,23 @@ mod raw {
 
         /// The HEADERS of a CreateCertificate call, without END_STREAM.
         pub async fn open_call(&mut self, stream: u32) -> io::Result<()> {
+            self.open(stream, CREATE_CERTIFICATE).await
+        }
+
+        /// A whole gRPC health Watch call for the server's health ("").
+        pub async fn open_watch(&mut self, stream: u32) -> io::Result<()> {
+            self.open(stream, HEALTH_WATCH).await?;
+            // An empty HealthCheckRequest: its prefix only.
+            self.send(DATA, END_STREAM, stream, &[0, 0, 0, 0, 0]).await
+        }
+
+        /// The HEADERS of a call to `path`, without END_STREAM.
+        async fn open(&mut self, stream: u32, path: &str) -> io::Result<()> {
             let mut block = Vec::new();
             for (name, value) in [
                 (":method", "POST"),
                 (":scheme", "https"),
-                (":path", CREATE_CERTIFICATE),
+                (":path", path),
                 (":authority", "localhost"),
                 ("content-type", "application/grpc"),
                 ("te", "trailers"),

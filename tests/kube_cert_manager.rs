@@ -821,3 +821,130 @@ async fn a_dns_san_or_a_chosen_subject_is_invalid_argument_and_never_reaches_cer
         .unwrap();
     assert!(left.items.is_empty(), "{:?}", left.items);
 }
+
+/// Sequential calls from `source` for `sa` while `busy` holds: each one's latency.
+async fn latencies_from(
+    source: &str,
+    target: &istio_csr_rs::client::Target,
+    token: &str,
+    sa: &str,
+    calls: usize,
+) -> Vec<Duration> {
+    let target = istio_csr_rs::client::Target {
+        source_address: Some(source.parse().unwrap()),
+        ..target.clone()
+    };
+    let mut client = target.connect().await.unwrap();
+    let id = format!("spiffe://cluster.local/ns/cm-storm/sa/{sa}");
+    let mut latencies = Vec::new();
+    for _ in 0..calls {
+        let (csr, _) = p256_csr(&id);
+        let started = std::time::Instant::now();
+        client
+            .create_certificate(pilot_agent_request(&target, Some(token), csr, 3600))
+            .await
+            .unwrap_or_else(|s| panic!("a call from {source} failed: {s:?}"));
+        latencies.push(started.elapsed());
+    }
+    latencies.sort();
+    latencies
+}
+
+/// What a node's ztunnel does after a restart, or a remote cluster behind one gateway: 1,000
+/// service accounts ask at once from ONE address. Beyond the 256 seats of that address the
+/// calls wait their turn instead of being refused, so all are served; another address is
+/// served meanwhile as fast as before the storm.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_storm_from_one_source_is_served_whole_and_another_source_keeps_its_latency() {
+    let namespace = "cm-storm";
+    let (running, dir, _root, _fixture) = cert_manager_server(namespace).await;
+    let cluster = shared().await;
+    const STORM: usize = 1000;
+    let names: Vec<String> = (0..=STORM).map(|i| format!("sa-{i}")).collect();
+    let mut tokens = Vec::new();
+    for chunk in names.chunks(50) {
+        let minted = futures_util::future::join_all(chunk.iter().map(|sa| async move {
+            cluster.service_account(namespace, sa).await;
+            let token = cluster
+                .token(namespace, sa, &["istio-ca"], 3600, None)
+                .await;
+            (sa.clone(), token)
+        }))
+        .await;
+        tokens.extend(minted);
+    }
+    let (quiet_sa, quiet_token) = tokens.pop().unwrap();
+    let target = istio_csr_rs::client::Target {
+        timeout: Duration::from_secs(120),
+        ..localhost_target(running.grpc_address, dir.path().join("roots.pem"))
+    };
+    // The other address's normal latency, before the storm.
+    let before = latencies_from("127.0.0.2", &target, &quiet_token, &quiet_sa, 20).await;
+
+    // Eight connections from 127.0.0.1, as a ztunnel pool would open.
+    let mut channels = Vec::new();
+    for _ in 0..8 {
+        channels.push(target.connect().await.unwrap());
+    }
+    let mut storm = Vec::new();
+    for (i, (sa, token)) in tokens.into_iter().enumerate() {
+        let (target, mut client) = (target.clone(), channels[i % channels.len()].clone());
+        storm.push(tokio::spawn(async move {
+            let id = format!("spiffe://cluster.local/ns/cm-storm/sa/{sa}");
+            let (csr, _) = p256_csr(&id);
+            client
+                .create_certificate(pilot_agent_request(&target, Some(&token), csr, 3600))
+                .await
+                .map(|_| ())
+                .map_err(|status| format!("{id}: {status:?}"))
+        }));
+    }
+    // The storm holds its address's 256 seats and queues the rest.
+    let queued = eventually(Duration::from_secs(60), || async {
+        let (_, body) = http_get(&format!("http://{}/metrics", running.admin_address)).await;
+        support::openmetrics::parse(&body).value("istio_csr_certificate_requests_in_flight", &[])
+            >= 200.0
+    })
+    .await;
+    assert!(queued, "the storm never filled its seats");
+    let during = latencies_from("127.0.0.2", &target, &quiet_token, &quiet_sa, 20).await;
+    let storm_over = storm.iter().all(|call| call.is_finished());
+    let mut errors = Vec::new();
+    for call in storm {
+        if let Err(error) = call.await.unwrap() {
+            errors.push(error);
+        }
+    }
+    assert!(
+        errors.is_empty(),
+        "{} of {STORM} failed, e.g. {:?}",
+        errors.len(),
+        errors.first()
+    );
+    assert!(
+        !storm_over,
+        "the storm ended before the other address's calls: nothing was measured"
+    );
+    let (p50, p99) = (before[before.len() / 2], before[before.len() - 1]);
+    let worst = during[during.len() - 1];
+    eprintln!(
+        "other source: before p50 {p50:?} max {p99:?}; during the storm p50 {:?} max {worst:?}",
+        during[during.len() / 2]
+    );
+    // Never queued behind the storm's hundreds of waiting calls: the machine is busier (two
+    // cores serve the storm, the API server and the issuer fixture), nothing more.
+    assert!(
+        worst < p99 * 10 + Duration::from_millis(500),
+        "the other source waited: {during:?} against {before:?}"
+    );
+    assert_eq!(
+        refusals(running.admin_address).await,
+        0.0,
+        "a call was refused by a bound"
+    );
+}
+
+async fn refusals(admin: std::net::SocketAddr) -> f64 {
+    let (_, body) = http_get(&format!("http://{admin}/metrics")).await;
+    support::openmetrics::parse(&body).sum("istio_csr_refusals_total", &[])
+}

@@ -125,10 +125,21 @@ fn the_printed_request_command_yields_a_chain_openssl_accepts() {
         vec!["URI:spiffe://cluster.local/ns/default/sa/default"]
     );
 
-    let key_mode = std::fs::metadata(data.join("workload/key.pem")).unwrap();
+    let mode = |path: &str| {
+        let metadata = std::fs::metadata(data.join(path)).unwrap();
+        std::os::unix::fs::PermissionsExt::mode(&metadata.permissions()) & 0o777
+    };
+    assert_eq!(mode("workload/key.pem"), 0o600);
+    assert_eq!(mode("workload"), 0o700, "the directory it made is private");
+    let mut written: Vec<String> = std::fs::read_dir(data.join("workload"))
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    written.sort();
     assert_eq!(
-        std::os::unix::fs::PermissionsExt::mode(&key_mode.permissions()) & 0o777,
-        0o600
+        written,
+        ["cert-chain.pem", "key.pem", "root-cert.pem"],
+        "no temporary file is left"
     );
 
     let status = server.terminate();

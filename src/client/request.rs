@@ -145,26 +145,30 @@ fn check_response_shape(
     Ok(certs)
 }
 
+/// Writes the three files. A directory that does not exist yet is made private (0700);
+/// each file is written under a random name created exclusively (O_EXCL, 0600: tempfile's
+/// defaults) and renamed into place, so no one can plant or read a half-written key.
 fn write_outputs(dir: &Path, chain: &[String], key_pem: &str) -> anyhow::Result<()> {
     use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("creating {}", dir.display()))?;
     let (roots, leaf_and_intermediates) = chain.split_last().context("empty chain")?;
     let write = |name: &str, contents: &str, mode: u32| -> anyhow::Result<()> {
+        use std::os::unix::fs::PermissionsExt;
         let path = dir.join(name);
-        let tmp = dir.join(format!(".{name}.tmp"));
-        // A stale temporary file would keep its old (maybe wider) mode.
-        let _ = std::fs::remove_file(&tmp);
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(mode)
-            .open(&tmp)
-            .with_context(|| format!("writing {}", tmp.display()))?;
+        let mut file = tempfile::Builder::new()
+            .prefix(&format!(".{name}."))
+            .permissions(std::fs::Permissions::from_mode(mode))
+            .tempfile_in(dir)
+            .with_context(|| format!("writing into {}", dir.display()))?;
         file.write_all(contents.as_bytes())?;
-        file.sync_all()?;
-        std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
+        file.as_file().sync_all()?;
+        file.persist(&path)
+            .with_context(|| format!("writing {}", path.display()))?;
         Ok(())
     };
     write("key.pem", key_pem, 0o600)?;

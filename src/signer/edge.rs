@@ -109,6 +109,11 @@ pub struct EdgeLimits {
     pub request_buffer_budget: usize,
     /// How long a gRPC health Watch may last before its stream ends (server.rs).
     pub max_health_watch: Duration,
+    /// Request bytes one source address may hold in calls being served or waiting, all its
+    /// streams together. A decoded request waits with its call: this bounds what one address
+    /// can make the process hold that way. Real requests are 1 to 3 KiB, so a restart storm
+    /// of thousands of calls fits; 128 calls of the largest message do too.
+    pub max_request_bytes_per_source: usize,
 }
 
 impl EdgeLimits {
@@ -122,6 +127,7 @@ impl EdgeLimits {
         idle_connection_timeout: Duration::from_secs(300),
         request_buffer_budget: 64 * 1024 * 1024,
         max_health_watch: Duration::from_secs(300),
+        max_request_bytes_per_source: 16 * 1024 * 1024,
     };
 
     /// The limits a server starting now uses. This is [`EdgeLimits::DEFAULT`], unless a test
@@ -188,8 +194,9 @@ pub async fn serve(
     let shared = Arc::new(Shared {
         routes,
         budget: Budget::new(limits.request_buffer_budget),
-        limits,
         streams_per_source: PerSourceLimit::new(max_streams_per_source),
+        request_bytes_per_source: PerSourceLimit::new(limits.max_request_bytes_per_source),
+        limits,
         metrics,
     });
     let stop = shutdown.child_token();
@@ -236,12 +243,14 @@ pub const REFUSED_SOURCE_STREAMS: &str = "source-streams";
 pub const REFUSED_TOO_LARGE: &str = "message-size";
 pub const REFUSED_READ_DEADLINE: &str = "read-deadline";
 pub const REFUSED_BUDGET: &str = "buffer-budget";
+pub const REFUSED_SOURCE_BYTES: &str = "source-bytes";
 
 struct Shared {
     routes: Routes,
     budget: Budget,
     limits: EdgeLimits,
     streams_per_source: Arc<PerSourceLimit>,
+    request_bytes_per_source: Arc<PerSourceLimit>,
     metrics: SignerMetrics,
 }
 
@@ -421,6 +430,12 @@ impl hyper::service::Service<Request<Incoming>> for EdgeService {
     }
 }
 
+/// The request bytes a call counts against its source, released with the request.
+#[derive(Clone)]
+struct HeldBytes {
+    _slot: Arc<Option<SourceSlot>>,
+}
+
 /// Serves one call; the source slot it returns is held until hyper is done with the answer.
 async fn handle(
     shared: &Shared,
@@ -460,6 +475,20 @@ async fn handle(
                     .into_http();
             }
         };
+        // Counted until the answer is done, with the stream (the request may wait in a queue).
+        let held = body.data.as_ref().map_or(0, Bytes::len);
+        let Ok(bytes_slot) = shared
+            .request_bytes_per_source
+            .try_acquire_many(Some(remote.ip()), held)
+        else {
+            shared.metrics.observe_refusal(REFUSED_SOURCE_BYTES);
+            tracing::debug!(%remote, held, "too many request bytes held for this source; refusing a call");
+            return Status::resource_exhausted("too many calls from this address at once; retry")
+                .into_http();
+        };
+        parts.extensions.insert(HeldBytes {
+            _slot: Arc::new(bytes_slot),
+        });
         parts.extensions.insert(info);
         let routes = shared.routes.clone();
         match tower::ServiceExt::oneshot(routes, Request::from_parts(parts, body)).await {
