@@ -692,4 +692,33 @@ async fn without_istiod_tls_and_the_right_to_create_it_the_leader_signs_nothing_
         "istiod-tls not filled within 5 s of being created:\n{}",
         log_text()
     );
+
+    // Replaced by a Secret of another type, which only a delete and a create could fix.
+    let after_fill = signing_requests(&metrics().await);
+    let api = secrets(ns).await;
+    api.delete(SECRET_NAME, &DeleteParams::default())
+        .await
+        .unwrap();
+    let opaque: Secret = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": SECRET_NAME, "namespace": ns},
+        "type": "Opaque",
+        "stringData": {"note": "not istiod's"},
+    }))
+    .unwrap();
+    let opaque = api.create(&PostParams::default(), &opaque).await.unwrap();
+    let said = format!(
+        "Secret istiod-tls in namespace {ns} has type \"Opaque\", not kubernetes.io/tls, and a \
+         Secret's type cannot change, but this service account may not delete and re-create \
+         it: replace it with an empty kubernetes.io/tls Secret (docs/istio.md) or grant delete \
+         and create on secrets in {ns}"
+    );
+    let told = eventually(WITHIN, || async { log_text().contains(&said) }).await;
+    assert!(told, "no word about the wrong type:\n{}", log_text());
+    assert_eq!(
+        signing_requests(&metrics().await),
+        after_fill,
+        "signed a certificate it could not write"
+    );
+    let left = api.get(SECRET_NAME).await.unwrap();
+    assert_eq!(left.metadata.uid, opaque.metadata.uid);
 }

@@ -424,18 +424,13 @@ async fn may_write(
     namespace: &str,
     current: Option<&Secret>,
 ) -> anyhow::Result<()> {
-    let forbidden = |result: Result<_, kube::Error>| matches!(result, Err(kube::Error::Api(ref status)) if status.code == 403);
     let dry_run = PostParams {
         dry_run: true,
         field_manager: Some(FIELD_MANAGER.into()),
     };
     match current {
         None => {
-            if forbidden(
-                api.create(&dry_run, &empty_secret(namespace))
-                    .await
-                    .map(drop),
-            ) {
+            if forbidden(&api.create(&dry_run, &empty_secret(namespace)).await) {
                 return Err(create_forbidden(namespace));
             }
         }
@@ -445,12 +440,8 @@ async fn may_write(
                 ..DeleteParams::default()
             };
             // A dry-run create of a name that exists is authorized first, then refused (409).
-            if forbidden(api.delete(SECRET_NAME, &delete).await.map(drop))
-                || forbidden(
-                    api.create(&dry_run, &empty_secret(namespace))
-                        .await
-                        .map(drop),
-                )
+            if forbidden(&api.delete(SECRET_NAME, &delete).await)
+                || forbidden(&api.create(&dry_run, &empty_secret(namespace)).await)
             {
                 return Err(wrong_type_forbidden(namespace, existing.type_.as_deref()));
             }
@@ -458,6 +449,10 @@ async fn may_write(
         Some(_) => {}
     }
     Ok(())
+}
+
+fn forbidden<T>(result: &Result<T, kube::Error>) -> bool {
+    matches!(result, Err(kube::Error::Api(status)) if status.code == 403)
 }
 
 /// The tokio instant of a wall-clock time (now when it has passed).
