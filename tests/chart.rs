@@ -1379,6 +1379,95 @@ async fn remote_rbac_is_limited_to_what_the_agent_does(remote: &TestCluster) {
     );
 }
 
+/// Runs deploy/multicluster/make-remote-secret.sh against `remote` (its admin kubeconfig,
+/// context `test`) with `extra` arguments; the child, still running.
+fn make_remote_secret(remote: &TestCluster, namespace: &str, extra: &[&str]) -> Child {
+    Command::new("bash")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/deploy/multicluster/make-remote-secret.sh"
+        ))
+        .args(["--context", "test", "--cluster-id", "remote-1"])
+        .args(["--namespace", namespace])
+        .args(extra)
+        .env("KUBECONFIG", &remote.kubeconfig)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("bash must be installed")
+}
+
+/// The remote Secret as deploy/multicluster/README.md makes it, right after remote-rbac.yaml
+/// was applied in `remote`. The test apiserver runs no token controller: the test plays it,
+/// filling the token Secret a while after the script started, as the real one does about a
+/// second after the apply. Before that, a short `--wait` must fail saying what to do.
+async fn remote_secret_from_the_script(remote: &TestCluster, namespace: &str) -> Value {
+    use base64::Engine as _;
+    let impatient = make_remote_secret(remote, namespace, &["--wait", "1"]);
+    let out = tokio::task::spawn_blocking(move || impatient.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(
+            "Secret istio-system/istio-csr-rs-remote-token in test has no token after 1s: is \
+             the controller-manager (its token controller) running there? Retry in a moment"
+        ),
+        "{stderr}"
+    );
+    assert!(out.stdout.is_empty());
+
+    let mut patient = make_remote_secret(remote, namespace, &[]);
+    // The token controller's delay: the script must still be waiting after it.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        patient.try_wait().unwrap().is_none(),
+        "make-remote-secret.sh did not wait for the token"
+    );
+    let token = remote
+        .token(
+            "istio-system",
+            "istio-csr-rs-remote",
+            &[SA_ISSUER],
+            3600,
+            None,
+        )
+        .await;
+    let admin = ::kube::config::Kubeconfig::read_from(&remote.kubeconfig).unwrap();
+    let ca = admin.clusters[0]
+        .cluster
+        .as_ref()
+        .and_then(|c| c.certificate_authority_data.clone())
+        .expect("the harness kubeconfig carries its CA");
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let filled = json!({"data": {"token": b64.encode(&token), "ca.crt": ca}});
+    Api::<Secret>::namespaced(remote.client().await, "istio-system")
+        .patch(
+            "istio-csr-rs-remote-token",
+            &PatchParams::default(),
+            &Patch::Merge(&filled),
+        )
+        .await
+        .unwrap();
+    let out = tokio::task::spawn_blocking(move || patient.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), &out.stdout).unwrap();
+    let mut objects = yaml_objects(file.path().to_str().unwrap()).await;
+    assert_eq!(objects.len(), 1, "{objects:?}");
+    objects.remove(0)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn remote_cluster_secrets_are_read_in_their_namespace_only_and_remotes_are_served() {
     let name = "chart-remote";
@@ -1434,24 +1523,9 @@ async fn remote_cluster_secrets_are_read_in_their_namespace_only_and_remotes_are
     .await;
     apply_all(&remote_admin, &rbac, "istio-system").await;
     remote_rbac_is_limited_to_what_the_agent_does(remote).await;
-    let remote_token = remote
-        .token(
-            "istio-system",
-            "istio-csr-rs-remote",
-            &[SA_ISSUER],
-            3600,
-            None,
-        )
-        .await;
-    let secret = json!({
-        "apiVersion": "v1", "kind": "Secret",
-        "metadata": {
-            "name": "istio-remote-secret-remote-1", "namespace": secrets_namespace,
-            "labels": {"istio/multiCluster": "true"},
-            "annotations": {"networking.istio.io/cluster": "remote-1"},
-        },
-        "stringData": {"remote-1": kubeconfig_with_token(remote, "istio-csr-rs-remote", &remote_token)},
-    });
+    // The primary's Secret, as the guide makes it.
+    let secret = remote_secret_from_the_script(remote, &secrets_namespace).await;
+    assert_eq!(secret["metadata"]["namespace"], secrets_namespace.as_str());
     apply_all(&admin, &[secret], &secrets_namespace).await;
     let remote_app = format!("{name}-remote-app");
     labelled_namespace(&remote_admin, &remote_app, json!({"chart-test": name})).await;
