@@ -138,6 +138,32 @@ async fn render(
     .unwrap()
 }
 
+/// A real Helm action (tests/chart/helm.py) on release `name` in namespace `name` of the shared
+/// cluster: `install` and `upgrade` (with `values`) answer the objects Helm applied,
+/// `uninstall` Helm's answer.
+async fn helm_release(action: &str, name: &str, values: Option<&Value>) -> Vec<Value> {
+    let cluster = shared().await;
+    let mut args = vec![format!("{SCRIPTS}/helm.py"), action.to_owned()];
+    if values.is_some() {
+        args.extend([CHART.to_owned(), "--values=-".to_owned()]);
+    }
+    args.extend([
+        format!("--release={name}"),
+        format!("--namespace={name}"),
+        format!("--kubeconfig={}", cluster.kubeconfig.display()),
+    ]);
+    let stdin = values.map(Value::to_string).unwrap_or_default();
+    tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        match run_python(&args, &stdin) {
+            Value::Array(objects) => objects,
+            other => vec![other],
+        }
+    })
+    .await
+    .unwrap()
+}
+
 /// The objects of a multi-document YAML file (through the venv's PyYAML: no YAML crate here).
 async fn yaml_objects(path: &str) -> Vec<Value> {
     let path = path.to_owned();
@@ -242,6 +268,7 @@ struct Install {
     app_namespace: String,
     dir: tempfile::TempDir,
     root: Arc<TestCa>,
+    values: Value,
     objects: Vec<Value>,
     _fixture: Option<AbortOnDropHandle<()>>,
 }
@@ -272,10 +299,10 @@ impl Install {
         values
     }
 
-    /// Renders with `overrides`, prepares what the chart expects to exist (namespaces, the root
-    /// Secret and its mounted file), and applies every object. With `root` the signer is not
-    /// cert-manager's fixture (whose CA is used otherwise).
-    async fn new(name: &str, overrides: Value, root: Option<Arc<TestCa>>) -> Self {
+    /// Prepares what the chart expects to exist (namespaces, the root Secret and its mounted
+    /// file) and the values with `overrides`; nothing of the chart is applied yet. With `root`
+    /// the signer is not cert-manager's fixture (whose CA is used otherwise).
+    async fn prepare(name: &str, overrides: Value, root: Option<Arc<TestCa>>) -> Self {
         install_crypto_provider();
         let cluster = shared().await;
         let admin = cluster.client().await;
@@ -302,16 +329,34 @@ impl Install {
         apply_all(&admin, &[secret], name).await;
 
         let values = Self::values(name, dir.path(), overrides);
-        let objects = render(Some(cluster), name, name, &values).await;
-        apply_all(&admin, &objects, name).await;
         Self {
             name: name.to_owned(),
             app_namespace,
             dir,
             root,
-            objects,
+            values,
+            objects: Vec::new(),
             _fixture: fixture,
         }
+    }
+
+    /// Renders with `overrides`, prepares what the chart expects to exist (namespaces, the root
+    /// Secret and its mounted file), and applies every object. With `root` the signer is not
+    /// cert-manager's fixture (whose CA is used otherwise).
+    async fn new(name: &str, overrides: Value, root: Option<Arc<TestCa>>) -> Self {
+        let mut install = Self::prepare(name, overrides, root).await;
+        let cluster = shared().await;
+        install.objects = render(Some(cluster), name, name, &install.values).await;
+        apply_all(&cluster.client().await, &install.objects, name).await;
+        install
+    }
+
+    /// Like `new`, but installed by Helm itself (`helm install`, tests/chart/helm.py), as a
+    /// release that can then be upgraded and uninstalled.
+    async fn with_helm(name: &str, overrides: Value) -> Self {
+        let mut install = Self::prepare(name, overrides, None).await;
+        install.objects = helm_release("install", name, Some(&install.values)).await;
+        install
     }
 
     fn object(&self, kind: &str) -> &Value {
@@ -950,6 +995,58 @@ async fn default_values_sign_write_the_bundle_and_istiod_tls_under_least_privile
             .and_then(|a| a.get("helm.sh/resource-policy"))
             .map(String::as_str),
         Some("keep")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn istiod_tls_keeps_its_certificate_through_helm_upgrade_and_uninstall() {
+    let name = "chart-helm-release";
+    let install = Install::with_helm(name, json!({})).await;
+    let is_istiod_tls = |o: &&Value| o["kind"] == "Secret" && o["metadata"]["name"] == "istiod-tls";
+    assert!(
+        install.objects.iter().any(|o| is_istiod_tls(&o)),
+        "helm install created no istiod-tls"
+    );
+    let process = install.start().await;
+    install.writes_istiod_tls(&process).await;
+    // Stopped: nobody would repair what Helm might do to the Secret from here on.
+    drop(process);
+    let secrets = Api::<Secret>::namespaced(shared().await.client().await, name);
+    let filled = secrets.get("istiod-tls").await.unwrap();
+
+    let upgraded = helm_release("upgrade", name, Some(&install.values)).await;
+    assert!(
+        upgraded.iter().any(|o| o["kind"] == "Deployment"),
+        "{upgraded:?}"
+    );
+    assert!(
+        !upgraded.iter().any(|o| is_istiod_tls(&o)),
+        "helm upgrade rendered istiod-tls over the filled one"
+    );
+    let after_upgrade = secrets.get("istiod-tls").await.unwrap();
+    assert_eq!(after_upgrade.metadata.uid, filled.metadata.uid);
+    assert_eq!(
+        after_upgrade.data, filled.data,
+        "helm upgrade changed the certificate"
+    );
+
+    helm_release("uninstall", name, None).await;
+    let roles =
+        Api::<k8s_openapi::api::rbac::v1::Role>::namespaced(shared().await.client().await, name);
+    assert!(
+        roles
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .is_empty(),
+        "helm uninstall left the release's Roles"
+    );
+    let after_uninstall = secrets.get("istiod-tls").await.unwrap();
+    assert_eq!(after_uninstall.metadata.uid, filled.metadata.uid);
+    assert_eq!(
+        after_uninstall.data, filled.data,
+        "helm uninstall changed the certificate"
     );
 }
 
