@@ -4,7 +4,10 @@
 //! server-side to a real kube-apiserver, and then the real binary runs with exactly the
 //! rendered container's arguments and environment, as the chart's ServiceAccount, under the
 //! chart's RBAC and nothing else. It must sign, write the bundle, take the Lease and (when on)
-//! write istiod-tls; SubjectAccessReviews prove what it may not do.
+//! write istiod-tls; SubjectAccessReviews prove what it may not do. Remote clusters are set up
+//! as deploy/multicluster/README.md says (remote-rbac.yaml, make-remote-secret.sh), and where
+//! Helm's own behaviour matters (istiod-tls across an upgrade and an uninstall) a real release
+//! is driven through `tests/chart/helm.py`.
 //!
 //! What stands in for Kubernetes running the pod, and nothing more:
 //! - the ServiceAccount's token comes from the TokenRequest API and reaches the binary as a
