@@ -98,9 +98,14 @@ pub struct BundleArgs {
     pub multicluster_enabled: bool,
 
     /// Namespace of the remote-cluster Secrets (label istio/multiCluster=true; each key a
-    /// cluster ID, each value a kubeconfig) [default: --leader-election-namespace].
-    #[arg(long, env = "ISTIO_CSR_MULTICLUSTER_SECRET_NAMESPACE")]
-    pub multicluster_secret_namespace: Option<String>,
+    /// cluster ID, each value a kubeconfig). Reading them takes the right to read every Secret
+    /// there, so it is a namespace of their own, never istio-system (istiod's Secrets).
+    #[arg(
+        long,
+        env = "ISTIO_CSR_MULTICLUSTER_SECRET_NAMESPACE",
+        default_value = "istio-csr-rs-remotes"
+    )]
+    pub multicluster_secret_namespace: String,
 
     /// Accept remote kubeconfigs with exec plugins, auth providers or file paths. Anyone who
     /// can write a Secret there could then run programs or read files in this pod.

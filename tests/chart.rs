@@ -4,7 +4,10 @@
 //! server-side to a real kube-apiserver, and then the real binary runs with exactly the
 //! rendered container's arguments and environment, as the chart's ServiceAccount, under the
 //! chart's RBAC and nothing else. It must sign, write the bundle, take the Lease and (when on)
-//! write istiod-tls; SubjectAccessReviews prove what it may not do.
+//! write istiod-tls; SubjectAccessReviews prove what it may not do. Remote clusters are set up
+//! as deploy/multicluster/README.md says (remote-rbac.yaml, make-remote-secret.sh), and where
+//! Helm's own behaviour matters (istiod-tls across an upgrade and an uninstall) a real release
+//! is driven through `tests/chart/helm.py`.
 //!
 //! What stands in for Kubernetes running the pod, and nothing more:
 //! - the ServiceAccount's token comes from the TokenRequest API and reaches the binary as a
@@ -138,6 +141,32 @@ async fn render(
     .unwrap()
 }
 
+/// A real Helm action (tests/chart/helm.py) on release `name` in namespace `name` of the shared
+/// cluster: `install` and `upgrade` (with `values`) answer the objects Helm applied,
+/// `uninstall` Helm's answer.
+async fn helm_release(action: &str, name: &str, values: Option<&Value>) -> Vec<Value> {
+    let cluster = shared().await;
+    let mut args = vec![format!("{SCRIPTS}/helm.py"), action.to_owned()];
+    if values.is_some() {
+        args.extend([CHART.to_owned(), "--values=-".to_owned()]);
+    }
+    args.extend([
+        format!("--release={name}"),
+        format!("--namespace={name}"),
+        format!("--kubeconfig={}", cluster.kubeconfig.display()),
+    ]);
+    let stdin = values.map(Value::to_string).unwrap_or_default();
+    tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        match run_python(&args, &stdin) {
+            Value::Array(objects) => objects,
+            other => vec![other],
+        }
+    })
+    .await
+    .unwrap()
+}
+
 /// The objects of a multi-document YAML file (through the venv's PyYAML: no YAML crate here).
 async fn yaml_objects(path: &str) -> Vec<Value> {
     let path = path.to_owned();
@@ -242,6 +271,7 @@ struct Install {
     app_namespace: String,
     dir: tempfile::TempDir,
     root: Arc<TestCa>,
+    values: Value,
     objects: Vec<Value>,
     _fixture: Option<AbortOnDropHandle<()>>,
 }
@@ -272,10 +302,10 @@ impl Install {
         values
     }
 
-    /// Renders with `overrides`, prepares what the chart expects to exist (namespaces, the root
-    /// Secret and its mounted file), and applies every object. With `root` the signer is not
-    /// cert-manager's fixture (whose CA is used otherwise).
-    async fn new(name: &str, overrides: Value, root: Option<Arc<TestCa>>) -> Self {
+    /// Prepares what the chart expects to exist (namespaces, the root Secret and its mounted
+    /// file) and the values with `overrides`; nothing of the chart is applied yet. With `root`
+    /// the signer is not cert-manager's fixture (whose CA is used otherwise).
+    async fn prepare(name: &str, overrides: Value, root: Option<Arc<TestCa>>) -> Self {
         install_crypto_provider();
         let cluster = shared().await;
         let admin = cluster.client().await;
@@ -302,16 +332,34 @@ impl Install {
         apply_all(&admin, &[secret], name).await;
 
         let values = Self::values(name, dir.path(), overrides);
-        let objects = render(Some(cluster), name, name, &values).await;
-        apply_all(&admin, &objects, name).await;
         Self {
             name: name.to_owned(),
             app_namespace,
             dir,
             root,
-            objects,
+            values,
+            objects: Vec::new(),
             _fixture: fixture,
         }
+    }
+
+    /// Renders with `overrides`, prepares what the chart expects to exist (namespaces, the root
+    /// Secret and its mounted file), and applies every object. With `root` the signer is not
+    /// cert-manager's fixture (whose CA is used otherwise).
+    async fn new(name: &str, overrides: Value, root: Option<Arc<TestCa>>) -> Self {
+        let mut install = Self::prepare(name, overrides, root).await;
+        let cluster = shared().await;
+        install.objects = render(Some(cluster), name, name, &install.values).await;
+        apply_all(&cluster.client().await, &install.objects, name).await;
+        install
+    }
+
+    /// Like `new`, but installed by Helm itself (`helm install`, tests/chart/helm.py), as a
+    /// release that can then be upgraded and uninstalled.
+    async fn with_helm(name: &str, overrides: Value) -> Self {
+        let mut install = Self::prepare(name, overrides, None).await;
+        install.objects = helm_release("install", name, Some(&install.values)).await;
+        install
     }
 
     fn object(&self, kind: &str) -> &Value {
@@ -350,14 +398,6 @@ impl Install {
             .as_str()
             .unwrap()
             .to_owned()
-    }
-
-    fn user(&self) -> String {
-        format!(
-            "system:serviceaccount:{}:{}",
-            self.name,
-            self.service_account()
-        )
     }
 
     /// A client of the shared cluster as the chart's ServiceAccount.
@@ -580,32 +620,81 @@ impl Install {
         name: Option<&str>,
     ) -> bool {
         let admin = shared().await.client().await;
-        let review = SubjectAccessReview {
-            spec: SubjectAccessReviewSpec {
-                user: Some(self.user()),
-                groups: Some(vec![
-                    "system:serviceaccounts".into(),
-                    format!("system:serviceaccounts:{}", self.name),
-                    "system:authenticated".into(),
-                ]),
-                resource_attributes: Some(ResourceAttributes {
-                    verb: Some(verb.into()),
-                    group: Some(group.into()),
-                    resource: Some(resource.into()),
-                    namespace: namespace.map(Into::into),
-                    name: name.map(Into::into),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            },
-            ..Default::default()
-        };
-        Api::<SubjectAccessReview>::all(admin)
-            .create(&PostParams::default(), &review)
-            .await
-            .unwrap()
-            .status
-            .is_some_and(|s| s.allowed)
+        let account = (self.name.as_str(), self.service_account());
+        may_in(
+            &admin,
+            (account.0, &account.1),
+            verb,
+            group,
+            resource,
+            namespace,
+            name,
+        )
+        .await
+    }
+
+    /// Exactly the Secret rights of the chart's ServiceAccount: istiod-tls by name (read and
+    /// update, no delete) when the istiod certificate is on, the remote-cluster Secrets of
+    /// `remotes` (read) when multi-cluster is on, and nothing else: no other Secret of
+    /// istiod's or any namespace, and no create anywhere (a Secret created in istiod's
+    /// namespace could hold a token for istiod's service account).
+    async fn has_only_its_own_secret_rights(&self, istiod_tls: bool, remotes: Option<&str>) {
+        let ns = Some(self.name.as_str());
+        let mut expected: Vec<(&str, Option<&str>, Option<&str>, bool)> = vec![
+            ("get", ns, Some("istiod-tls"), istiod_tls),
+            ("list", ns, Some("istiod-tls"), istiod_tls),
+            ("watch", ns, Some("istiod-tls"), istiod_tls),
+            ("update", ns, Some("istiod-tls"), istiod_tls),
+            ("patch", ns, Some("istiod-tls"), false),
+            ("delete", ns, Some("istiod-tls"), false),
+            ("create", ns, None, false),
+            ("create", ns, Some("istiod-tls"), false),
+            ("get", ns, Some("istio-root-ca"), false),
+            ("get", ns, Some("cacerts"), false),
+            ("list", ns, None, false),
+            ("get", Some("kube-system"), Some("any"), false),
+            ("create", Some("kube-system"), None, false),
+            ("list", None, None, false),
+            ("create", Some(self.app_namespace.as_str()), None, false),
+        ];
+        if let Some(remotes) = remotes {
+            expected.extend([
+                (
+                    "get",
+                    Some(remotes),
+                    Some("istio-remote-secret-remote-1"),
+                    true,
+                ),
+                ("list", Some(remotes), None, true),
+                ("watch", Some(remotes), None, true),
+                ("create", Some(remotes), None, false),
+                (
+                    "update",
+                    Some(remotes),
+                    Some("istio-remote-secret-remote-1"),
+                    false,
+                ),
+                (
+                    "delete",
+                    Some(remotes),
+                    Some("istio-remote-secret-remote-1"),
+                    false,
+                ),
+            ]);
+        }
+        let mut wrong = Vec::new();
+        for (verb, namespace, name, allowed) in expected {
+            if self.may(verb, "", "secrets", namespace, name).await != allowed {
+                wrong.push(format!(
+                    "{verb} secrets {namespace:?}/{name:?}: want allowed={allowed}"
+                ));
+            }
+        }
+        assert!(
+            wrong.is_empty(),
+            "the chart's Secret rights differ:\n{}",
+            wrong.join("\n")
+        );
     }
 
     /// What no configuration of the chart may allow (all in the core API group).
@@ -677,6 +766,45 @@ impl Install {
             );
         }
     }
+}
+
+/// Whether service account `account` (namespace, name) may do `verb` on `resource` in the
+/// cluster of `admin` (a SubjectAccessReview with the groups the API server gives its tokens).
+async fn may_in(
+    admin: &::kube::Client,
+    account: (&str, &str),
+    verb: &str,
+    group: &str,
+    resource: &str,
+    namespace: Option<&str>,
+    name: Option<&str>,
+) -> bool {
+    let review = SubjectAccessReview {
+        spec: SubjectAccessReviewSpec {
+            user: Some(format!("system:serviceaccount:{}:{}", account.0, account.1)),
+            groups: Some(vec![
+                "system:serviceaccounts".into(),
+                format!("system:serviceaccounts:{}", account.0),
+                "system:authenticated".into(),
+            ]),
+            resource_attributes: Some(ResourceAttributes {
+                verb: Some(verb.into()),
+                group: Some(group.into()),
+                resource: Some(resource.into()),
+                namespace: namespace.map(Into::into),
+                name: name.map(Into::into),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    Api::<SubjectAccessReview>::all(admin.clone())
+        .create(&PostParams::default(), &review)
+        .await
+        .unwrap()
+        .status
+        .is_some_and(|s| s.allowed)
 }
 
 /// istio-ca-root-cert in `namespace` holds exactly `pem` (event-driven, bounded).
@@ -787,24 +915,35 @@ async fn default_values_sign_write_the_bundle_and_istiod_tls_under_least_privile
         args.contains(&"--multicluster-enabled=false".to_owned()),
         "{args:?}"
     );
+    // The chart creates istiod-tls empty, kept by Helm, for the leader to fill: the agent
+    // may not create Secrets.
+    let rendered = install
+        .objects_of("Secret")
+        .into_iter()
+        .find(|s| s["metadata"]["name"] == "istiod-tls")
+        .expect("the chart renders istiod-tls while it does not exist");
+    assert_eq!(rendered["metadata"]["namespace"], install.name.as_str());
+    assert_eq!(rendered["type"], "kubernetes.io/tls");
+    assert_eq!(rendered["data"], json!({"tls.crt": "", "tls.key": ""}));
+    assert_eq!(
+        rendered["metadata"]["annotations"]["helm.sh/resource-policy"],
+        "keep"
+    );
+    let secrets = Api::<Secret>::namespaced(shared().await.client().await, &install.name);
+    let created = secrets.get("istiod-tls").await.expect("istiod-tls applied");
+    let empty = created.data.clone().unwrap_or_default();
+    assert!(
+        empty.values().all(|v| v.0.is_empty()),
+        "istiod-tls is created empty"
+    );
+    // Multi-cluster is opt-in: by default no Secret of istiod's namespace (cacerts...) is
+    // readable, only istiod-tls by name, and no Secret can be created.
+    install.has_only_its_own_secret_rights(true, None).await;
+
     let process = install.start().await;
     install.signs_a_workload_certificate(&process).await;
     install.leads_and_writes_the_bundle(&process).await;
     install.refuses_what_it_never_needs().await;
-    // Multi-cluster is opt-in: by default no Secret of istiod's namespace (cacerts...) is
-    // readable, only istiod-tls by name.
-    assert!(
-        !install
-            .may("list", "", "secrets", Some(&install.name), None)
-            .await,
-        "Secrets of the istiod namespace are listable"
-    );
-    assert!(
-        !install
-            .may("get", "", "secrets", Some(&install.name), Some("cacerts"))
-            .await,
-        "Secret cacerts is readable"
-    );
 
     // Named rights, on the API server these tests run (1.20): a list selecting the name by
     // field is allowed by a resourceNames rule, a list of everything is not.
@@ -848,6 +987,110 @@ async fn default_values_sign_write_the_bundle_and_istiod_tls_under_least_privile
         "other Leases are writable"
     );
     install.writes_istiod_tls(&process).await;
+    // Filled in place: the same object, still Helm's and still kept on uninstall.
+    let filled = secrets.get("istiod-tls").await.unwrap();
+    assert_eq!(filled.metadata.uid, created.metadata.uid);
+    assert_eq!(
+        filled
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get("helm.sh/resource-policy"))
+            .map(String::as_str),
+        Some("keep")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn istiod_tls_keeps_its_certificate_through_helm_upgrade_and_uninstall() {
+    let name = "chart-helm-release";
+    let install = Install::with_helm(name, json!({})).await;
+    let is_istiod_tls = |o: &&Value| o["kind"] == "Secret" && o["metadata"]["name"] == "istiod-tls";
+    assert!(
+        install.objects.iter().any(|o| is_istiod_tls(&o)),
+        "helm install created no istiod-tls"
+    );
+    let process = install.start().await;
+    install.writes_istiod_tls(&process).await;
+    // Stopped: nobody would repair what Helm might do to the Secret from here on.
+    drop(process);
+    let secrets = Api::<Secret>::namespaced(shared().await.client().await, name);
+    let filled = secrets.get("istiod-tls").await.unwrap();
+
+    let upgraded = helm_release("upgrade", name, Some(&install.values)).await;
+    assert!(
+        upgraded.iter().any(|o| o["kind"] == "Deployment"),
+        "{upgraded:?}"
+    );
+    assert!(
+        !upgraded.iter().any(|o| is_istiod_tls(&o)),
+        "helm upgrade rendered istiod-tls over the filled one"
+    );
+    let after_upgrade = secrets.get("istiod-tls").await.unwrap();
+    assert_eq!(after_upgrade.metadata.uid, filled.metadata.uid);
+    assert_eq!(
+        after_upgrade.data, filled.data,
+        "helm upgrade changed the certificate"
+    );
+
+    helm_release("uninstall", name, None).await;
+    let roles =
+        Api::<k8s_openapi::api::rbac::v1::Role>::namespaced(shared().await.client().await, name);
+    assert!(
+        roles
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .is_empty(),
+        "helm uninstall left the release's Roles"
+    );
+    let after_uninstall = secrets.get("istiod-tls").await.unwrap();
+    assert_eq!(after_uninstall.metadata.uid, filled.metadata.uid);
+    assert_eq!(
+        after_uninstall.data, filled.data,
+        "helm uninstall changed the certificate"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_existing_istiod_tls_is_left_alone_and_helm_template_renders_it_empty() {
+    // As istio-csr (or an earlier install) left it: `helm install` must neither fail on it
+    // (an object it does not own) nor put empty keys over its certificate.
+    let name = "chart-existing-istiod-tls";
+    let cluster = shared().await;
+    cluster.namespace(name).await;
+    let existing = json!({"apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
+                          "metadata": {"name": "istiod-tls", "namespace": name},
+                          "stringData": {"tls.crt": "certificate", "tls.key": "key"}});
+    apply_all(&cluster.client().await, &[existing], name).await;
+    let dir = tempfile::tempdir().unwrap();
+    let values = Install::values(name, dir.path(), json!({}));
+    let is_istiod_tls = |o: &&Value| o["kind"] == "Secret" && o["metadata"]["name"] == "istiod-tls";
+    let installed = render(Some(cluster), name, name, &values).await;
+    assert!(
+        !installed.iter().any(|o| is_istiod_tls(&o)),
+        "istiod-tls rendered over an existing one"
+    );
+    let templated = render(None, name, name, &values).await;
+    let empty = templated
+        .iter()
+        .find(is_istiod_tls)
+        .expect("helm template renders istiod-tls (no cluster to look it up in)");
+    assert_eq!(empty["data"], json!({"tls.crt": "", "tls.key": ""}));
+    let kept = Api::<Secret>::namespaced(cluster.client().await, name)
+        .get("istiod-tls")
+        .await
+        .unwrap();
+    assert_eq!(kept.data.unwrap()["tls.crt"].0, b"certificate");
+    // With istiodSecretCreate off, never.
+    let values = Install::values(
+        name,
+        dir.path(),
+        json!({"app": {"tls": {"istiodSecretCreate": false}}}),
+    );
+    let templated = render(None, name, name, &values).await;
+    assert!(!templated.iter().any(|o| is_istiod_tls(&o)));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1140,9 +1383,221 @@ async fn remote_cluster() -> &'static TestCluster {
     REMOTE.get_or_init(TestCluster::start).await
 }
 
+/// One access review and its expected answer: verb, API group, resource, namespace, name,
+/// allowed.
+type Access<'a> = (
+    &'a str,
+    &'a str,
+    &'a str,
+    Option<&'a str>,
+    Option<&'a str>,
+    bool,
+);
+
+/// The remote credential (deploy/multicluster/remote-rbac.yaml, applied in `remote`) may do
+/// exactly what the agent does there (src/bundle/reconciler.rs, src/signer/authn/): ConfigMaps
+/// only istio-ca-root-cert by name, plus the create Kubernetes cannot name; no Secret at all.
+/// Checked by access reviews with exact answers, and by a real write of kube-system/coredns
+/// with the credential's own token.
+async fn remote_rbac_is_limited_to_what_the_agent_does(remote: &TestCluster) {
+    let admin = remote.client().await;
+    remote.namespace("kube-system").await;
+    let coredns = json!({"apiVersion": "v1", "kind": "ConfigMap",
+                         "metadata": {"name": "coredns", "namespace": "kube-system"},
+                         "data": {"Corefile": ".:53 { forward . /etc/resolv.conf }"}});
+    apply_all(&admin, &[coredns], "kube-system").await;
+    let account = ("istio-system", "istio-csr-rs-remote");
+    let ks = Some("kube-system");
+    let any_ns = Some("chart-remote-remote-app");
+    let bundle = Some("istio-ca-root-cert");
+    #[rustfmt::skip]
+    let expected: &[Access] = &[
+        // The bundle: the list and watch select metadata.name; writes replace it whole.
+        ("list", "", "configmaps", None, bundle, true),
+        ("watch", "", "configmaps", None, bundle, true),
+        ("update", "", "configmaps", any_ns, bundle, true),
+        ("create", "", "configmaps", any_ns, None, true),
+        ("get", "", "configmaps", any_ns, bundle, false),
+        ("patch", "", "configmaps", any_ns, bundle, false),
+        ("delete", "", "configmaps", any_ns, bundle, false),
+        ("list", "", "configmaps", None, None, false),
+        ("watch", "", "configmaps", None, None, false),
+        // Any other ConfigMap, e.g. the cluster's DNS.
+        ("get", "", "configmaps", ks, Some("coredns"), false),
+        ("update", "", "configmaps", ks, Some("coredns"), false),
+        ("patch", "", "configmaps", ks, Some("coredns"), false),
+        ("delete", "", "configmaps", ks, Some("coredns"), false),
+        ("update", "", "configmaps", ks, Some("aws-auth"), false),
+        ("list", "", "namespaces", None, None, true),
+        ("watch", "", "namespaces", None, None, true),
+        ("get", "", "namespaces", None, Some("kube-system"), false),
+        ("create", "authentication.k8s.io", "tokenreviews", None, None, true),
+        // ztunnel's node check.
+        ("get", "", "pods", any_ns, Some("x"), true),
+        ("list", "", "pods", None, None, true),
+        ("watch", "", "pods", None, None, true),
+        ("update", "", "pods", any_ns, Some("x"), false),
+        // No Secret: not its own token's, not any other.
+        ("get", "", "secrets", Some("istio-system"), Some("istio-csr-rs-remote-token"), false),
+        ("list", "", "secrets", None, None, false),
+        ("create", "", "secrets", Some("istio-system"), None, false),
+    ];
+    let mut wrong = Vec::new();
+    for &(verb, group, resource, namespace, name, allowed) in expected {
+        if may_in(&admin, account, verb, group, resource, namespace, name).await != allowed {
+            wrong.push(format!(
+                "{verb} {resource} {namespace:?}/{name:?}: want allowed={allowed}"
+            ));
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "remote-rbac.yaml grants other rights than the agent uses:\n{}",
+        wrong.join("\n")
+    );
+    // The same credential, for real: coredns cannot be replaced.
+    let token = remote
+        .token(account.0, account.1, &[SA_ISSUER], 600, None)
+        .await;
+    let as_remote = remote.client_with_token(&token).await;
+    let mut changed: ConfigMap = serde_json::from_value(json!({
+        "metadata": {"name": "coredns", "namespace": "kube-system"},
+        "data": {"Corefile": ".:53 { forward . 192.0.2.1 }"}}))
+    .unwrap();
+    changed.metadata.resource_version = Api::<ConfigMap>::namespaced(admin.clone(), "kube-system")
+        .get("coredns")
+        .await
+        .unwrap()
+        .metadata
+        .resource_version;
+    let refused = Api::<ConfigMap>::namespaced(as_remote, "kube-system")
+        .replace("coredns", &PostParams::default(), &changed)
+        .await;
+    assert!(
+        matches!(refused, Err(::kube::Error::Api(ref e)) if e.code == 403),
+        "replacing kube-system/coredns with the remote credential: {refused:?}"
+    );
+}
+
+/// Runs deploy/multicluster/make-remote-secret.sh against `remote` (its admin kubeconfig,
+/// context `test`) with `extra` arguments; the child, still running.
+fn make_remote_secret(remote: &TestCluster, namespace: &str, extra: &[&str]) -> Child {
+    Command::new("bash")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/deploy/multicluster/make-remote-secret.sh"
+        ))
+        .args(["--context", "test", "--cluster-id", "remote-1"])
+        .args(["--namespace", namespace])
+        .args(extra)
+        .env("KUBECONFIG", &remote.kubeconfig)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("bash must be installed")
+}
+
+/// The remote Secret as deploy/multicluster/README.md makes it, right after remote-rbac.yaml
+/// was applied in `remote`. The test apiserver runs no token controller: the test plays it,
+/// filling the token Secret a while after the script started, as the real one does about a
+/// second after the apply. Before that, a short `--wait` must fail saying what to do.
+async fn remote_secret_from_the_script(remote: &TestCluster, namespace: &str) -> Value {
+    use base64::Engine as _;
+    let impatient = make_remote_secret(remote, namespace, &["--wait", "1"]);
+    let out = tokio::task::spawn_blocking(move || impatient.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(
+            "Secret istio-system/istio-csr-rs-remote-token in test has no token after 1s: is \
+             the controller-manager (its token controller) running there? Retry in a moment"
+        ),
+        "{stderr}"
+    );
+    assert!(out.stdout.is_empty());
+
+    let mut patient = make_remote_secret(remote, namespace, &[]);
+    // The token controller's delay: the script must still be waiting after it.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        patient.try_wait().unwrap().is_none(),
+        "make-remote-secret.sh did not wait for the token"
+    );
+    let token = remote
+        .token(
+            "istio-system",
+            "istio-csr-rs-remote",
+            &[SA_ISSUER],
+            3600,
+            None,
+        )
+        .await;
+    let admin = ::kube::config::Kubeconfig::read_from(&remote.kubeconfig).unwrap();
+    let ca = admin.clusters[0]
+        .cluster
+        .as_ref()
+        .and_then(|c| c.certificate_authority_data.clone())
+        .expect("the harness kubeconfig carries its CA");
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let filled = json!({"data": {"token": b64.encode(&token), "ca.crt": ca}});
+    Api::<Secret>::namespaced(remote.client().await, "istio-system")
+        .patch(
+            "istio-csr-rs-remote-token",
+            &PatchParams::default(),
+            &Patch::Merge(&filled),
+        )
+        .await
+        .unwrap();
+    let out = tokio::task::spawn_blocking(move || patient.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), &out.stdout).unwrap();
+    let mut objects = yaml_objects(file.path().to_str().unwrap()).await;
+    assert_eq!(objects.len(), 1, "{objects:?}");
+    objects.remove(0)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn remote_cluster_secrets_are_read_in_their_namespace_only_and_remotes_are_served() {
     let name = "chart-remote";
+    // By default the remote-cluster Secrets have a namespace of their own, the binary's too.
+    let defaults = render(
+        None,
+        name,
+        name,
+        &json!({"app": {"multicluster": {"enabled": true}}}),
+    )
+    .await;
+    let reads_secrets: Vec<&Value> = defaults
+        .iter()
+        .filter(|o| o["kind"] == "Role" && o["rules"][0]["resources"] == json!(["secrets"]))
+        .collect();
+    let mut namespaces: Vec<&str> = reads_secrets
+        .iter()
+        .map(|r| r["metadata"]["namespace"].as_str().unwrap())
+        .collect();
+    namespaces.sort_unstable();
+    // The remote-cluster Secrets' namespace, and istiod's for istiod-tls by name.
+    assert_eq!(namespaces, ["istio-csr-rs-remotes", "istio-system"]);
+    let args = &defaults.iter().find(|o| o["kind"] == "Deployment").unwrap()["spec"]["template"]["spec"]
+        ["containers"][0]["args"];
+    assert!(
+        args.as_array().unwrap().contains(&json!(
+            "--multicluster-secret-namespace=istio-csr-rs-remotes"
+        )),
+        "{args}"
+    );
     let secrets_namespace = format!("{name}-remotes");
     let admin = shared().await.client().await;
     shared().await.namespace(&secrets_namespace).await;
@@ -1152,26 +1607,11 @@ async fn remote_cluster_secrets_are_read_in_their_namespace_only_and_remotes_are
         None,
     )
     .await;
-    assert!(
-        install
-            .may("list", "", "secrets", Some(&secrets_namespace), None)
-            .await
-    );
-    assert!(
-        install
-            .may("watch", "", "secrets", Some(&secrets_namespace), None)
-            .await
-    );
-    assert!(
-        !install.may("list", "", "secrets", Some(name), None).await,
-        "Secrets outside the remote-secret namespace are listable"
-    );
-    assert!(
-        !install
-            .may("get", "", "secrets", Some(name), Some("istio-root-ca"))
-            .await,
-        "the istiod-tls rights reach other Secrets of istiod's namespace"
-    );
+    // Read rights on the remote-cluster Secrets' own namespace, istiod-tls by name, nothing
+    // else, and no create anywhere.
+    install
+        .has_only_its_own_secret_rights(true, Some(&secrets_namespace))
+        .await;
 
     // A remote cluster with the documented remote RBAC (deploy/multicluster/remote-rbac.yaml).
     let remote = remote_cluster().await;
@@ -1182,24 +1622,10 @@ async fn remote_cluster_secrets_are_read_in_their_namespace_only_and_remotes_are
     ))
     .await;
     apply_all(&remote_admin, &rbac, "istio-system").await;
-    let remote_token = remote
-        .token(
-            "istio-system",
-            "istio-csr-rs-remote",
-            &[SA_ISSUER],
-            3600,
-            None,
-        )
-        .await;
-    let secret = json!({
-        "apiVersion": "v1", "kind": "Secret",
-        "metadata": {
-            "name": "istio-remote-secret-remote-1", "namespace": secrets_namespace,
-            "labels": {"istio/multiCluster": "true"},
-            "annotations": {"networking.istio.io/cluster": "remote-1"},
-        },
-        "stringData": {"remote-1": kubeconfig_with_token(remote, "istio-csr-rs-remote", &remote_token)},
-    });
+    remote_rbac_is_limited_to_what_the_agent_does(remote).await;
+    // The primary's Secret, as the guide makes it.
+    let secret = remote_secret_from_the_script(remote, &secrets_namespace).await;
+    assert_eq!(secret["metadata"]["namespace"], secrets_namespace.as_str());
     apply_all(&admin, &[secret], &secrets_namespace).await;
     let remote_app = format!("{name}-remote-app");
     labelled_namespace(&remote_admin, &remote_app, json!({"chart-test": name})).await;
@@ -1259,14 +1685,13 @@ async fn with_the_istiod_certificate_off_no_secret_rights_in_istiods_namespace()
             .contains(&"--istiod-cert-enabled=false".to_owned())
     );
     assert!(install.arg("--istiod-cert-namespace").is_none());
-    for verb in ["get", "create", "update"] {
-        assert!(
-            !install
-                .may(verb, "", "secrets", Some(name), Some("istiod-tls"))
-                .await,
-            "may {verb} istiod-tls with the istiod certificate off"
-        );
-    }
+    assert!(
+        install.objects_of("Secret").is_empty(),
+        "istiod-tls rendered with the istiod certificate off"
+    );
+    install
+        .has_only_its_own_secret_rights(false, Some(&format!("{name}-remotes")))
+        .await;
     let process = install.start().await;
     install.signs_a_workload_certificate(&process).await;
     // Once the leader has done its other work, istiod-tls still does not exist.

@@ -91,6 +91,9 @@ impl BundleServer {
             "localhost".into(),
             "--leader-election-namespace".into(),
             test.into(),
+            // The remote-cluster Secrets go in the test's namespace too (add_remote).
+            "--multicluster-secret-namespace".into(),
+            test.into(),
             "--leader-election-lease-duration".into(),
             "4s".into(),
             "--leader-election-renew-deadline".into(),

@@ -1,6 +1,6 @@
 //! Tier 3: istiod's serving certificate (Secret `istiod-tls`) on a real kube-apiserver, signed
-//! by the cert-manager fixture: its contents, renewal, reissue on every change, and that only
-//! the leader writes it.
+//! by the cert-manager fixture: its contents, renewal, reissue on every change, that only
+//! the leader writes it, and what a leader without the right to create it does.
 
 mod support;
 
@@ -16,7 +16,7 @@ use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use rustls_pki_types::{CertificateDer, UnixTime};
 use support::cert_manager::{cert_manager_server_with, launch_replica};
-use support::kube::shared;
+use support::kube::{SA_ISSUER, shared};
 use support::openmetrics;
 use support::*;
 use x509_parser::prelude::{FromDer, GeneralName, ParsedExtension, X509Certificate};
@@ -432,4 +432,294 @@ async fn the_built_in_ca_signs_istiod_tls_and_a_new_ca_reissues_it() {
         issued_once_at_least(&running, "issuer-changed", 1.0).await,
         1.0
     );
+}
+
+const BIN: &str = env!("CARGO_BIN_EXE_istio-csr-rs");
+
+/// The Helm chart's rights for a leader with istiod's certificate on (charts/istio-csr-rs/
+/// templates/rbac.yaml): istiod-tls read and updated by name, and no right to create any
+/// Secret. Granted to service account `agent` of `ns`.
+async fn chart_like_rights(ns: &str) {
+    use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
+    let client = shared().await.client().await;
+    let apply = PatchParams::apply("kube-istiod-test").force();
+    let subject = serde_json::json!([{"kind": "ServiceAccount", "name": "agent", "namespace": ns}]);
+    let rule = |group: &str, resource: &str, names: &[&str], verbs: &[&str]| {
+        serde_json::json!({"apiGroups": [group], "resources": [resource],
+                           "resourceNames": names, "verbs": verbs})
+    };
+    let role: Role = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "agent", "namespace": ns},
+        "rules": [
+            rule("", "secrets", &[SECRET_NAME], &["get", "list", "watch", "update"]),
+            rule("cert-manager.io", "certificaterequests", &[], &["create", "delete", "get", "list", "watch"]),
+            rule("coordination.k8s.io", "leases", &["istio-csr-rs"], &["get", "update"]),
+            rule("coordination.k8s.io", "leases", &[], &["create"]),
+        ],
+    }))
+    .unwrap();
+    Api::<Role>::namespaced(client.clone(), ns)
+        .patch("agent", &apply, &Patch::Apply(&role))
+        .await
+        .unwrap();
+    let binding: RoleBinding = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "agent", "namespace": ns},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "agent"},
+        "subjects": subject,
+    }))
+    .unwrap();
+    Api::<RoleBinding>::namespaced(client.clone(), ns)
+        .patch("agent", &apply, &Patch::Apply(&binding))
+        .await
+        .unwrap();
+    // The trust bundle's rights, cluster-wide.
+    let cluster_role: ClusterRole = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": ns},
+        "rules": [
+            rule("", "namespaces", &[], &["list", "watch"]),
+            rule("", "configmaps", &["istio-ca-root-cert"], &["list", "watch", "update"]),
+            rule("", "configmaps", &[], &["create"]),
+        ],
+    }))
+    .unwrap();
+    Api::<ClusterRole>::all(client.clone())
+        .patch(ns, &apply, &Patch::Apply(&cluster_role))
+        .await
+        .unwrap();
+    let cluster_binding: ClusterRoleBinding = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": ns},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": ns},
+        "subjects": subject,
+    }))
+    .unwrap();
+    Api::<ClusterRoleBinding>::all(client)
+        .patch(ns, &apply, &Patch::Apply(&cluster_binding))
+        .await
+        .unwrap();
+}
+
+/// (status, body) of a GET on the admin listener, None while it does not answer.
+async fn admin_get(admin: std::net::SocketAddr, path: &str) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(admin).await.ok()?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.ok()?;
+    let status = response.get(9..12)?.parse().ok()?;
+    let body = response.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    Some((status, body.to_owned()))
+}
+
+/// The binary, killed on drop.
+struct Agent(std::process::Child);
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test]
+async fn without_istiod_tls_and_the_right_to_create_it_the_leader_signs_nothing_and_says_what_to_do()
+ {
+    let ns = "istiod-no-create";
+    let cluster = shared().await;
+    let (root, _fixture) = support::cert_manager::fixture_in(ns).await;
+    cluster.service_account(ns, "agent").await;
+    chart_like_rights(ns).await;
+    let token = cluster.token(ns, "agent", &[SA_ISSUER], 3600, None).await;
+    let agent_client = cluster.client_with_token(&token).await;
+    // The premise: this account may not create Secrets in istiod's namespace.
+    let dry_run = PostParams {
+        dry_run: true,
+        ..PostParams::default()
+    };
+    let refused = Api::<Secret>::namespaced(agent_client, ns)
+        .create(&dry_run, &istio_csr_rs::istiod::empty_secret(ns))
+        .await;
+    assert!(
+        matches!(refused, Err(::kube::Error::Api(ref e)) if e.code == 403),
+        "the agent's account may create Secrets: {refused:?}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    cluster.kubeconfig_with_token(&kubeconfig, &token);
+    let roots = dir.path().join("roots.pem");
+    std::fs::write(&roots, root.cert_pem()).unwrap();
+    let (grpc, admin) = {
+        let bind = || std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let (a, b) = (bind(), bind());
+        (a.local_addr().unwrap(), b.local_addr().unwrap())
+    };
+    let log = dir.path().join("istio-csr-rs.log");
+    let file = std::fs::File::create(&log).unwrap();
+    let (kubeconfig, roots) = (kubeconfig.to_str().unwrap(), roots.to_str().unwrap());
+    let (grpc_arg, admin_arg) = (grpc.to_string(), admin.to_string());
+    let child = std::process::Command::new(BIN)
+        .args([
+            "serve",
+            "--signer",
+            "cert-manager",
+            "--kubeconfig",
+            kubeconfig,
+        ])
+        .args(["--certificate-namespace", ns, "--issuer-name", "ca-issuer"])
+        .args([
+            "--root-ca-file",
+            roots,
+            "--serving-certificate-dns-names",
+            "localhost",
+        ])
+        .args([
+            "--serving-address",
+            &grpc_arg,
+            "--admin-address",
+            &admin_arg,
+        ])
+        .args(["--istiod-cert-enabled", "--istiod-cert-namespace", ns])
+        .args([
+            "--istiod-cert-key-algorithm",
+            "ECDSA",
+            "--leader-election-namespace",
+            ns,
+        ])
+        .args([
+            "--multicluster-enabled=false",
+            "--configmap-namespace-selector",
+            "none=none",
+        ])
+        .args(["--log-format", "text"])
+        .env_clear()
+        .env("POD_NAME", "agent-0")
+        .stdin(std::process::Stdio::null())
+        .stdout(file.try_clone().unwrap())
+        .stderr(file)
+        .spawn()
+        .unwrap();
+    let _agent = Agent(child);
+    let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
+    let ready = eventually(WITHIN, || async {
+        admin_get(admin, "/readyz")
+            .await
+            .is_some_and(|(s, _)| s == 200)
+    })
+    .await;
+    assert!(ready, "not ready within {WITHIN:?}:\n{}", log_text());
+    let metrics = || async {
+        let (_, body) = admin_get(admin, "/metrics").await.unwrap_or_default();
+        openmetrics::parse(&body)
+    };
+    let failures =
+        |m: &openmetrics::Exposition| m.value("istio_csr_istiod_certificate_failures_total", &[]);
+    let signing_requests = |m: &openmetrics::Exposition| {
+        m.sum(
+            "istio_csr_kube_api_requests_total",
+            &[("verb", "create"), ("resource", "certificaterequests")],
+        )
+    };
+    // Only its own serving certificate was signed to become ready.
+    let at_ready = signing_requests(&metrics().await);
+
+    // Five attempts, each refused: the next one is 16 s to 32 s away.
+    let refused = eventually(WITHIN, || async { failures(&metrics().await) >= 5.0 }).await;
+    assert!(refused, "no failed attempt counted:\n{}", log_text());
+    let now = metrics().await;
+    assert_eq!(
+        signing_requests(&now),
+        at_ready,
+        "signed certificates for a Secret it may not create"
+    );
+    assert!(
+        now.value(
+            "istio_csr_kube_api_requests_total",
+            &[("verb", "create"), ("resource", "secrets"), ("code", "403")]
+        ) >= 5.0
+    );
+    assert_eq!(
+        now.sum("istio_csr_istiod_certificate_issued_total", &[]),
+        0.0
+    );
+    let said = format!(
+        "Secret istiod-tls does not exist in namespace {ns} and this service account may not \
+         create Secrets there: create istiod-tls empty (type kubernetes.io/tls, empty tls.crt \
+         and tls.key; the Helm chart does, docs/istio.md shows it) or grant create on secrets \
+         in {ns}"
+    );
+    let text = log_text();
+    let lines = text.lines().filter(|l| l.contains(&said)).count() as f64;
+    // One line per attempt, so at the backoff's rate (the counter may trail its line).
+    let counted = failures(&now);
+    assert!(
+        lines >= counted && lines <= counted + 1.0,
+        "{lines} lines saying what to do for {counted} failures:\n{text}"
+    );
+    assert!(
+        secrets(ns)
+            .await
+            .get_opt(SECRET_NAME)
+            .await
+            .unwrap()
+            .is_none(),
+        "istiod-tls exists"
+    );
+
+    // Created empty as the chart does: filled at once, not at the end of the backoff (which
+    // leaves 10 s for the signing round trip on a loaded machine).
+    secrets(ns)
+        .await
+        .create(
+            &PostParams::default(),
+            &istio_csr_rs::istiod::empty_secret(ns),
+        )
+        .await
+        .unwrap();
+    let roots = RootBundle::from_certs(vec![root.cert.clone()]).unwrap();
+    let filled = tokio::time::timeout(
+        Duration::from_secs(10),
+        secret_where(ns, |s| {
+            let written = s.data.as_ref().and_then(|d| d.get("tls.crt"));
+            written.is_some_and(|crt| !crt.0.is_empty()) && {
+                let chain = chain_of(s);
+                chain::verify_path(&chain[0], &chain[1..], &roots, UnixTime::now()).is_ok()
+            }
+        }),
+    )
+    .await;
+    assert!(
+        filled.is_ok(),
+        "istiod-tls not filled within 10 s of being created:\n{}",
+        log_text()
+    );
+
+    // Replaced by a Secret of another type, which only a delete and a create could fix.
+    let after_fill = signing_requests(&metrics().await);
+    let api = secrets(ns).await;
+    api.delete(SECRET_NAME, &DeleteParams::default())
+        .await
+        .unwrap();
+    let opaque: Secret = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": SECRET_NAME, "namespace": ns},
+        "type": "Opaque",
+        "stringData": {"note": "not istiod's"},
+    }))
+    .unwrap();
+    let opaque = api.create(&PostParams::default(), &opaque).await.unwrap();
+    let said = format!(
+        "Secret istiod-tls in namespace {ns} has type \"Opaque\", not kubernetes.io/tls, and a \
+         Secret's type cannot change, but this service account may not delete and re-create \
+         it: replace it with an empty kubernetes.io/tls Secret (docs/istio.md) or grant delete \
+         and create on secrets in {ns}"
+    );
+    let told = eventually(WITHIN, || async { log_text().contains(&said) }).await;
+    assert!(told, "no word about the wrong type:\n{}", log_text());
+    assert_eq!(
+        signing_requests(&metrics().await),
+        after_fill,
+        "signed a certificate it could not write"
+    );
+    let left = api.get(SECRET_NAME).await.unwrap();
+    assert_eq!(left.metadata.uid, opaque.metadata.uid);
 }

@@ -633,12 +633,7 @@ impl Starting {
             return vec![local_work];
         }
         let remotes = RemoteSecrets {
-            namespace: self
-                .args
-                .bundle
-                .multicluster_secret_namespace
-                .clone()
-                .unwrap_or_else(|| self.args.bundle.leader_election_namespace.clone()),
+            namespace: self.args.bundle.multicluster_secret_namespace.clone(),
             allow_insecure: self.args.bundle.allow_insecure_kubeconfig,
             registry: self.cluster.clusters.clone(),
             clients: self.cluster.clients.clone(),

@@ -5,13 +5,19 @@
 //! pinned bundle as `ca.crt`. It is renewed `renew-before` ahead of expiry and reissued at once
 //! when it is deleted or altered (watched), or when the roots, the issuer or the options
 //! change. The private key exists only in memory while writing, and in that Secret.
+//!
+//! Least privilege: the Helm chart creates the Secret empty and grants only get, list, watch
+//! and update on it by name (charts/istio-csr-rs/templates/rbac.yaml). Without the right to
+//! create it (or, for a Secret of the wrong type, to delete and re-create it), the leader signs
+//! nothing and says what to do, at the retry backoff's rate; once the Secret appears, it is
+//! filled at once.
 
 pub mod spec;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use anyhow::Context;
+use anyhow::{Context, anyhow};
 use futures_util::StreamExt;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
@@ -160,6 +166,12 @@ impl IstiodCerts {
                         dirty = true;
                     }
                     Some(Ok(watcher::Event::Apply(secret))) => {
+                        // It appeared (e.g. created by an admin because this account may
+                        // not): filled now rather than at the end of the backoff.
+                        if current.is_none() {
+                            backing_off = false;
+                            wake_at = None;
+                        }
                         current = Some(secret);
                         dirty = true;
                     }
@@ -216,6 +228,7 @@ impl IstiodCerts {
             }
             Verdict::Reissue(reason) => reason,
         };
+        may_write(api, &self.spec.namespace, current).await?;
         tracing::info!(reason = reason.label(), detail = ?reason, namespace = %self.spec.namespace, "issuing istiod's certificate");
         let key_spec = self.spec.key;
         // RSA key generation takes a while: off the async workers.
@@ -297,17 +310,20 @@ async fn write(
     desired: Secret,
 ) -> anyhow::Result<Secret> {
     let post = PostParams {
-        field_manager: Some("istio-csr-rs".into()),
+        field_manager: Some(FIELD_MANAGER.into()),
         ..PostParams::default()
     };
+    let namespace = desired.metadata.namespace.clone().unwrap_or_default();
     match current {
         None => api
             .create(&post, &desired)
             .await
+            .map_err(|e| forbidden_hint(e, &namespace, "create"))
             .context("creating istiod-tls"),
         Some(existing) if existing.type_ == desired.type_ => api
             .replace(SECRET_NAME, &post, &desired)
             .await
+            .map_err(|e| forbidden_hint(e, &namespace, "update"))
             .context("updating istiod-tls"),
         Some(existing) => {
             let preconditions = Preconditions {
@@ -336,6 +352,107 @@ async fn write(
                 .context("re-creating istiod-tls")
         }
     }
+}
+
+const FIELD_MANAGER: &str = "istio-csr-rs";
+
+/// The Secret the chart creates and this leader fills: istiod's type, empty keys (the API
+/// server requires both keys of a kubernetes.io/tls Secret, not their contents).
+pub fn empty_secret(namespace: &str) -> Secret {
+    Secret {
+        metadata: ObjectMeta {
+            name: Some(SECRET_NAME.to_owned()),
+            namespace: Some(namespace.to_owned()),
+            ..ObjectMeta::default()
+        },
+        type_: Some(spec::SECRET_TYPE.to_owned()),
+        data: Some(BTreeMap::from([
+            ("tls.crt".to_owned(), ByteString(Vec::new())),
+            ("tls.key".to_owned(), ByteString(Vec::new())),
+        ])),
+        ..Default::default()
+    }
+}
+
+/// What a missing right on istiod-tls means and how to fix it, for the log.
+fn create_forbidden(namespace: &str) -> anyhow::Error {
+    anyhow!(
+        "Secret {SECRET_NAME} does not exist in namespace {namespace} and this service account \
+         may not create Secrets there: create {SECRET_NAME} empty (type {}, empty tls.crt and \
+         tls.key; the Helm chart does, docs/istio.md shows it) or grant create on secrets in \
+         {namespace}. It is filled as soon as it exists",
+        spec::SECRET_TYPE
+    )
+}
+
+fn wrong_type_forbidden(namespace: &str, found: Option<&str>) -> anyhow::Error {
+    anyhow!(
+        "Secret {SECRET_NAME} in namespace {namespace} has type {:?}, not {}, and a Secret's \
+         type cannot change, but this service account may not delete and re-create it: replace \
+         it with an empty {} Secret (docs/istio.md) or grant delete and create on secrets in \
+         {namespace}",
+        found.unwrap_or(""),
+        spec::SECRET_TYPE,
+        spec::SECRET_TYPE
+    )
+}
+
+/// A refused write (403) says which right is missing; other errors pass unchanged.
+fn forbidden_hint(error: kube::Error, namespace: &str, verb: &str) -> anyhow::Error {
+    match &error {
+        kube::Error::Api(status) if status.code == 403 && verb == "create" => {
+            create_forbidden(namespace)
+        }
+        kube::Error::Api(status) if status.code == 403 => {
+            anyhow::Error::new(error).context(format!(
+                "this service account may not {verb} Secret {SECRET_NAME} in namespace \
+                 {namespace}: grant get, list, watch and update on it by name (the Helm \
+                 chart's Role does)"
+            ))
+        }
+        _ => anyhow::Error::new(error),
+    }
+}
+
+/// Before signing: whether the write ahead is allowed. For a missing Secret (a create) or one
+/// of the wrong type (a delete, then a create) the same requests go as dry runs, which the API
+/// server authorizes like real ones and then discards; a refusal is reported with what to do,
+/// and nothing is signed for a Secret that could not be written. Any other answer (a webhook
+/// that cannot dry-run, a race with whoever creates it) leaves the decision to the real write.
+async fn may_write(
+    api: &Api<Secret>,
+    namespace: &str,
+    current: Option<&Secret>,
+) -> anyhow::Result<()> {
+    let dry_run = PostParams {
+        dry_run: true,
+        field_manager: Some(FIELD_MANAGER.into()),
+    };
+    match current {
+        None => {
+            if forbidden(&api.create(&dry_run, &empty_secret(namespace)).await) {
+                return Err(create_forbidden(namespace));
+            }
+        }
+        Some(existing) if existing.type_.as_deref() != Some(spec::SECRET_TYPE) => {
+            let delete = DeleteParams {
+                dry_run: true,
+                ..DeleteParams::default()
+            };
+            // A dry-run create of a name that exists is authorized first, then refused (409).
+            if forbidden(&api.delete(SECRET_NAME, &delete).await)
+                || forbidden(&api.create(&dry_run, &empty_secret(namespace)).await)
+            {
+                return Err(wrong_type_forbidden(namespace, existing.type_.as_deref()));
+            }
+        }
+        Some(_) => {}
+    }
+    Ok(())
+}
+
+fn forbidden<T>(result: &Result<T, kube::Error>) -> bool {
+    matches!(result, Err(kube::Error::Api(status)) if status.code == 403)
 }
 
 /// The tokio instant of a wall-clock time (now when it has passed).

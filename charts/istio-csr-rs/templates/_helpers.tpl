@@ -63,9 +63,9 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | 
 {{- end -}}
 {{- end -}}
 
-{{/* Where the remote-cluster Secrets live (the binary's default: the leader-election namespace). */}}
+{{/* Where the remote-cluster Secrets live: a namespace of their own (the binary's default too). */}}
 {{- define "istio-csr-rs.secretNamespace" -}}
-{{- .Values.app.multicluster.secretNamespace | default .Values.app.controller.leaderElectionNamespace -}}
+{{- required "app.multicluster.secretNamespace is required with app.multicluster.enabled" .Values.app.multicluster.secretNamespace -}}
 {{- end -}}
 
 {{/*
