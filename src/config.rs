@@ -267,9 +267,11 @@ pub struct ServerArgs {
     #[arg(long, env = "ISTIO_CSR_MAX_INFLIGHT", default_value_t = 1024)]
     pub max_inflight: usize,
 
-    /// CreateCertificate calls one source address may have in progress in each stage, so one
-    /// peer cannot hold every --max-inflight seat (0 = no bound). Its further calls wait.
-    #[arg(long, env = "ISTIO_CSR_MAX_INFLIGHT_PER_SOURCE", default_value_t = 256)]
+    /// CreateCertificate calls one source address may have in progress in each stage (0 = no
+    /// bound); its further calls wait their turn. Small on purpose: what runs goes on to the
+    /// API server and the issuer, which serve in arrival order, so this is how far ahead of
+    /// another address's call one address's burst can be there.
+    #[arg(long, env = "ISTIO_CSR_MAX_INFLIGHT_PER_SOURCE", default_value_t = 8)]
     pub max_inflight_per_source: usize,
 
     /// CreateCertificate calls of one source address that may wait for a seat, per stage;

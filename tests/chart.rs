@@ -442,6 +442,16 @@ impl Install {
                 (Value::String(v), _) => v.clone(),
                 (_, Value::String(path)) if path == "metadata.name" => pod_name.clone(),
                 (_, Value::String(path)) if path == "metadata.namespace" => self.name.clone(),
+                // The kubelet gives the container's limit in bytes (divisor 1).
+                _ if var["valueFrom"]["resourceFieldRef"]["resource"] == "limits.memory" => {
+                    let limit = self.container()["resources"]["limits"]["memory"]
+                        .as_str()
+                        .expect("a memory limit to project")
+                        .to_owned();
+                    istio_csr_rs::signer::capacity::parse_bytes(&limit)
+                        .unwrap()
+                        .to_string()
+                }
                 _ => panic!("the test cannot resolve env {var}: teach it how the kubelet would"),
             };
             env.insert(name, value);
@@ -944,6 +954,13 @@ async fn default_values_sign_write_the_bundle_and_istiod_tls_under_least_privile
     install.signs_a_workload_certificate(&process).await;
     install.leads_and_writes_the_bundle(&process).await;
     install.refuses_what_it_never_needs().await;
+    // The gRPC connection cap follows the container's memory limit (256Mi by default).
+    let log = std::fs::read_to_string(&process.log).unwrap();
+    assert!(
+        log.contains(r#""max_connections":2730"#),
+        "{}",
+        process.log_tail()
+    );
 
     // Named rights, on the API server these tests run (1.20): a list selecting the name by
     // field is allowed by a resourceNames rule, a list of everything is not.
@@ -1353,6 +1370,13 @@ async fn a_runtime_issuer_configmap_from_values_is_the_issuer_in_force() {
     install.signs_a_workload_certificate(&process).await;
     install.leads_and_writes_the_bundle(&process).await;
     install.refuses_what_it_never_needs().await;
+    // The gRPC connection cap follows the container's memory limit (256Mi by default).
+    let log = std::fs::read_to_string(&process.log).unwrap();
+    assert!(
+        log.contains(r#""max_connections":2730"#),
+        "{}",
+        process.log_tail()
+    );
     install.writes_istiod_tls(&process).await;
 
     // istio-csr's app.certmanager.issuer.enabled=false: only the ConfigMap names an issuer.

@@ -851,7 +851,7 @@ async fn latencies_from(
 }
 
 /// What a node's ztunnel does after a restart, or a remote cluster behind one gateway: 1,000
-/// service accounts ask at once from ONE address. Beyond the 256 seats of that address the
+/// service accounts ask at once from ONE address. Beyond the 8 seats of that address the
 /// calls wait their turn instead of being refused, so all are served; another address is
 /// served meanwhile as fast as before the storm.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -899,22 +899,42 @@ async fn a_restart_storm_from_one_source_is_served_whole_and_another_source_keep
                 .map_err(|status| format!("{id}: {status:?}"))
         }));
     }
-    // The storm holds its address's 256 seats and queues the rest.
+    // The storm holds its address's 8 seats and queues the rest.
     let queued = eventually(Duration::from_secs(60), || async {
         let (_, body) = http_get(&format!("http://{}/metrics", running.admin_address)).await;
         support::openmetrics::parse(&body).value("istio_csr_certificate_requests_in_flight", &[])
-            >= 200.0
+            == 8.0
     })
     .await;
     assert!(queued, "the storm never filled its seats");
-    let during = latencies_from("127.0.0.2", &target, &quiet_token, &quiet_sa, 20).await;
-    let storm_over = storm.iter().all(|call| call.is_finished());
-    let mut errors = Vec::new();
-    for call in storm {
-        if let Err(error) = call.await.unwrap() {
-            errors.push(error);
+    let storm = tokio::spawn(async move {
+        let mut errors = Vec::new();
+        for call in storm {
+            if let Err(error) = call.await.unwrap() {
+                errors.push(error);
+            }
         }
+        errors
+    });
+    // The other address calls, one after the other, for as long as the storm lasts.
+    let quiet = istio_csr_rs::client::Target {
+        source_address: Some("127.0.0.2".parse().unwrap()),
+        ..target.clone()
+    };
+    let mut client = quiet.connect().await.unwrap();
+    let id = format!("spiffe://cluster.local/ns/cm-storm/sa/{quiet_sa}");
+    let mut during = Vec::new();
+    while !storm.is_finished() {
+        let (csr, _) = p256_csr(&id);
+        let started = std::time::Instant::now();
+        client
+            .create_certificate(pilot_agent_request(&quiet, Some(&quiet_token), csr, 3600))
+            .await
+            .unwrap_or_else(|s| panic!("a call from 127.0.0.2 failed: {s:?}"));
+        during.push(started.elapsed());
     }
+    during.sort();
+    let errors = storm.await.unwrap();
     assert!(
         errors.is_empty(),
         "{} of {STORM} failed, e.g. {:?}",
@@ -922,19 +942,24 @@ async fn a_restart_storm_from_one_source_is_served_whole_and_another_source_keep
         errors.first()
     );
     assert!(
-        !storm_over,
-        "the storm ended before the other address's calls: nothing was measured"
+        during.len() >= 3,
+        "too few calls from the other address during the storm: {during:?}"
     );
-    let (p50, p99) = (before[before.len() / 2], before[before.len() - 1]);
-    let worst = during[during.len() - 1];
+    let median = |sorted: &[Duration]| sorted[sorted.len() / 2];
     eprintln!(
-        "other source: before p50 {p50:?} max {p99:?}; during the storm p50 {:?} max {worst:?}",
-        during[during.len() / 2]
+        "other source: before p50 {:?} max {:?}; during the storm ({} calls) p50 {:?} max {:?}",
+        median(&before),
+        before[before.len() - 1],
+        during.len(),
+        median(&during),
+        during[during.len() - 1],
     );
-    // Never queued behind the storm's hundreds of waiting calls: the machine is busier (two
-    // cores serve the storm, the API server and the issuer fixture), nothing more.
+    // Never queued behind the storm's waiting calls, only behind the 8 it runs at a time
+    // downstream (the API server and the issuer serve in arrival order), on a machine whose
+    // two cores serve the storm, the API server and the issuer fixture. With the storm's
+    // 256 calls at a time downstream, the median was 2.2 s; with 32, 380 ms.
     assert!(
-        worst < p99 * 10 + Duration::from_millis(500),
+        median(&during) < median(&before) * 10 + Duration::from_millis(100),
         "the other source waited: {during:?} against {before:?}"
     );
     assert_eq!(
