@@ -30,6 +30,7 @@ use crate::signer::authn::Authenticator;
 use crate::signer::authn::client_cert::ClientCertAuthenticator;
 use crate::signer::authn::node::KubeNodeAuthorizer;
 use crate::signer::authn::pod_cache::PodCache;
+use crate::signer::authn::signing_keys::SigningKeys;
 use crate::signer::authn::static_tokens::StaticTokens;
 use crate::signer::authn::token_review::{TokenReviewMetrics, TokenReviewer};
 use crate::signer::issuance::{Issuance, IssuanceMetrics};
@@ -264,6 +265,7 @@ pub async fn launch(args: ServeArgs, hooks: Hooks) -> anyhow::Result<Launched> {
         &plan,
         &args,
         review_client.as_ref(),
+        &clusters.local_status(),
         &mut registry,
         &liveness,
         &mut tasks,
@@ -434,6 +436,7 @@ fn build_authenticators(
     plan: &Plan,
     args: &ServeArgs,
     review_client: Option<&kube::Client>,
+    local: &Arc<cluster::ClusterStatus>,
     registry: &mut Registry,
     liveness: &Arc<Liveness>,
     tasks: &mut Vec<AbortOnDropHandle<()>>,
@@ -445,13 +448,24 @@ fn build_authenticators(
         authenticators.push(tokens);
     }
     match review_client {
-        Some(client) => authenticators.push(Arc::new(TokenReviewer::new(
-            client.clone(),
-            args.server.token_audiences.clone(),
-            &args.server.trust_domain,
-            args.server.token_review_cache_ttl,
-            TokenReviewMetrics::register(registry),
-        ))),
+        Some(client) => {
+            // Fetched through the review client: authentication's budget, never the Lease's.
+            let keys = SigningKeys::new(client.clone(), Some(local.clone()));
+            tasks.push(AbortOnDropHandle::new(tokio::spawn(
+                keys.clone()
+                    .maintain()
+                    .instrument(cluster::cluster_span(&local.id)),
+            )));
+            let reviewer = TokenReviewer::new(
+                client.clone(),
+                args.server.token_audiences.clone(),
+                &args.server.trust_domain,
+                args.server.token_review_cache_ttl,
+                TokenReviewMetrics::register(registry),
+            )
+            .with_signing_keys(keys);
+            authenticators.push(Arc::new(reviewer));
+        }
         None if plan.standalone.is_none() => tracing::info!("TokenReview is off"),
         None => {}
     }
