@@ -31,6 +31,8 @@ const DISCOVERY_PATH: &str = "/.well-known/openid-configuration";
 /// The API server serves its keys here whatever `jwks_uri` says (which may name a public
 /// bucket, `--service-account-jwks-uri`).
 const JWKS_PATH: &str = "/openid/v1/jwks";
+/// The API server answers 406 to `Accept: application/json` there.
+const JWKS_TYPE: &str = "application/jwk-set+json";
 
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
@@ -108,9 +110,13 @@ struct Discovery {
     issuer: String,
 }
 
-async fn get(client: &kube::Client, path: &'static str) -> Result<String, FetchError> {
+async fn get(
+    client: &kube::Client,
+    path: &'static str,
+    accept: &'static str,
+) -> Result<String, FetchError> {
     let request = http::Request::get(path)
-        .header(http::header::ACCEPT, "application/json")
+        .header(http::header::ACCEPT, accept)
         .body(Vec::new())
         .map_err(|e| FetchError::Failed {
             path,
@@ -135,13 +141,14 @@ async fn get(client: &kube::Client, path: &'static str) -> Result<String, FetchE
 
 /// The cluster's issuer and key set.
 async fn fetch(client: &kube::Client) -> Result<(String, KeySet), FetchError> {
-    let discovery: Discovery =
-        serde_json::from_str(&get(client, DISCOVERY_PATH).await?).map_err(|_| {
-            FetchError::Unreadable {
-                path: DISCOVERY_PATH,
-            }
-        })?;
-    let keys = KeySet::parse(get(client, JWKS_PATH).await?.as_bytes()).map_err(FetchError::Keys)?;
+    let discovery: Discovery = serde_json::from_str(
+        &get(client, DISCOVERY_PATH, "application/json").await?,
+    )
+    .map_err(|_| FetchError::Unreadable {
+        path: DISCOVERY_PATH,
+    })?;
+    let keys = KeySet::parse(get(client, JWKS_PATH, JWKS_TYPE).await?.as_bytes())
+        .map_err(FetchError::Keys)?;
     Ok((discovery.issuer, keys))
 }
 
