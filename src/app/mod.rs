@@ -27,7 +27,7 @@ use crate::leader::{self, Elector, LeaderMetrics, Leadership};
 use crate::pki::chain::RootBundle;
 use crate::retry;
 use crate::signer::authn::Authenticator;
-use crate::signer::authn::client_cert::ClientCertAuthenticator;
+use crate::signer::authn::client_cert::{ClientCertAuthenticator, ServiceAccounts};
 use crate::signer::authn::node::KubeNodeAuthorizer;
 use crate::signer::authn::pod_cache::PodCache;
 use crate::signer::authn::signing_keys::SigningKeys;
@@ -330,6 +330,7 @@ pub async fn launch(args: ServeArgs, hooks: Hooks) -> anyhow::Result<Launched> {
         },
         cluster: ClusterSide {
             kube,
+            review_kube: review_client,
             clients,
             clusters,
             leader,
@@ -542,6 +543,8 @@ struct SignerSide {
 /// metrics.
 struct ClusterSide {
     kube: Option<kube::Client>,
+    /// The local cluster's client for authentication (its own rate-limit bucket).
+    review_kube: Option<kube::Client>,
     clients: ClientFactory,
     clusters: ClusterRegistry,
     leader: Option<LeaderTask>,
@@ -756,10 +759,13 @@ impl Starting {
 
         let mut authenticators = std::mem::take(&mut self.signer.authenticators);
         let client_verifier = if args.server.enable_client_cert_authenticator {
-            authenticators.push(Arc::new(ClientCertAuthenticator::new(
-                roots.clone(),
-                &args.server.trust_domain,
-            )));
+            let mut by_certificate =
+                ClientCertAuthenticator::new(roots.clone(), &args.server.trust_domain);
+            if let Some(client) = &self.cluster.review_kube {
+                by_certificate =
+                    by_certificate.with_service_accounts(ServiceAccounts::new(client.clone()));
+            }
+            authenticators.push(Arc::new(by_certificate));
             let verifier = MeshClientVerifier::new(&roots.borrow())?;
             let follow = verifier.clone().follow(roots.clone());
             self.sup
