@@ -510,3 +510,77 @@ async fn a_client_certificate_no_longer_renews_once_its_service_account_is_delet
         .unwrap_err();
     assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
 }
+
+#[tokio::test]
+async fn where_the_keys_cannot_be_fetched_every_token_goes_to_token_review_as_before() {
+    use ::kube::api::PostParams;
+    use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+    let cluster = shared().await;
+    let ns = "no-discovery";
+    cluster.namespace(ns).await;
+    cluster.service_account(ns, "web").await;
+    // The agent runs as a user that may review tokens and nothing else (not a service
+    // account, which a default binding may let read the issuer discovery documents).
+    let user = "istio-csr-no-discovery";
+    let admin = cluster.client().await;
+    let role: ClusterRole = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": user},
+        "rules": [{"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"],
+                   "verbs": ["create"]}]
+    }))
+    .unwrap();
+    let binding: ClusterRoleBinding = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": user},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": user},
+        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}]
+    }))
+    .unwrap();
+    ::kube::Api::<ClusterRole>::all(admin.clone())
+        .create(&PostParams::default(), &role)
+        .await
+        .unwrap();
+    ::kube::Api::<ClusterRoleBinding>::all(admin)
+        .create(&PostParams::default(), &binding)
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("impersonating.kubeconfig");
+    let admin_config = std::fs::read_to_string(&cluster.kubeconfig).unwrap();
+    let token_line = format!("    token: {}\n", cluster.admin_token);
+    assert!(admin_config.contains(&token_line));
+    std::fs::write(
+        &kubeconfig,
+        admin_config.replace(&token_line, &format!("{token_line}    as: {user}\n")),
+    )
+    .unwrap();
+    let signer =
+        support::kube_signer::signer_as(&kubeconfig, &["--multicluster-enabled=false"]).await;
+    let admin_address = signer.running.admin_address;
+    let unavailable = "unavailable: /.well-known/openid-configuration answered HTTP 403";
+    let reported = eventually(std::time::Duration::from_secs(30), || async {
+        bundle_clusters(admin_address).await[0]["token_signature_check"] == unavailable
+    })
+    .await;
+    assert!(reported, "{:?}", bundle_clusters(admin_address).await);
+    let reviews = || async move {
+        let (_, body) = http_get(&format!("http://{admin_address}/metrics")).await;
+        openmetrics::parse(&body).value(
+            "istio_csr_kube_api_requests_total",
+            &[
+                ("code", "201"),
+                ("resource", "tokenreviews"),
+                ("verb", "create"),
+            ],
+        )
+    };
+    let id = format!("spiffe://cluster.local/ns/{ns}/sa/web");
+    let real = cluster.token(ns, "web", &["istio-ca"], 3600, None).await;
+    signer.create(&real, &id).await.unwrap();
+    assert_eq!(reviews().await, 1.0);
+    // A forged signature is the API server's to refuse again: one review.
+    let (signed, _) = real.rsplit_once('.').unwrap();
+    let forgery = format!("{signed}.{}", b64(&[3u8; 256]));
+    let status = signer.create(&forgery, &id).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated);
+    assert_eq!(reviews().await, 2.0);
+}
