@@ -7,13 +7,14 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use k8s_openapi::api::core::v1::ServiceAccount as KubeServiceAccount;
 use kube::Api;
 use rustls_pki_types::UnixTime;
 use tokio::sync::watch;
+use tokio::time::Instant;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
 use super::{AuthMethod, Authenticator, AuthnError, Caller, Credentials, ServiceAccount};
@@ -282,5 +283,83 @@ mod tests {
             })
             .await;
         assert_eq!(result, Ok(None));
+    }
+
+    /// An API server whose answer to every ServiceAccount GET the test sets, counting them.
+    fn accounts_api(
+        code: Arc<std::sync::atomic::AtomicU16>,
+        gets: Arc<std::sync::atomic::AtomicUsize>,
+    ) -> kube::Client {
+        use std::sync::atomic::Ordering;
+        let service = tower::service_fn(move |request: http::Request<kube::client::Body>| {
+            let (code, gets) = (code.clone(), gets.clone());
+            async move {
+                assert!(request.uri().path().contains("/serviceaccounts/"));
+                gets.fetch_add(1, Ordering::SeqCst);
+                let code = code.load(Ordering::SeqCst);
+                let body = if code == 200 {
+                    serde_json::json!({"apiVersion": "meta.k8s.io/v1",
+                                       "kind": "PartialObjectMetadata",
+                                       "metadata": {"name": "default", "namespace": "default"}})
+                } else {
+                    let reason = if code == 404 {
+                        "NotFound"
+                    } else {
+                        "ServiceUnavailable"
+                    };
+                    serde_json::json!({"kind": "Status", "apiVersion": "v1",
+                                       "status": "Failure", "reason": reason, "code": code})
+                };
+                let response = http::Response::builder()
+                    .status(code)
+                    .header("content-type", "application/json")
+                    .body(kube::client::Body::from(body.to_string().into_bytes()))
+                    .unwrap();
+                Ok::<_, std::convert::Infallible>(response)
+            }
+        });
+        kube::Client::new(service, "default")
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_deleted_service_account_renews_no_more_and_api_errors_refuse_nothing() {
+        use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
+        let root = TestCa::root("root", KeyAlg::EcdsaP256);
+        let (leaf, _) = root.leaf(ID);
+        let certs = [leaf];
+        let (code, gets) = (Arc::new(AtomicU16::new(200)), Arc::new(AtomicUsize::new(0)));
+        let authenticator = authenticator(&root).with_service_accounts(ServiceAccounts::new(
+            accounts_api(code.clone(), gets.clone()),
+        ));
+        let credentials = Credentials {
+            bearer: None,
+            peer_certs: Some(&certs),
+            cluster: &ClusterTarget::Local,
+        };
+        let renew = || authenticator.authenticate(&credentials);
+        // Present: asked once, then remembered for a minute.
+        for _ in 0..3 {
+            assert!(renew().await.unwrap().is_some());
+        }
+        assert_eq!(gets.load(Ordering::SeqCst), 1);
+
+        // Deleted: refused once the remembered answer has expired, and that is remembered too.
+        code.store(404, Ordering::SeqCst);
+        assert!(renew().await.is_ok());
+        tokio::time::advance(EXISTS_TTL).await;
+        for _ in 0..3 {
+            assert!(matches!(
+                renew().await,
+                Err(AuthnError::InvalidClientCertificate(_))
+            ));
+        }
+        assert_eq!(gets.load(Ordering::SeqCst), 2);
+
+        // The API failing: renewals go on, and each asks again (a failure is not remembered).
+        tokio::time::advance(GONE_TTL).await;
+        code.store(503, Ordering::SeqCst);
+        assert!(renew().await.unwrap().is_some());
+        assert!(renew().await.unwrap().is_some());
+        assert_eq!(gets.load(Ordering::SeqCst), 4);
     }
 }
