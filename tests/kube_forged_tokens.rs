@@ -248,6 +248,16 @@ async fn tokens_with_the_clusters_claims_but_a_forged_signature_cost_no_token_re
         };
         hostile.push(forged_with(header, &claims, i));
     }
+    // Key fetches: the discovery document and the key set, the agent's only GETs outside
+    // the API's resources.
+    let fetches = || {
+        metric(
+            "istio_csr_kube_api_requests_total",
+            &[("code", "200"), ("resource", "other"), ("verb", "list")],
+        )
+    };
+    let fetched = fetches().await;
+    let started = std::time::Instant::now();
     let mut client = target.connect().await.unwrap();
     for token in &hostile {
         let (csr, _) = p256_csr(&id);
@@ -271,6 +281,14 @@ async fn tokens_with_the_clusters_claims_but_a_forged_signature_cost_no_token_re
     };
     assert_eq!(avoided("signature").await, 150.0);
     assert_eq!(avoided("unknown-key").await, 50.0);
+    // 50 made-up key IDs refetch the keys at most once per 10 s (two GETs each time).
+    let intervals = (started.elapsed().as_secs() / 10 + 1) as f64;
+    let refetched = fetches().await - fetched;
+    assert!(
+        refetched <= 2.0 * intervals,
+        "{refetched} key fetches in {:?}",
+        started.elapsed()
+    );
 
     // A real token still costs exactly one review.
     let other = cluster.token(ns, "web", &["istio-ca"], 3599, None).await;
