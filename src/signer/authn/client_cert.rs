@@ -27,6 +27,9 @@ use crate::pki::identity::SpiffeId;
 const EXISTS_TTL: Duration = Duration::from_secs(60);
 /// A deletion is remembered briefly, so an account re-created is usable again soon.
 const GONE_TTL: Duration = Duration::from_secs(5);
+/// An API error counts as "exists" for this long: during an outage, or without RBAC to read
+/// service accounts, a renewal storm costs one failing GET per account per interval.
+const ERROR_TTL: Duration = Duration::from_secs(10);
 /// Accounts remembered; beyond it expired entries go first, then any.
 const MAX_ACCOUNTS: usize = 16_384;
 /// API errors are logged at most this often (an outage would otherwise log every renewal).
@@ -56,7 +59,7 @@ impl ServiceAccounts {
         (Instant::now() < *until).then_some(*exists)
     }
 
-    fn remember(&self, key: (String, String), exists: bool) {
+    fn remember(&self, key: (String, String), exists: bool, ttl: Duration) {
         let Ok(mut known) = self.known.lock() else {
             return;
         };
@@ -69,7 +72,6 @@ impl ServiceAccounts {
                 known.remove(&victim);
             }
         }
-        let ttl = if exists { EXISTS_TTL } else { GONE_TTL };
         known.insert(key, (exists, now + ttl));
     }
 
@@ -78,7 +80,8 @@ impl ServiceAccounts {
     /// Any other failure (unreachable, throttled, forbidden) counts as "exists": the caller's
     /// certificate was issued by this CA to this account and is still valid, so refusing it on
     /// an API outage would turn the outage into a mesh-wide certificate expiry, the failure
-    /// client-certificate renewal exists to avoid. Such answers are not remembered.
+    /// client-certificate renewal exists to avoid. Such answers are remembered for
+    /// `ERROR_TTL` only.
     pub async fn still_exists(&self, namespace: &str, name: &str) -> bool {
         let key = (namespace.to_owned(), name.to_owned());
         if let Some(exists) = self.remembered(&key) {
@@ -88,11 +91,12 @@ impl ServiceAccounts {
         match api.get_metadata_opt(name).await {
             Ok(found) => {
                 let exists = found.is_some();
-                self.remember(key, exists);
+                self.remember(key, exists, if exists { EXISTS_TTL } else { GONE_TTL });
                 exists
             }
             Err(error) => {
                 self.log_error(&error);
+                self.remember(key, true, ERROR_TTL);
                 true
             }
         }
@@ -355,10 +359,13 @@ mod tests {
         }
         assert_eq!(gets.load(Ordering::SeqCst), 2);
 
-        // The API failing: renewals go on, and each asks again (a failure is not remembered).
+        // The API failing: renewals go on, asking again only after a short while.
         tokio::time::advance(GONE_TTL).await;
         code.store(503, Ordering::SeqCst);
         assert!(renew().await.unwrap().is_some());
+        assert!(renew().await.unwrap().is_some());
+        assert_eq!(gets.load(Ordering::SeqCst), 3);
+        tokio::time::advance(ERROR_TTL).await;
         assert!(renew().await.unwrap().is_some());
         assert_eq!(gets.load(Ordering::SeqCst), 4);
     }
