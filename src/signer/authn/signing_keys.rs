@@ -10,9 +10,8 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::time::Instant;
-
 use serde::Deserialize;
+use tokio::time::Instant;
 
 use super::jwks::{self, JwksError, KeySet};
 use crate::cluster::ClusterStatus;
