@@ -578,6 +578,34 @@ async fn tokens_are_reviewed_by_the_cluster_their_clusterid_names() {
         .await
         .expect("the remote cluster's own token");
     assert_eq!(leaf_identity(&chain).0, vec![identity]);
+    // The remote's own keys check the signatures of its tokens: a forgery naming its key
+    // costs no review.
+    let report = server.cluster_report("remote-1").await.unwrap();
+    assert_eq!(report["token_signature_check"], "local", "{report:#}");
+    let reviews = || {
+        server.metric(
+            "istio_csr_kube_api_requests_total",
+            &[
+                ("verb", "create"),
+                ("resource", "tokenreviews"),
+                ("code", "201"),
+            ],
+        )
+    };
+    let reviewed = reviews().await;
+    let (signed, _) = token.rsplit_once('.').unwrap();
+    for i in 0..20u8 {
+        let forged = format!("{signed}.{}", b64_url(&[i; 256]));
+        let status = request_certificate(&target("remote-1"), Some(&forged), identity)
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::Unauthenticated);
+    }
+    assert_eq!(
+        reviews().await,
+        reviewed,
+        "forged signatures reached a review"
+    );
     // The same token sent to the local cluster means nothing there.
     let local = request_certificate(&target("Kubernetes"), Some(&token), identity)
         .await
@@ -808,4 +836,9 @@ async fn a_remote_clusters_ztunnel_is_checked_against_that_clusters_pod_cache() 
     })
     .await;
     assert!(gone, "remote-1 still answers after its Secret was deleted");
+}
+
+fn b64_url(bytes: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
 }

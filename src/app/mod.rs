@@ -28,9 +28,10 @@ use crate::pki::chain::RootBundle;
 use crate::retry;
 use crate::signer::admission::SeatLimits;
 use crate::signer::authn::Authenticator;
-use crate::signer::authn::client_cert::ClientCertAuthenticator;
+use crate::signer::authn::client_cert::{ClientCertAuthenticator, ServiceAccounts};
 use crate::signer::authn::node::KubeNodeAuthorizer;
 use crate::signer::authn::pod_cache::PodCache;
+use crate::signer::authn::signing_keys::SigningKeys;
 use crate::signer::authn::static_tokens::StaticTokens;
 use crate::signer::authn::token_review::{TokenReviewMetrics, TokenReviewer};
 use crate::signer::issuance::{Issuance, IssuanceMetrics};
@@ -265,6 +266,7 @@ pub async fn launch(args: ServeArgs, hooks: Hooks) -> anyhow::Result<Launched> {
         &plan,
         &args,
         review_client.as_ref(),
+        &clusters.local_status(),
         &mut registry,
         &liveness,
         &mut tasks,
@@ -334,6 +336,7 @@ pub async fn launch(args: ServeArgs, hooks: Hooks) -> anyhow::Result<Launched> {
         },
         cluster: ClusterSide {
             kube,
+            review_kube: review_client,
             clients,
             clusters,
             leader,
@@ -440,6 +443,7 @@ fn build_authenticators(
     plan: &Plan,
     args: &ServeArgs,
     review_client: Option<&kube::Client>,
+    local: &Arc<cluster::ClusterStatus>,
     registry: &mut Registry,
     liveness: &Arc<Liveness>,
     tasks: &mut Vec<AbortOnDropHandle<()>>,
@@ -451,13 +455,24 @@ fn build_authenticators(
         authenticators.push(tokens);
     }
     match review_client {
-        Some(client) => authenticators.push(Arc::new(TokenReviewer::new(
-            client.clone(),
-            args.server.token_audiences.clone(),
-            &args.server.trust_domain,
-            args.server.token_review_cache_ttl,
-            TokenReviewMetrics::register(registry),
-        ))),
+        Some(client) => {
+            // Fetched through the review client: authentication's budget, never the Lease's.
+            let keys = SigningKeys::new(client.clone(), Some(local.clone()));
+            tasks.push(AbortOnDropHandle::new(tokio::spawn(
+                keys.clone()
+                    .maintain()
+                    .instrument(cluster::cluster_span(&local.id)),
+            )));
+            let reviewer = TokenReviewer::new(
+                client.clone(),
+                args.server.token_audiences.clone(),
+                &args.server.trust_domain,
+                args.server.token_review_cache_ttl,
+                TokenReviewMetrics::register(registry),
+            )
+            .with_signing_keys(keys);
+            authenticators.push(Arc::new(reviewer));
+        }
         None if plan.standalone.is_none() => tracing::info!("TokenReview is off"),
         None => {}
     }
@@ -534,6 +549,8 @@ struct SignerSide {
 /// metrics.
 struct ClusterSide {
     kube: Option<kube::Client>,
+    /// The local cluster's client for authentication (its own rate-limit bucket).
+    review_kube: Option<kube::Client>,
     clients: ClientFactory,
     clusters: ClusterRegistry,
     leader: Option<LeaderTask>,
@@ -747,10 +764,13 @@ impl Starting {
 
         let mut authenticators = std::mem::take(&mut self.signer.authenticators);
         let client_verifier = if args.server.enable_client_cert_authenticator {
-            authenticators.push(Arc::new(ClientCertAuthenticator::new(
-                roots.clone(),
-                &args.server.trust_domain,
-            )));
+            let mut by_certificate =
+                ClientCertAuthenticator::new(roots.clone(), &args.server.trust_domain);
+            if let Some(client) = &self.cluster.review_kube {
+                by_certificate =
+                    by_certificate.with_service_accounts(ServiceAccounts::new(client.clone()));
+            }
+            authenticators.push(Arc::new(by_certificate));
             let verifier = MeshClientVerifier::new(&roots.borrow())?;
             let follow = verifier.clone().follow(roots.clone());
             self.sup

@@ -17,6 +17,7 @@ use serde::Serialize;
 
 use crate::bundle::reconciler::{BundleCounts, BundleView};
 use crate::signer::authn::pod_cache::PodCache;
+use crate::signer::authn::signing_keys::SigningKeys;
 
 /// A remote cluster as registered: a new kubeconfig makes a new generation, so nothing cached
 /// for the old one (token reviews) is used for the new one.
@@ -29,6 +30,8 @@ pub struct RemoteCluster {
     /// For the node check, when trusted node accounts are configured; its watch ends with
     /// this generation.
     pub pods: Option<PodCache>,
+    /// Its service-account signing keys, for the local signature check of tokens.
+    pub signing_keys: Arc<SigningKeys>,
 }
 
 /// Where a caller's credentials are checked.
@@ -107,6 +110,7 @@ pub struct ClusterStatus {
     last_error: Mutex<Option<String>>,
     connected: std::sync::atomic::AtomicBool,
     pub bundle: Arc<BundleView>,
+    token_signature_check: Mutex<Option<String>>,
 }
 
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
@@ -117,6 +121,9 @@ pub struct ClusterReport {
     pub last_error: Option<String>,
     /// Trust-bundle counts; `null` where this replica does not lead.
     pub bundle: Option<BundleCounts>,
+    /// How tokens' signatures are checked: `local` (against the cluster's published keys),
+    /// `pending`, or `unavailable: <why>` (TokenReview alone); `null` without TokenReview.
+    pub token_signature_check: Option<String>,
 }
 
 impl ClusterStatus {
@@ -127,7 +134,14 @@ impl ClusterStatus {
             last_error: Mutex::new(None),
             connected: std::sync::atomic::AtomicBool::new(!remote),
             bundle: Arc::new(BundleView::default()),
+            token_signature_check: Mutex::new(None),
         })
+    }
+
+    pub fn set_token_signature_check(&self, check: String) {
+        if let Ok(mut current) = self.token_signature_check.lock() {
+            *current = Some(check);
+        }
     }
 
     pub fn set_error(&self, error: impl Into<String>) {
@@ -161,6 +175,11 @@ impl ClusterStatus {
             state,
             last_error,
             bundle,
+            token_signature_check: self
+                .token_signature_check
+                .lock()
+                .ok()
+                .and_then(|c| c.clone()),
         }
     }
 }

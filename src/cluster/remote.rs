@@ -27,6 +27,7 @@ use crate::leader::Leadership;
 use crate::pki::chain::RootBundle;
 use crate::retry::Delays;
 use crate::signer::authn::pod_cache::PodCache;
+use crate::signer::authn::signing_keys::SigningKeys;
 
 pub const SECRET_LABEL: &str = "istio/multiCluster=true";
 /// How long a new API server may take to answer before it counts as unreachable (and is tried
@@ -295,12 +296,19 @@ impl RemoteSecrets {
                     "the new kubeconfig's watches did not sync in time; switching anyway"
                 );
             }
+            // Its signing keys, fetched through the review client (authentication's budget,
+            // never the Lease's), and kept up to date while this generation runs.
+            let signing_keys = SigningKeys::new(review_client.clone(), Some(status.clone()));
+            let _keys_task = AbortOnDropHandle::new(tokio::spawn(
+                signing_keys.clone().maintain().in_current_span(),
+            ));
             registry.register(Arc::new(RemoteCluster {
                 id: id.clone(),
                 generation,
                 client: client.clone(),
                 review_client,
                 pods: watch_pods.then(|| PodCache::start(client.clone(), &id)),
+                signing_keys,
             }));
             // However this task ends (a removal aborts it, even mid-registration), its
             // generation leaves the registry with it.

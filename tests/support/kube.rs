@@ -23,9 +23,11 @@ pub struct TestCluster {
     pub url: String,
     pub admin_token: String,
     pub kubeconfig: PathBuf,
-    /// The service-account signing key (PKCS#8 PEM), for tokens the TokenRequest API refuses
-    /// to mint (already expired).
+    /// The first service-account signing key (RSA, PKCS#8 PEM), for tokens the TokenRequest
+    /// API refuses to mint (already expired).
     sa_key: PathBuf,
+    /// How its apiserver runs, to restart it (`rotate_signing_key`).
+    apiserver: ApiserverSpec,
     _processes: Vec<Guarded>,
     /// Its own etcd, unless it shares one (`TestClusters`).
     _etcd: Option<Etcd>,
@@ -46,13 +48,23 @@ impl Drop for Guarded {
     }
 }
 
+impl Guarded {
+    /// Kills the child but keeps its clean-up path (a restart reuses it).
+    fn stop_keeping_files(mut self) {
+        if let Some(mut stdin) = self.0.stdin.take() {
+            let _ = stdin.write_all(b"keep");
+        }
+        let _ = self.0.wait();
+    }
+}
+
 fn guarded(program: &Path, args: &[String], log: &Path, cleanup: &Path) -> Guarded {
     let log = std::fs::File::create(log).unwrap();
     let child = Command::new("bash")
         .arg("-c")
         .arg(concat!(
-            r#""$@" & child=$!; cat >/dev/null; kill -9 "$child" 2>/dev/null; "#,
-            r#"wait "$child" 2>/dev/null; rm -rf "$GUARD_CLEANUP""#
+            r#""$@" & child=$!; input=$(cat); kill -9 "$child" 2>/dev/null; "#,
+            r#"wait "$child" 2>/dev/null; [ "$input" = keep ] || rm -rf "$GUARD_CLEANUP""#
         ))
         .arg("guard")
         .env("GUARD_CLEANUP", cleanup)
@@ -64,6 +76,57 @@ fn guarded(program: &Path, args: &[String], log: &Path, cleanup: &Path) -> Guard
         .spawn()
         .unwrap_or_else(|e| panic!("cannot start {}: {e}", program.display()));
     Guarded(child)
+}
+
+/// An apiserver's command line: what a restart repeats.
+struct ApiserverSpec {
+    bin: PathBuf,
+    etcd_url: String,
+    prefix: String,
+    port: u16,
+    /// Its data (certificates, keys, token file, log) and the guard's clean-up path.
+    dir: PathBuf,
+    /// Every key that verifies service-account tokens; the last one signs.
+    sa_keys: Vec<PathBuf>,
+}
+
+impl ApiserverSpec {
+    fn spawn(&self) -> Guarded {
+        let d = &self.dir;
+        let mut args = vec![
+            format!("--etcd-servers={}", self.etcd_url),
+            format!("--etcd-prefix={}", self.prefix),
+            format!("--secure-port={}", self.port),
+            "--bind-address=127.0.0.1".into(),
+            "--advertise-address=127.0.0.1".into(),
+            format!("--cert-dir={}", d.join("certs").display()),
+            format!("--token-auth-file={}", d.join("tokens.csv").display()),
+            "--authorization-mode=RBAC".into(),
+            format!("--service-account-issuer={SA_ISSUER}"),
+        ];
+        for key in &self.sa_keys {
+            args.push(format!("--service-account-key-file={}", key.display()));
+        }
+        if let Some(signing) = self.sa_keys.last() {
+            args.push(format!(
+                "--service-account-signing-key-file={}",
+                signing.display()
+            ));
+        }
+        args.extend([
+            format!("--api-audiences=istio-ca,{SA_ISSUER}"),
+            "--service-cluster-ip-range=10.0.0.0/24".into(),
+            // No controller-manager runs: service accounts are created by the tests.
+            "--disable-admission-plugins=ServiceAccount".into(),
+            "--enable-priority-and-fairness=false".into(),
+        ]);
+        guarded(
+            &self.bin.join("kube-apiserver"),
+            &args,
+            &d.join("apiserver.log"),
+            d,
+        )
+    }
 }
 
 fn free_port() -> u16 {
@@ -198,36 +261,22 @@ impl TestCluster {
         )
         .unwrap();
         let cert_dir = d.join("certs");
+        let mut spec = ApiserverSpec {
+            bin,
+            etcd_url: etcd_url.to_owned(),
+            prefix: prefix.to_owned(),
+            port: 0,
+            dir: d.to_owned(),
+            sa_keys: vec![sa_key.clone()],
+        };
         // The port is free when picked but may be taken before the apiserver binds it (tests
         // run side by side): then start over on another.
         let mut attempts = 0;
         let (apiserver, url, kubeconfig) = loop {
             attempts += 1;
-            let api_port = free_port();
-            let apiserver = guarded(
-                &bin.join("kube-apiserver"),
-                &[
-                    format!("--etcd-servers={etcd_url}"),
-                    format!("--etcd-prefix={prefix}"),
-                    format!("--secure-port={api_port}"),
-                    "--bind-address=127.0.0.1".into(),
-                    "--advertise-address=127.0.0.1".into(),
-                    format!("--cert-dir={}", cert_dir.display()),
-                    format!("--token-auth-file={}", d.join("tokens.csv").display()),
-                    "--authorization-mode=RBAC".into(),
-                    format!("--service-account-issuer={SA_ISSUER}"),
-                    format!("--service-account-key-file={}", sa_key.display()),
-                    format!("--service-account-signing-key-file={}", sa_key.display()),
-                    format!("--api-audiences=istio-ca,{SA_ISSUER}"),
-                    "--service-cluster-ip-range=10.0.0.0/24".into(),
-                    // No controller-manager runs: service accounts are created by the tests.
-                    "--disable-admission-plugins=ServiceAccount".into(),
-                    "--enable-priority-and-fairness=false".into(),
-                ],
-                &d.join("apiserver.log"),
-                d,
-            );
-            let url = format!("https://127.0.0.1:{api_port}");
+            spec.port = free_port();
+            let apiserver = spec.spawn();
+            let url = format!("https://127.0.0.1:{}", spec.port);
             let kubeconfig = d.join("kubeconfig");
             let ready = wait_ready(
                 &url,
@@ -251,10 +300,80 @@ impl TestCluster {
             admin_token,
             kubeconfig,
             sa_key,
+            apiserver: spec,
             _processes: vec![apiserver],
             _etcd: None,
             _dir: dir,
         }
+    }
+
+    /// Rotates the service-account signer: restarts the apiserver (same port, same data) signing
+    /// with a new EC P-256 key (ES256), every earlier key still verifying, as an operator
+    /// rotating `--service-account-signing-key-file` does. Returns once it is ready again.
+    pub async fn rotate_signing_key(&mut self) {
+        let d = self.apiserver.dir.clone();
+        let key = d.join(format!("sa-{}.key", self.apiserver.sa_keys.len()));
+        let ok = Command::new("openssl")
+            .args([
+                "ecparam",
+                "-name",
+                "prime256v1",
+                "-genkey",
+                "-noout",
+                "-out",
+            ])
+            .arg(&key)
+            .stderr(Stdio::null())
+            .status()
+            .expect("openssl must be installed")
+            .success();
+        assert!(ok);
+        for process in self._processes.drain(..) {
+            process.stop_keeping_files();
+        }
+        self.apiserver.sa_keys.push(key);
+        let process = self.apiserver.spawn();
+        let ready = wait_ready(
+            &self.url,
+            &self.admin_token,
+            &d.join("certs"),
+            &self.kubeconfig,
+            &d.join("apiserver.log"),
+        )
+        .await;
+        assert!(
+            ready.is_some(),
+            "kube-apiserver did not restart on its port"
+        );
+        self._processes.push(process);
+    }
+
+    /// A token of the given claims signed with the first signing key (RS256, no key ID, as
+    /// some signers make them): claims the TokenRequest API would never put in one.
+    pub fn sign_claims(&self, claims: &serde_json::Value) -> String {
+        use base64::Engine as _;
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let header = serde_json::json!({"alg": "RS256", "typ": "JWT"});
+        let signing_input = format!(
+            "{}.{}",
+            b64.encode(header.to_string()),
+            b64.encode(claims.to_string())
+        );
+        let pem = std::fs::read_to_string(&self.sa_key).unwrap();
+        let body: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+        let der = base64::engine::general_purpose::STANDARD
+            .decode(body)
+            .unwrap();
+        let key = ring::signature::RsaKeyPair::from_pkcs8(&der).expect("a PKCS#8 RSA key");
+        let mut signature = vec![0u8; key.public().modulus_len()];
+        key.sign(
+            &ring::signature::RSA_PKCS1_SHA256,
+            &ring::rand::SystemRandom::new(),
+            signing_input.as_bytes(),
+            &mut signature,
+        )
+        .unwrap();
+        format!("{signing_input}.{}", b64.encode(signature))
     }
 
     /// An admin client. Made per call: a kube client lives on the runtime that made it, and
@@ -361,8 +480,6 @@ impl TestCluster {
         iat: i64,
         exp: i64,
     ) -> String {
-        use base64::Engine as _;
-        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
         let sa = Api::<ServiceAccount>::namespaced(self.client().await, namespace)
             .get(service_account)
             .await
@@ -379,27 +496,7 @@ impl TestCluster {
                 "serviceaccount": {"name": service_account, "uid": sa.metadata.uid.unwrap()},
             },
         });
-        let header = serde_json::json!({"alg": "RS256", "typ": "JWT"});
-        let signing_input = format!(
-            "{}.{}",
-            b64.encode(header.to_string()),
-            b64.encode(claims.to_string())
-        );
-        let pem = std::fs::read_to_string(&self.sa_key).unwrap();
-        let body: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
-        let der = base64::engine::general_purpose::STANDARD
-            .decode(body)
-            .unwrap();
-        let key = ring::signature::RsaKeyPair::from_pkcs8(&der).expect("a PKCS#8 RSA key");
-        let mut signature = vec![0u8; key.public().modulus_len()];
-        key.sign(
-            &ring::signature::RSA_PKCS1_SHA256,
-            &ring::rand::SystemRandom::new(),
-            signing_input.as_bytes(),
-            &mut signature,
-        )
-        .unwrap();
-        format!("{signing_input}.{}", b64.encode(signature))
+        self.sign_claims(&claims)
     }
 }
 

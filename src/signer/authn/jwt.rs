@@ -1,8 +1,9 @@
 //! What a bearer must look like before it may cost a TokenReview: a well-formed JWS whose claims
 //! could be accepted (not expired, for one of our audiences, from the cluster's issuer once that
 //! is known). Forged tokens (random bytes, expired or foreign JWTs) are refused here, so a flood
-//! of them is no load on the API server. The signature stays the API server's to check: nothing
-//! here makes a token valid, it only spares the review of tokens that cannot be.
+//! of them is no load on the API server. The signature is checked next, against the cluster's
+//! published keys (`jwks`, `signing_keys`); nothing here makes a token valid, it only spares the
+//! review of tokens that cannot be.
 
 use std::time::Duration;
 

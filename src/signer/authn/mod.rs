@@ -2,9 +2,11 @@
 //! client certificate. Authenticators are tried in order; the first that accepts wins.
 
 pub mod client_cert;
+pub mod jwks;
 pub mod jwt;
 pub mod node;
 pub mod pod_cache;
+pub mod signing_keys;
 pub mod static_tokens;
 pub mod token_review;
 

@@ -3,7 +3,7 @@
 //! same projected tokens costs one review per token, not one per CSR.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
@@ -15,6 +15,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 
+use super::signing_keys::{Check, SigningKeys};
 use super::{
     AuthMethod, Authenticator, AuthnError, Caller, Credentials, PodRef, ServiceAccount, jwt,
 };
@@ -67,7 +68,7 @@ impl TokenReviewMetrics {
         );
         registry.register(
             "token_reviews_avoided",
-            "Bearer tokens refused without a TokenReview, by reason (not-jws, header, claims, no-expiry, expired, not-yet-valid, audience, issuer, remembered).",
+            "Bearer tokens refused without a TokenReview, by reason (not-jws, header, claims, no-expiry, expired, not-yet-valid, audience, issuer, signature, unknown-key, remembered).",
             metrics.avoided.clone(),
         );
         metrics
@@ -92,6 +93,9 @@ pub struct TokenReviewer {
     rejected: Mutex<HashMap<[u8; 32], Instant>>,
     /// Per cluster: the issuers of tokens it accepted, and when a new one may be tried.
     issuers: Mutex<HashMap<String, KnownIssuers>>,
+    /// The local cluster's signing keys (a remote's are in its `RemoteCluster`); `None`: no
+    /// local signature check.
+    local_keys: Option<Arc<SigningKeys>>,
     metrics: TokenReviewMetrics,
 }
 
@@ -130,7 +134,21 @@ impl TokenReviewer {
             cache: Mutex::new(HashMap::new()),
             rejected: Mutex::new(HashMap::new()),
             issuers: Mutex::new(HashMap::new()),
+            local_keys: None,
             metrics,
+        }
+    }
+
+    /// Checks the signatures of the local cluster's tokens against `keys` before any review.
+    pub fn with_signing_keys(mut self, keys: Arc<SigningKeys>) -> Self {
+        self.local_keys = Some(keys);
+        self
+    }
+
+    fn signing_keys<'a>(&'a self, cluster: &'a ClusterTarget) -> Option<&'a SigningKeys> {
+        match cluster {
+            ClusterTarget::Local => self.local_keys.as_deref(),
+            ClusterTarget::Remote(remote) => Some(&remote.signing_keys),
         }
     }
 
@@ -361,19 +379,33 @@ impl Authenticator for TokenReviewer {
         let cluster = cluster_name(credentials.cluster);
         let known = self.known_issuers(&cluster);
         let now = unix_now();
-        let claims = match jwt::precheck(token, &self.audiences, &known, now) {
-            Ok(claims) => claims,
-            Err(jwt::Unacceptable::Issuer) if self.may_probe_new_issuer(&cluster) => {
-                jwt::precheck(token, &self.audiences, &[], now).map_err(|reason| {
-                    self.metrics.avoided(reason.label());
-                    AuthnError::InvalidToken
-                })?
-            }
-            Err(reason) => {
-                self.metrics.avoided(reason.label());
-                return Err(AuthnError::InvalidToken);
-            }
+        let refuse = |reason: &'static str| {
+            self.metrics.avoided(reason);
+            AuthnError::InvalidToken
         };
+        let (claims, new_issuer) = match jwt::precheck(token, &self.audiences, &known, now) {
+            Ok(claims) => (claims, false),
+            Err(jwt::Unacceptable::Issuer) => {
+                let claims = jwt::precheck(token, &self.audiences, &[], now)
+                    .map_err(|reason| refuse(reason.label()))?;
+                (claims, true)
+            }
+            Err(reason) => return Err(refuse(reason.label())),
+        };
+        // Only the cluster's own keys make a token worth a review. A token they verify may
+        // name a new issuer (a `--service-account-issuer` migration): it is the cluster's, so
+        // it is reviewed; unverified ones of a new issuer are tried once per interval.
+        let check = match self.signing_keys(credentials.cluster) {
+            Some(keys) => keys.check(token).await,
+            None => Check::Unchecked,
+        };
+        match check {
+            Check::Forged(reason) => return Err(refuse(reason)),
+            Check::Unchecked if new_issuer && !self.may_probe_new_issuer(&cluster) => {
+                return Err(refuse(jwt::Unacceptable::Issuer.label()));
+            }
+            Check::Verified | Check::Unchecked => {}
+        }
         let status = match self.review(credentials.cluster, token).await {
             Ok(status) => status,
             Err(error) => {
