@@ -890,6 +890,12 @@ async fn a_watch_flood_from_one_source_leaves_memory_bounded_and_another_source_
     );
     let server = ServerProcess::start(&[]).await;
     let config = raw::tls_config(&server.data.join("root-cert.pem"));
+    let mut elsewhere = server.target.clone();
+    elsewhere.source_address = Some("127.0.0.2".parse().unwrap());
+    let csrs: Arc<Vec<String>> = Arc::new((0..16).map(|_| p256_csr(DEFAULT_ID).0).collect());
+    // The same run's baseline: the server's memory and the other address's latency before.
+    let before = real_client(&elsewhere, &csrs, Duration::from_secs(3)).await;
+    let baseline_kib = rss_kib(server.pid());
     let settled = Arc::new(tokio::sync::Semaphore::new(0));
     let taken = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let mut flood = tokio::task::JoinSet::new();
@@ -913,14 +919,20 @@ async fn a_watch_flood_from_one_source_leaves_memory_bounded_and_another_source_
 
     let stop = tokio_util::sync::CancellationToken::new();
     let peak = sample_peak_rss(server.pid(), stop.clone());
-    let mut elsewhere = server.target.clone();
-    elsewhere.source_address = Some("127.0.0.2".parse().unwrap());
-    let csrs: Arc<Vec<String>> = Arc::new((0..16).map(|_| p256_csr(DEFAULT_ID).0).collect());
     let during = real_client(&elsewhere, &csrs, Duration::from_secs(5)).await;
     stop.cancel();
     let peak_kib = peak.await.unwrap();
     eprintln!(
-        "watch flood: {held} held of {FLOOD}; peak RSS {peak_kib} KiB; other source {during}"
+        "watch flood, {} build: before: RSS {baseline_kib} KiB, other source {before}",
+        if cfg!(debug_assertions) {
+            "debug"
+        } else {
+            "release"
+        }
+    );
+    eprintln!(
+        "watch flood: {held} held of {FLOOD}; peak RSS {peak_kib} KiB (+{:.1} KiB per held Watch); other source {during}",
+        (peak_kib as f64 - baseline_kib as f64) / held as f64
     );
     assert!(during.failed.is_empty(), "{during}");
     assert!(during.ok >= 20, "{during}");
