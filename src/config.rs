@@ -280,8 +280,9 @@ pub struct ServerArgs {
     #[arg(long, env = "ISTIO_CSR_MAX_QUEUED_PER_SOURCE", default_value_t = 1024)]
     pub max_queued_per_source: usize,
 
-    /// How long a call may wait for a seat before it gets ResourceExhausted.
-    #[arg(long, env = "ISTIO_CSR_MAX_QUEUE_WAIT", default_value = "30s",
+    /// How long a call may wait for a seat before it gets ResourceExhausted. Long: the
+    /// client's own deadline (grpc-timeout) still ends its wait sooner.
+    #[arg(long, env = "ISTIO_CSR_MAX_QUEUE_WAIT", default_value = "2m",
           value_parser = humantime::parse_duration)]
     pub max_queue_wait: Duration,
 
@@ -291,12 +292,13 @@ pub struct ServerArgs {
     #[arg(long, env = "ISTIO_CSR_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
 
-    /// Open gRPC connections one source address may hold (0 = no bound). A node's pods and
-    /// its ztunnel hold far fewer; raise it for a NAT or a gateway in front of many pods.
+    /// Open gRPC connections one source address may hold (0 = no bound). A pod holds one or
+    /// two, a node's ztunnel a few; small, so that a handful of pods cannot fill
+    /// --max-connections. Raise it for a NAT or a gateway in front of many pods.
     #[arg(
         long,
         env = "ISTIO_CSR_MAX_CONNECTIONS_PER_SOURCE",
-        default_value_t = 256
+        default_value_t = 32
     )]
     pub max_connections_per_source: usize,
 

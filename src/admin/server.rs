@@ -49,7 +49,8 @@ const REFUSAL_WARNING_EVERY: Duration = Duration::from_secs(10);
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ServeLimits {
     /// The kubelet's probes and a Prometheus scraper need a handful; the rest is room for
-    /// many addresses at the per-source bound.
+    /// 128 addresses at the per-source bound. An idle connection costs a few KiB and is
+    /// closed within `header_read_timeout`.
     pub max_connections: usize,
     /// One address: the kubelet's probes, a scraper, a person with `status`.
     pub max_connections_per_source: usize,
@@ -62,7 +63,7 @@ pub struct ServeLimits {
 
 impl ServeLimits {
     pub const DEFAULT: Self = Self {
-        max_connections: 256,
+        max_connections: 1024,
         max_connections_per_source: 8,
         header_read_timeout: Duration::from_secs(5),
         request_timeout: Duration::from_secs(10),

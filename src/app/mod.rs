@@ -822,6 +822,7 @@ impl Starting {
                 max_connections: self.plan.max_connections,
                 max_connections_per_source: args.server.max_connections_per_source,
                 max_streams_per_source: max_streams_per_source(&args.server),
+                max_request_bytes: self.plan.max_request_bytes,
                 client_verifier,
                 metrics: self.signer.metrics.clone(),
             },

@@ -47,6 +47,8 @@ pub(super) struct Plan {
     pub istiod_cert: Option<IstiodCertSpec>,
     /// `--max-connections`, or what the memory limit holds.
     pub max_connections: usize,
+    /// Request bytes that calls may hold, all sources together (from the memory limit).
+    pub max_request_bytes: usize,
 }
 
 impl Plan {
@@ -88,13 +90,15 @@ impl Plan {
         if args.server.max_connections == Some(0) {
             bail!("--max-connections must be at least 1");
         }
-        let max_connections = args.server.max_connections.unwrap_or_else(|| {
-            capacity::default_max_connections(
-                args.server
-                    .memory_limit
-                    .or_else(capacity::cgroup_memory_limit),
-            )
-        });
+        let memory_limit = args
+            .server
+            .memory_limit
+            .or_else(capacity::cgroup_memory_limit);
+        let max_connections = args
+            .server
+            .max_connections
+            .unwrap_or_else(|| capacity::default_max_connections(memory_limit));
+        let max_request_bytes = capacity::held_request_bytes(memory_limit);
         for (flag, value) in [
             (
                 "--max-client-certificate-duration",
@@ -171,6 +175,7 @@ impl Plan {
                 leader_timing,
                 istiod_cert,
                 max_connections,
+                max_request_bytes,
             });
         }
         let signer = match args.issuance.signer {
@@ -219,6 +224,7 @@ impl Plan {
             leader_timing,
             istiod_cert,
             max_connections,
+            max_request_bytes,
         })
     }
 }

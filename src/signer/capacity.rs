@@ -12,6 +12,13 @@ pub const BYTES_PER_CONNECTION: u64 = 48 * 1024;
 /// Without any memory limit known.
 pub const MAX_CONNECTIONS_UNLIMITED: usize = 16_384;
 
+/// Request bytes that calls may hold while they wait or are served, all sources together:
+/// a quarter of the memory limit (connections take half), 256 MiB without a known limit.
+pub fn held_request_bytes(memory_limit: Option<u64>) -> usize {
+    let bytes = memory_limit.map_or(256 << 20, |limit| (limit / 4).max(16 << 20));
+    usize::try_from(bytes).unwrap_or(usize::MAX)
+}
+
 /// The `--max-connections` default: what half of `memory_limit` holds, at most
 /// [`MAX_CONNECTIONS_UNLIMITED`], at least 64 (a process that small serves a few pods).
 pub fn default_max_connections(memory_limit: Option<u64>) -> usize {
@@ -93,6 +100,13 @@ mod tests {
             default_max_connections(Some(64 << 30)),
             MAX_CONNECTIONS_UNLIMITED
         );
+    }
+
+    #[test]
+    fn held_requests_take_a_quarter_of_the_memory_limit() {
+        assert_eq!(held_request_bytes(None), 256 << 20);
+        assert_eq!(held_request_bytes(Some(256 << 20)), 64 << 20);
+        assert_eq!(held_request_bytes(Some(32 << 20)), 16 << 20);
     }
 
     #[test]

@@ -112,7 +112,7 @@ pub struct EdgeLimits {
     /// Request bytes one source address may hold in calls being served or waiting, all its
     /// streams together. A decoded request waits with its call: this bounds what one address
     /// can make the process hold that way. Real requests are 1 to 3 KiB, so a restart storm
-    /// of thousands of calls fits; 128 calls of the largest message do too.
+    /// of a thousand calls fits; 32 calls of the largest message do too.
     pub max_request_bytes_per_source: usize,
 }
 
@@ -127,7 +127,7 @@ impl EdgeLimits {
         idle_connection_timeout: Duration::from_secs(300),
         request_buffer_budget: 64 * 1024 * 1024,
         max_health_watch: Duration::from_secs(300),
-        max_request_bytes_per_source: 16 * 1024 * 1024,
+        max_request_bytes_per_source: 4 * 1024 * 1024,
     };
 
     /// The limits a server starting now uses. This is [`EdgeLimits::DEFAULT`], unless a test
@@ -178,6 +178,7 @@ pub async fn serve(
     let EdgeOptions {
         limits,
         max_streams_per_source,
+        max_request_bytes,
         metrics,
     } = options;
     let mut http2 = http2::Builder::new(TokioExecutor::new());
@@ -196,6 +197,7 @@ pub async fn serve(
         budget: Budget::new(limits.request_buffer_budget),
         streams_per_source: PerSourceLimit::new(max_streams_per_source),
         request_bytes_per_source: PerSourceLimit::new(limits.max_request_bytes_per_source),
+        request_bytes: Arc::new(Semaphore::new(max_request_bytes)),
         limits,
         metrics,
     });
@@ -234,6 +236,9 @@ pub struct EdgeOptions {
     /// Open streams one source address may have, all its connections together (0: no
     /// bound): every call counts, health Watches included.
     pub max_streams_per_source: usize,
+    /// Request bytes that calls may hold while they wait or are served, all sources
+    /// together: what many addresses at their per-source bound could otherwise add up to.
+    pub max_request_bytes: usize,
     /// Where refusals are counted (`istio_csr_refusals_total`).
     pub metrics: SignerMetrics,
 }
@@ -244,6 +249,7 @@ pub const REFUSED_TOO_LARGE: &str = "message-size";
 pub const REFUSED_READ_DEADLINE: &str = "read-deadline";
 pub const REFUSED_BUDGET: &str = "buffer-budget";
 pub const REFUSED_SOURCE_BYTES: &str = "source-bytes";
+pub const REFUSED_HELD_BYTES: &str = "held-bytes";
 
 struct Shared {
     routes: Routes,
@@ -251,6 +257,7 @@ struct Shared {
     limits: EdgeLimits,
     streams_per_source: Arc<PerSourceLimit>,
     request_bytes_per_source: Arc<PerSourceLimit>,
+    request_bytes: Arc<Semaphore>,
     metrics: SignerMetrics,
 }
 
@@ -433,7 +440,7 @@ impl hyper::service::Service<Request<Incoming>> for EdgeService {
 /// The request bytes a call counts against its source, released with the request.
 #[derive(Clone)]
 struct HeldBytes {
-    _slot: Arc<Option<SourceSlot>>,
+    _held: Arc<(Option<SourceSlot>, OwnedSemaphorePermit)>,
 }
 
 /// Serves one call; the source slot it returns is held until hyper is done with the answer.
@@ -486,8 +493,18 @@ async fn handle(
             return Status::resource_exhausted("too many calls from this address at once; retry")
                 .into_http();
         };
+        let held_u32 = u32::try_from(held).unwrap_or(u32::MAX);
+        let Ok(bytes_permit) = shared
+            .request_bytes
+            .clone()
+            .try_acquire_many_owned(held_u32)
+        else {
+            shared.metrics.observe_refusal(REFUSED_HELD_BYTES);
+            tracing::debug!(%remote, held, "too many request bytes held in all; refusing a call");
+            return Status::resource_exhausted("server busy; retry").into_http();
+        };
         parts.extensions.insert(HeldBytes {
-            _slot: Arc::new(bytes_slot),
+            _held: Arc::new((bytes_slot, bytes_permit)),
         });
         parts.extensions.insert(info);
         let routes = shared.routes.clone();

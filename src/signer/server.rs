@@ -31,6 +31,8 @@ pub struct GrpcOptions {
     pub max_connections_per_source: usize,
     /// Open streams one source may have, all its connections together (0: no bound).
     pub max_streams_per_source: usize,
+    /// Request bytes that calls may hold, all sources together.
+    pub max_request_bytes: usize,
     /// Client certificates are asked for (and verified) when set.
     pub client_verifier: Option<Arc<MeshClientVerifier>>,
     /// Where the edge's refusals are counted.
@@ -95,6 +97,7 @@ pub async fn start(
         edge::EdgeOptions {
             limits,
             max_streams_per_source: options.max_streams_per_source,
+            max_request_bytes: options.max_request_bytes,
             metrics: options.metrics,
         },
         shutdown.clone(),
