@@ -378,6 +378,9 @@ async fn a_flood_of_tokens_to_review_does_not_starve_the_lease_renewals() {
         ns,
         true,
         &[
+            // The 40 callers below each open a connection per call, all from 127.0.0.1.
+            "--max-connections-per-source",
+            "256",
             "--kube-api-qps",
             "10",
             "--kube-api-burst",
