@@ -22,7 +22,7 @@ use x509_parser::public_key::PublicKey;
 
 use super::identity::SpiffeId;
 
-/// DECISION (protocol.md): a CSR PEM larger than this is refused before any parsing.
+/// A CSR PEM larger than this is refused before any parsing (README, "The CSR").
 /// Real CSRs are 0.5 to 2 KiB; 64 KiB leaves room for RSA-8192 and long identities.
 pub const MAX_CSR_PEM_BYTES: usize = 64 * 1024;
 /// ring verifies RSA keys up to 8192 bits; larger ones could never be signed for anyway.
@@ -231,7 +231,7 @@ fn check_public_key(csr: &X509CertificationRequest<'_>) -> Result<CsrPublicKey, 
     })
 }
 
-/// DECISION (protocol.md): the subject is empty or a single empty `O`, what pilot-agent and
+/// The subject is empty or a single empty `O` (README, "The CSR"), what pilot-agent and
 /// ztunnel send. cert-manager's CA issuer copies the CSR's subject into the leaf, so anything
 /// else (`O=system:masters`, `OU`, `emailAddress`, `UID`) would be a DN chosen by the workload
 /// that DN-mapping peers (Kafka, databases) might trust.

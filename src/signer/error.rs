@@ -1,6 +1,6 @@
 //! Why a CreateCertificate failed, and the ONE place that turns it into a gRPC status.
 //!
-//! Codes follow protocol.md's DECISION column: clients retry Unavailable, DeadlineExceeded,
+//! Codes follow the README ("Status codes"): clients retry Unavailable, DeadlineExceeded,
 //! Internal and ResourceExhausted, and do not retry Unauthenticated, InvalidArgument or
 //! PermissionDenied. Messages to clients stay generic; the detail goes to the logs.
 
@@ -98,7 +98,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn maps_every_failure_to_protocol_md_codes() {
+    fn maps_every_failure_to_the_documented_codes() {
         let cases: Vec<(SignError, Code)> = vec![
             (AuthnError::NoCredentials.into(), Code::Unauthenticated),
             (AuthnError::InvalidToken.into(), Code::Unauthenticated),

@@ -1,4 +1,5 @@
-//! `istio.v1.auth.IstioCertificateService/CreateCertificate`: the pipeline of reference.md.
+//! `istio.v1.auth.IstioCertificateService/CreateCertificate`: the pipeline the README's
+//! "What the signer enforces" describes.
 
 use std::borrow::Cow;
 use std::net::IpAddr;
@@ -179,7 +180,7 @@ impl CaService {
         })
     }
 
-    /// protocol.md "Impersonation": the caller must be a trusted node account, the identity
+    /// README "Impersonation (ztunnel)": the caller must be a trusted node account, the identity
     /// well-formed and of our trust domain, and a pod of it must run on the caller's node.
     /// That last check needs the Kubernetes API: without it every impersonation is refused.
     async fn check_impersonation(
@@ -338,7 +339,7 @@ fn same_identities(requested: &[SpiffeId], allowed: &[SpiffeId]) -> bool {
     requested.len() == allowed.len() && requested.iter().all(|r| allowed.contains(r))
 }
 
-/// protocol.md: shorten to the maximum; zero or negative asks for the maximum.
+/// README "Lifetime": shorten to the maximum; zero or negative asks for the maximum.
 pub fn clamp_lifetime(requested_secs: i64, max: Duration) -> Duration {
     match u64::try_from(requested_secs) {
         Ok(secs) if secs > 0 => Duration::from_secs(secs).min(max),
