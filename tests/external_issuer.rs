@@ -1,6 +1,6 @@
 //! What the signer does with an external issuer's answers, through the real gRPC stack: every
-//! failure maps to its documented code (README, "Status codes"), and a chain that does not verify against the pinned
-//! roots (a hijacked signer) never reaches the client.
+//! failure maps to its documented code (README, "Status codes"), and a chain that does not
+//! verify against the pinned roots (a hijacked signer) never reaches the client.
 
 mod support;
 
