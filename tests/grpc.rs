@@ -445,15 +445,9 @@ async fn a_call_beyond_max_inflight_waits_for_a_seat_and_is_answered() {
     let (hooks, gate) = GatedIssuer::hooks();
     let server = Server::start_with(&["--max-inflight", "2"], hooks, |_| {}).await;
     let gate = gate.get().unwrap().clone();
-    let mut held = Vec::new();
-    for _ in 0..3 {
-        let (csr, _) = p256_csr(DEFAULT_ID);
-        let mut client = server.client().await;
-        let request = pilot_agent_request(&server.target(), Some(&server.token()), csr, 3600);
-        held.push(tokio::spawn(async move {
-            client.create_certificate(request).await
-        }));
-    }
+    let held: Vec<_> = (0..3)
+        .map(|_| server.spawn_request(server.target()))
+        .collect();
     // Two calls reach the issuer; the third waits for a seat instead of being refused.
     gate.wait_entered(2).await;
     assert!(!held[2].is_finished());
@@ -485,15 +479,9 @@ async fn answers_resource_exhausted_when_the_source_queue_is_full() {
     )
     .await;
     let gate = gate.get().unwrap().clone();
-    let mut held = Vec::new();
-    for _ in 0..2 {
-        let (csr, _) = p256_csr(DEFAULT_ID);
-        let mut client = server.client().await;
-        let request = pilot_agent_request(&server.target(), Some(&server.token()), csr, 3600);
-        held.push(tokio::spawn(async move {
-            client.create_certificate(request).await
-        }));
-    }
+    let held: Vec<_> = (0..2)
+        .map(|_| server.spawn_request(server.target()))
+        .collect();
     gate.wait_entered(2).await;
     let (csr, _) = p256_csr(DEFAULT_ID);
     let status = create(&server, Some(&server.token()), csr, 3600)
@@ -523,10 +511,7 @@ async fn a_call_that_waited_too_long_for_a_seat_gets_resource_exhausted() {
     )
     .await;
     let gate = gate.get().unwrap().clone();
-    let (csr, _) = p256_csr(DEFAULT_ID);
-    let mut client = server.client().await;
-    let request = pilot_agent_request(&server.target(), Some(&server.token()), csr, 3600);
-    let held = tokio::spawn(async move { client.create_certificate(request).await });
+    let held = server.spawn_request(server.target());
     gate.wait_entered(1).await;
     let (csr, _) = p256_csr(DEFAULT_ID);
     let status = create(&server, Some(&server.token()), csr, 3600)
@@ -627,41 +612,14 @@ async fn one_source_address_waits_its_turn_while_another_source_is_served_at_onc
     )
     .await;
     let gate = gate.get().unwrap().clone();
-    let mut held = Vec::new();
-    for _ in 0..2 {
-        let (csr, _) = p256_csr(DEFAULT_ID);
-        let mut client = server.client().await;
-        let request = pilot_agent_request(&server.target(), Some(&server.token()), csr, 3600);
-        held.push(tokio::spawn(async move {
-            client.create_certificate(request).await
-        }));
-    }
+    let held: Vec<_> = (0..2)
+        .map(|_| server.spawn_request(server.target()))
+        .collect();
     gate.wait_entered(2).await;
     // 127.0.0.1 holds its share although 98 seats are free: its third call waits.
-    let (csr, _) = p256_csr(DEFAULT_ID);
-    let mut client = server.client().await;
-    let request = pilot_agent_request(&server.target(), Some(&server.token()), csr, 3600);
-    let waiting = tokio::spawn(async move { client.create_certificate(request).await });
-
+    let waiting = server.spawn_request(server.target());
     // Another source address still gets in.
-    let target = server.target();
-    let roots = std::fs::read(&target.root_cert).unwrap();
-    let channel = tonic::transport::Channel::from_shared(format!("https://{}", target.address))
-        .unwrap()
-        .local_address(Some("127.0.0.2".parse().unwrap()))
-        .tls_config(
-            tonic::transport::ClientTlsConfig::new()
-                .ca_certificate(tonic::transport::Certificate::from_pem(roots))
-                .domain_name("localhost"),
-        )
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut other = istio_csr_rs::proto::istio_v1_auth::istio_certificate_service_client::IstioCertificateServiceClient::new(channel);
-    let (csr, _) = p256_csr(DEFAULT_ID);
-    let request = pilot_agent_request(&target, Some(&server.token()), csr, 3600);
-    let from_elsewhere = tokio::spawn(async move { other.create_certificate(request).await });
+    let from_elsewhere = server.spawn_request(server.target_from("127.0.0.2"));
     // The other source's call reaches the issuer while 127.0.0.1's third still waits: three
     // calls in flight, not four.
     gate.wait_entered(1).await;

@@ -401,42 +401,20 @@ async fn every_stream_counts_against_its_source_and_other_sources_are_served() {
     let (client, _) = watches.last_mut().unwrap();
     let refused = client.check(health_request()).await.unwrap_err();
     assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
-    let mut ca = istio_csr_rs::proto::istio_v1_auth::istio_certificate_service_client::IstioCertificateServiceClient::new(server.channel_from("127.0.0.1").await);
-    let (csr, _) = p256_csr(DEFAULT_ID);
-    let refused = ca
-        .create_certificate(pilot_agent_request(
-            &server.target(),
-            Some(&server.token()),
-            csr,
-            3600,
-        ))
+    let token = server.token();
+    let refused = request_certificate(&server.target_from("127.0.0.1"), Some(&token), DEFAULT_ID)
         .await
         .unwrap_err();
     assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
     assert_eq!(server.refusals("source-streams").await, 2.0);
     // ... while another address is served.
-    let mut other = istio_csr_rs::proto::istio_v1_auth::istio_certificate_service_client::IstioCertificateServiceClient::new(server.channel_from("127.0.0.2").await);
-    let (csr, _) = p256_csr(DEFAULT_ID);
-    other
-        .create_certificate(pilot_agent_request(
-            &server.target(),
-            Some(&server.token()),
-            csr,
-            3600,
-        ))
+    request_certificate(&server.target_from("127.0.0.2"), Some(&token), DEFAULT_ID)
         .await
         .unwrap();
     // Streams given back are free again.
     watches.clear();
     let freed = eventually(PROMPT, || async {
-        let (csr, _) = p256_csr(DEFAULT_ID);
-        ca.clone()
-            .create_certificate(pilot_agent_request(
-                &server.target(),
-                Some(&server.token()),
-                csr,
-                3600,
-            ))
+        request_certificate(&server.target_from("127.0.0.1"), Some(&token), DEFAULT_ID)
             .await
             .is_ok()
     })

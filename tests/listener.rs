@@ -56,8 +56,7 @@ async fn idle_sockets_from_one_source_do_not_delay_real_clients() {
     }
     // From the same address (under its share) and from another one.
     request_ok(&server).await;
-    let mut elsewhere = server.target();
-    elsewhere.source_address = Some("127.0.0.2".parse().unwrap());
+    let elsewhere = server.target_from("127.0.0.2");
     tokio::time::timeout(
         PROMPT,
         request_certificate(&elsewhere, Some(&server.token()), DEFAULT_ID),
@@ -85,11 +84,13 @@ async fn connections_beyond_the_per_source_cap_are_closed_and_counted_while_othe
         .await
         .expect("a connection over the per-source cap was kept");
     assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
-    let mut elsewhere = server.target();
-    elsewhere.source_address = Some("127.0.0.2".parse().unwrap());
-    request_certificate(&elsewhere, Some(&server.token()), DEFAULT_ID)
-        .await
-        .unwrap();
+    request_certificate(
+        &server.target_from("127.0.0.2"),
+        Some(&server.token()),
+        DEFAULT_ID,
+    )
+    .await
+    .unwrap();
     assert_eq!(server.refusals("source-connections").await, 1.0);
     // A slot comes back when a connection closes.
     drop(held.pop());

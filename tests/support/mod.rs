@@ -146,6 +146,24 @@ impl Server {
         format!("http://{}{path}", self.running.admin_address)
     }
 
+    /// `target()` as a client at `source` (a 127.0.0.0/8 address) reaches it.
+    pub fn target_from(&self, source: &str) -> Target {
+        Target {
+            source_address: Some(source.parse().unwrap()),
+            ..self.target()
+        }
+    }
+
+    /// A call for the default identity, on a connection of its own to `target`, in the
+    /// background.
+    pub fn spawn_request(
+        &self,
+        target: Target,
+    ) -> tokio::task::JoinHandle<Result<Vec<String>, tonic::Status>> {
+        let token = self.token();
+        tokio::spawn(async move { request_certificate(&target, Some(&token), DEFAULT_ID).await })
+    }
+
     /// A new HTTP/2 connection to the gRPC port from `source` (a 127.0.0.0/8 address).
     pub async fn channel_from(&self, source: &str) -> Channel {
         let roots = std::fs::read(self.data_dir.join("root-cert.pem")).unwrap();
