@@ -46,17 +46,7 @@ async fn forged_tokens_cost_no_token_review_and_real_ones_still_work() {
     cluster.service_account(ns, "web").await;
     let id = format!("spiffe://cluster.local/ns/{ns}/sa/web");
     let target = target_for(&running, &dir);
-    let reviews = || async {
-        let (_, body) = http_get(&format!("http://{}/metrics", running.admin_address)).await;
-        openmetrics::parse(&body).value(
-            "istio_csr_kube_api_requests_total",
-            &[
-                ("code", "201"),
-                ("resource", "tokenreviews"),
-                ("verb", "create"),
-            ],
-        )
-    };
+    let reviews = || token_reviews(running.admin_address);
 
     // A real token first: reviewed once, and the cluster's issuer is now known.
     let real = cluster.token(ns, "web", &["istio-ca"], 3600, None).await;
@@ -200,16 +190,7 @@ async fn tokens_with_the_clusters_claims_but_a_forged_signature_cost_no_token_re
             openmetrics::parse(&body).value(name, labels)
         }
     };
-    let reviews = || {
-        metric(
-            "istio_csr_kube_api_requests_total",
-            &[
-                ("code", "201"),
-                ("resource", "tokenreviews"),
-                ("verb", "create"),
-            ],
-        )
-    };
+    let reviews = || token_reviews(running.admin_address);
     let local = eventually(std::time::Duration::from_secs(30), || async {
         bundle_clusters(running.admin_address).await[0]["token_signature_check"] == "local"
     })
@@ -308,17 +289,7 @@ async fn a_rotation_of_the_service_account_signer_is_followed() {
     let signer = support::kube_signer::signer(&cluster, &[]).await;
     let admin = signer.running.admin_address;
     let id = format!("spiffe://cluster.local/ns/{ns}/sa/web");
-    let reviews = || async move {
-        let (_, body) = http_get(&format!("http://{admin}/metrics")).await;
-        openmetrics::parse(&body).value(
-            "istio_csr_kube_api_requests_total",
-            &[
-                ("code", "201"),
-                ("resource", "tokenreviews"),
-                ("verb", "create"),
-            ],
-        )
-    };
+    let reviews = || token_reviews(admin);
     let before = cluster.token(ns, "web", &["istio-ca"], 3600, None).await;
     signer.create(&before, &id).await.unwrap();
     assert_eq!(reviews().await, 1.0);
@@ -583,17 +554,7 @@ async fn where_the_keys_cannot_be_fetched_every_token_goes_to_token_review_as_be
     })
     .await;
     assert!(reported, "{:?}", bundle_clusters(admin_address).await);
-    let reviews = || async move {
-        let (_, body) = http_get(&format!("http://{admin_address}/metrics")).await;
-        openmetrics::parse(&body).value(
-            "istio_csr_kube_api_requests_total",
-            &[
-                ("code", "201"),
-                ("resource", "tokenreviews"),
-                ("verb", "create"),
-            ],
-        )
-    };
+    let reviews = || token_reviews(admin_address);
     let id = format!("spiffe://cluster.local/ns/{ns}/sa/web");
     let real = cluster.token(ns, "web", &["istio-ca"], 3600, None).await;
     signer.create(&real, &id).await.unwrap();

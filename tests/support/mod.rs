@@ -188,6 +188,19 @@ impl Server {
     }
 }
 
+/// TokenReviews that the server with admin API `admin` has had accepted (201), all clusters.
+pub async fn token_reviews(admin: std::net::SocketAddr) -> f64 {
+    let (_, body) = http_get(&format!("http://{admin}/metrics")).await;
+    openmetrics::parse(&body).value(
+        "istio_csr_kube_api_requests_total",
+        &[
+            ("code", "201"),
+            ("resource", "tokenreviews"),
+            ("verb", "create"),
+        ],
+    )
+}
+
 /// A request as pilot-agent sends it: token, clusterid, CertSigner "".
 pub fn pilot_agent_request(
     target: &Target,
