@@ -1378,21 +1378,6 @@ async fn a_runtime_issuer_configmap_from_values_is_the_issuer_in_force() {
     install.signs_a_workload_certificate(&process).await;
     install.leads_and_writes_the_bundle(&process).await;
     install.refuses_what_it_never_needs().await;
-    // The chart's account reads the service-account signing keys: forged tokens are refused
-    // with no TokenReview.
-    let (_, bundle) = http_get(&format!("http://{}/debug/bundle", process.admin)).await;
-    let bundle: Value = serde_json::from_str(&bundle).unwrap();
-    assert_eq!(
-        bundle["clusters"][0]["token_signature_check"], "local",
-        "{bundle}"
-    );
-    // The gRPC connection cap follows the container's memory limit (256Mi by default).
-    let log = std::fs::read_to_string(&process.log).unwrap();
-    assert!(
-        log.contains(r#""max_connections":2730"#),
-        "{}",
-        process.log_tail()
-    );
     install.writes_istiod_tls(&process).await;
 
     // istio-csr's app.certmanager.issuer.enabled=false: only the ConfigMap names an issuer.
