@@ -67,6 +67,18 @@ async fn idle_sockets_from_one_source_do_not_delay_real_clients() {
     drop(idle);
 }
 
+/// A new TCP connection to the gRPC port is closed (or reset) by the server at once.
+async fn assert_closed_at_once(server: &Server, what: &str) {
+    let mut extra = TcpStream::connect(server.running.grpc_address)
+        .await
+        .unwrap();
+    let mut buf = [0u8; 1];
+    let read = tokio::time::timeout(PROMPT, extra.read(&mut buf))
+        .await
+        .unwrap_or_else(|_| panic!("{what} was kept"));
+    assert!(matches!(read, Ok(0) | Err(_)), "{what}: {read:?}");
+}
+
 #[tokio::test]
 async fn connections_beyond_the_per_source_cap_are_closed_and_counted_while_other_sources_connect()
 {
@@ -76,14 +88,7 @@ async fn connections_beyond_the_per_source_cap_are_closed_and_counted_while_othe
         held.push(tls_client(&server).await);
     }
     // The fifth from the same address is closed before TLS.
-    let mut extra = TcpStream::connect(server.running.grpc_address)
-        .await
-        .unwrap();
-    let mut buf = [0u8; 1];
-    let read = tokio::time::timeout(PROMPT, extra.read(&mut buf))
-        .await
-        .expect("a connection over the per-source cap was kept");
-    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    assert_closed_at_once(&server, "a connection over the per-source cap").await;
     request_certificate(
         &server.target_from("127.0.0.2"),
         Some(&server.token()),
@@ -142,14 +147,7 @@ async fn connections_beyond_the_cap_are_closed_at_once() {
                 .unwrap(),
         );
     }
-    let mut extra = TcpStream::connect(server.running.grpc_address)
-        .await
-        .unwrap();
-    let mut buf = [0u8; 1];
-    let read = tokio::time::timeout(PROMPT, extra.read(&mut buf))
-        .await
-        .expect("the connection over the cap was kept");
-    assert!(matches!(read, Ok(0) | Err(_)));
+    assert_closed_at_once(&server, "the connection over the cap").await;
     // Slots come back when connections close.
     drop(held);
     let freed = eventually(PROMPT, || async {
