@@ -98,10 +98,6 @@ impl Seats {
         }
     }
 
-    pub fn limits(&self) -> SeatLimits {
-        self.inner.limits
-    }
-
     /// A seat for a call from `source`: at once if one is free and no caller of the same
     /// source is ahead, else after waiting in the source's queue.
     pub async fn admit(&self, source: Option<IpAddr>) -> Result<Seat, Refusal> {
@@ -158,12 +154,14 @@ impl Seats {
     }
 
     /// Calls running now, all sources together.
-    pub fn running(&self) -> usize {
+    #[cfg(test)]
+    fn running(&self) -> usize {
         self.inner.lock().running
     }
 
     /// Calls waiting now, all sources together.
-    pub fn waiting(&self) -> usize {
+    #[cfg(test)]
+    fn waiting(&self) -> usize {
         let state = self.inner.lock();
         state.sources.values().map(|s| s.waiting.len()).sum()
     }
